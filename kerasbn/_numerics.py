@@ -1,0 +1,70 @@
+"""Small pure functions shared by kerasbn's layers and its fold rules.
+
+Layers call the tensor functions (written with `keras.ops`, backend-neutral);
+the fold rules and the statistics tools call the NumPy ones. Keeping both here
+means a layer's training maths and the algebra that removes it at deployment
+are written once.
+"""
+
+import math
+
+import numpy as np
+from keras import ops
+
+
+def debias_weight(momentum, step):
+    """Weight of the newest value in a zero-debiased moving average.
+
+    A zero-debiased exponential moving average with decay `d` (TF1's
+    `assign_moving_average(..., zero_debias=True)`) keeps a biased average
+    `b_t = d * b_{t-1} + (1 - d) * v_t` started at zero and reports
+    `b_t / (1 - d**t)`. Written on the reported value alone the same sequence
+    is
+
+        avg_t = avg_{t-1} + w_t * (v_t - avg_{t-1}),
+        w_t = (1 - d) / (1 - d**t),
+
+    so `w_1 = 1` (the first value is taken as it is, whatever `avg_0` was)
+    and `w_t -> 1 - d` as `t` grows, which is the ordinary EMA.
+
+    `1 - d**t` is computed as `-expm1(t * log(d))` with `log(d)` taken in
+    float64 on the host: in float32, `1 - 0.999` alone is off by 1.3e-5
+    relative, which is the error TF's own float32 op carries.
+
+    Args:
+        momentum: Python float `d` in `[0, 1)`.
+        step: Scalar float tensor, the number of updates including this one
+            (`t >= 1`).
+
+    Returns:
+        Scalar float32 tensor `w_t`.
+    """
+    if momentum == 0.0:
+        return ops.ones((), dtype="float32")
+    log_d = math.log(momentum)
+    step = ops.cast(step, "float32")
+    return (1.0 - momentum) / -ops.expm1(step * log_d)
+
+
+def bn_scale_shift(gamma, beta, mean, variance, epsilon):
+    """Per-channel `(scale, shift)` of an inference-mode normalization.
+
+    `y = gamma * (x - mean) / sqrt(variance + epsilon) + beta` is the affine
+    map `y = scale * x + shift` with `scale = gamma / sqrt(variance + eps)` and
+    `shift = beta - mean * scale`. Computed in float64; `gamma=None` means 1,
+    `beta=None` and `mean=None` mean 0.
+
+    >>> s, t = bn_scale_shift([2.0], [1.0], [3.0], [3.0], 1.0)
+    >>> float(s[0]), float(t[0])
+    (1.0, -2.0)
+    """
+    variance = np.asarray(variance, dtype=np.float64)
+    scale = 1.0 / np.sqrt(variance + np.float64(epsilon))
+    if gamma is not None:
+        scale = scale * np.asarray(gamma, dtype=np.float64)
+    shift = np.zeros_like(scale)
+    if mean is not None:
+        shift = shift - np.asarray(mean, dtype=np.float64) * scale
+    if beta is not None:
+        shift = shift + np.asarray(beta, dtype=np.float64)
+    return scale, shift

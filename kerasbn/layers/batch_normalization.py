@@ -1,0 +1,228 @@
+"""Keras' BatchNormalization plus zero-debiased moving statistics."""
+
+import keras
+from keras import backend
+from keras import ops
+
+from kerasbn import _numerics
+
+_ZERO_DEBIAS_MODES = {
+    False: False,
+    None: False,
+    "mean": "mean",
+    True: "mean_and_variance",
+    "mean_and_variance": "mean_and_variance",
+}
+
+
+def _canonical_zero_debias(value):
+    try:
+        return _ZERO_DEBIAS_MODES[value]
+    except (KeyError, TypeError):
+        pass
+    raise ValueError(
+        "Argument `zero_debias` must be one of False, 'mean', True or "
+        f"'mean_and_variance'. Received: zero_debias={value!r}. Use 'mean' "
+        "for TF1's zero_debias_moving_mean=True, True to debias both the "
+        "moving mean and the moving variance."
+    )
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Keras' `BatchNormalization` with optional zero-debiased statistics.
+
+    A drop-in replacement for `keras.layers.BatchNormalization` (and an
+    instance of it): every argument, default, weight and behaviour of the
+    Keras layer is kept, so with `zero_debias=False` (the default) a model
+    gives the same outputs, the same updated statistics and reads the same
+    weight files as with Keras' layer. See Keras' documentation for the
+    shared arguments.
+
+    With `zero_debias`, the moving statistics are exponential moving averages
+    corrected for their start at zero, as TF1's
+    `tf.contrib.layers.batch_norm(zero_debias_moving_mean=True)` did. After
+    `t` training steps with batch statistics `v_1..v_t` and `d = momentum`:
+
+        moving = (1 - d) * sum_k d**(t - k) * v_k / (1 - d**t)
+
+    i.e. a properly weighted average of the batches seen so far, instead of
+    an average that still holds `d**t` of its initial value. This matters
+    for large momenta (0.99, 0.999) early in training, or when a model is
+    evaluated after few steps.
+
+    The layer stores the debiased value directly in `moving_mean` /
+    `moving_variance` (so inference, folding and export read them as usual)
+    and keeps one extra non-trainable weight, `debias_step`, the number of
+    training updates so far; it is saved with the model and the weights
+    file, so training resumes with the right correction. Each update is
+    `moving += (1 - d) * (v - moving) / (1 - d**t)`, which reproduces TF's
+    `assign_moving_average(..., zero_debias=True)` without its `biased` and
+    `local_step` shadow variables.
+
+    Before any training step (`debias_step == 0`) nothing is divided: the
+    layer normalizes with the initial statistics, `moving_mean_initializer`
+    and `moving_variance_initializer` (zeros and ones by default), like
+    Keras' layer. The first training step replaces a debiased statistic by
+    the batch statistic whatever its initial value was.
+
+    Args:
+        zero_debias: `False` (default, Keras' behaviour); `"mean"` to debias
+            the moving mean only while the moving variance stays an ordinary
+            moving average started at `moving_variance_initializer` (TF1's
+            `zero_debias_moving_mean=True`); `True` or `"mean_and_variance"`
+            to debias both (Haiku and Sonnet 2 semantics). Not supported
+            with `renorm=True` (renorm's corrections are computed from its
+            own `renorm_mean`/`renorm_stddev`, and debiasing those changes
+            the training maths, not only the reported statistics).
+        momentum: As in Keras, in `[0, 1]`; with `zero_debias` it must be
+            below 1 (a momentum of 1 never updates, and `1 - d**t` is 0).
+        **kwargs: Every other argument of `keras.layers.BatchNormalization`.
+
+    With `synchronized=True` under a `tf.distribute` strategy the batch
+    statistics are cross-replica, so every replica applies the same update
+    and a run on N replicas matches one replica on the same global batch.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kerasbn
+    >>> bn = kerasbn.layers.BatchNormalization(momentum=0.999,
+    ...                                        zero_debias="mean")
+    >>> x = np.full((4, 3), 5.0, dtype="float32")
+    >>> _ = bn(x, training=True)
+    >>> [float(v) for v in bn.moving_mean.numpy()]
+    [5.0, 5.0, 5.0]
+    >>> int(bn.debias_step.numpy())
+    1
+    """
+
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, *args,
+                 zero_debias=False, **kwargs):
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(
+                "Argument `axis` must be an integer, the index of the "
+                f"channel axis. Received: axis={axis!r}. Use -1 for "
+                "channels_last and 1 for channels_first."
+            )
+        momentum = float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                "Argument `momentum` must be in [0, 1] (the weight kept by "
+                f"the moving average). Received: momentum={momentum}. "
+                "Typical values are 0.9 to 0.999."
+            )
+        if float(epsilon) < 0:
+            raise ValueError(
+                "Argument `epsilon` must be non-negative. "
+                f"Received: epsilon={epsilon}."
+            )
+        zero_debias = _canonical_zero_debias(zero_debias)
+        if zero_debias and momentum == 1.0:
+            raise ValueError(
+                "Argument `momentum` must be below 1 with zero_debias: a "
+                "momentum of 1 never updates the statistics and its debias "
+                f"factor 1 - momentum**t is 0. Received: momentum={momentum}, "
+                f"zero_debias={zero_debias!r}."
+            )
+        super().__init__(axis, momentum, epsilon, *args, **kwargs)
+        if zero_debias and self.renorm:
+            raise ValueError(
+                f"zero_debias={zero_debias!r} cannot be combined with "
+                "renorm=True: batch renormalization corrects each step with "
+                "its own renorm_mean/renorm_stddev averages. Use "
+                "zero_debias=False with renorm=True."
+            )
+        self.zero_debias = zero_debias
+        self.debias_step = None
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"Axis {self.axis} is out of bounds for an input of rank "
+                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
+                "axis, e.g. axis=-1 for channels_last or axis=1 for "
+                "channels_first."
+            )
+        if input_shape[self.axis] is None:
+            raise ValueError(
+                f"The channel axis {self.axis} of the input must have a "
+                f"known size. Received input shape {tuple(input_shape)}."
+            )
+        super().build(input_shape)
+        if self.zero_debias:
+            self.debias_step = self.add_weight(
+                shape=(),
+                name="debias_step",
+                initializer="zeros",
+                dtype="int64",
+                trainable=False,
+                autocast=False,
+                aggregation="only_first_replica",
+            )
+
+    def call(self, inputs, training=None, mask=None):
+        if not (self.zero_debias and training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the "
+                f"inputs. Received: mask.shape={mask.shape}, "
+                f"inputs.shape={inputs.shape}"
+            )
+        # Statistics in at least float32, as Keras does for float16/bfloat16.
+        inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(inputs, mask)
+        self._update_debiased_statistics(mean, variance)
+        gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
+        beta = ops.cast(self.beta, inputs.dtype) if self.center else None
+        outputs = ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=beta,
+            scale=gamma,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _update_debiased_statistics(self, mean, variance):
+        self.debias_step.assign_add(ops.ones((), dtype="int64"))
+        weight = ops.cast(
+            _numerics.debias_weight(self.momentum, self.debias_step),
+            mean.dtype,
+        )
+        moving_mean = ops.cast(self.moving_mean, mean.dtype)
+        self.moving_mean.assign(moving_mean + weight * (mean - moving_mean))
+        moving_variance = ops.cast(self.moving_variance, variance.dtype)
+        if self.zero_debias == "mean_and_variance":
+            new_variance = moving_variance + weight * (
+                variance - moving_variance
+            )
+        else:
+            # Keras' own update, so the variance matches its layer exactly.
+            new_variance = moving_variance * self.momentum + variance * (
+                1.0 - self.momentum
+            )
+        self.moving_variance.assign(new_variance)
+
+    def inference_scale_shift(self):
+        """Float64 NumPy `(scale, shift)` of the inference-mode layer.
+
+        Inference computes `outputs = scale * inputs + shift` per channel,
+        which is what `kerasbn.fold` moves into a neighbouring layer.
+        """
+        return _numerics.bn_scale_shift(
+            ops.convert_to_numpy(self.gamma) if self.scale else None,
+            ops.convert_to_numpy(self.beta) if self.center else None,
+            ops.convert_to_numpy(self.moving_mean),
+            ops.convert_to_numpy(self.moving_variance),
+            self.epsilon,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config["zero_debias"] = self.zero_debias
+        return config
