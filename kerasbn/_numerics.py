@@ -12,38 +12,43 @@ import numpy as np
 from keras import ops
 
 
-def debias_weight(momentum, step):
-    """Weight of the newest value in a zero-debiased moving average.
+def debias_weights(momentum, step):
+    """Weights `(w_old, w_new)` of one zero-debiased moving-average update.
 
     A zero-debiased exponential moving average with decay `d` (TF1's
     `assign_moving_average(..., zero_debias=True)`) keeps a biased average
     `b_t = d * b_{t-1} + (1 - d) * v_t` started at zero and reports
-    `b_t / (1 - d**t)`. Written on the reported value alone the same sequence
-    is
+    `avg_t = b_t / (1 - d**t)`. Written on the reported value alone the
+    same sequence is `avg_t = w_old * avg_{t-1} + w_new * v_t` with
 
-        avg_t = avg_{t-1} + w_t * (v_t - avg_{t-1}),
-        w_t = (1 - d) / (1 - d**t),
+        w_old = d * (1 - d**(t-1)) / (1 - d**t),
+        w_new = (1 - d) / (1 - d**t),
 
-    so `w_1 = 1` (the first value is taken as it is, whatever `avg_0` was)
-    and `w_t -> 1 - d` as `t` grows, which is the ordinary EMA.
+    so `w_old + w_new = 1`, the first update (`t = 1`) takes the value as it
+    is whatever `avg_0` held (`w_old` is exactly 0, `w_new` exactly 1), and
+    for large `t` the weights tend to the ordinary EMA's `(d, 1 - d)`.
 
-    `1 - d**t` is computed as `-expm1(t * log(d))` with `log(d)` taken in
+    `1 - d**k` is computed as `-expm1(k * log(d))` with `log(d)` taken in
     float64 on the host: in float32, `1 - 0.999` alone is off by 1.3e-5
     relative, which is the error TF's own float32 op carries.
 
     Args:
         momentum: Python float `d` in `[0, 1)`.
-        step: Scalar float tensor, the number of updates including this one
+        step: Scalar tensor, the number of updates including this one
             (`t >= 1`).
 
     Returns:
-        Scalar float32 tensor `w_t`.
+        Two scalar float32 tensors.
     """
     if momentum == 0.0:
-        return ops.ones((), dtype="float32")
+        return ops.zeros((), "float32"), ops.ones((), "float32")
     log_d = math.log(momentum)
     step = ops.cast(step, "float32")
-    return (1.0 - momentum) / -ops.expm1(step * log_d)
+    one = ops.ones((), "float32")
+    denominator = -ops.expm1(step * log_d)
+    w_old = momentum * -ops.expm1((step - 1.0) * log_d) / denominator
+    w_new = -ops.expm1(one * log_d) / denominator
+    return w_old, w_new
 
 
 def bn_scale_shift(gamma, beta, mean, variance, epsilon):

@@ -56,7 +56,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     and keeps one extra non-trainable weight, `debias_step`, the number of
     training updates so far; it is saved with the model and the weights
     file, so training resumes with the right correction. Each update is
-    `moving += (1 - d) * (v - moving) / (1 - d**t)`, which reproduces TF's
+    `moving = w_old * moving + w_new * v` with `w_new = (1 - d) / (1 - d**t)`
+    and `w_old = 1 - w_new`, which reproduces TF's
     `assign_moving_average(..., zero_debias=True)` without its `biased` and
     `local_step` shadow variables.
 
@@ -190,17 +191,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _update_debiased_statistics(self, mean, variance):
         self.debias_step.assign_add(ops.ones((), dtype="int64"))
-        weight = ops.cast(
-            _numerics.debias_weight(self.momentum, self.debias_step),
-            mean.dtype,
+        w_old, w_new = (
+            ops.cast(w, mean.dtype)
+            for w in _numerics.debias_weights(self.momentum, self.debias_step)
         )
         moving_mean = ops.cast(self.moving_mean, mean.dtype)
-        self.moving_mean.assign(moving_mean + weight * (mean - moving_mean))
+        self.moving_mean.assign(w_old * moving_mean + w_new * mean)
         moving_variance = ops.cast(self.moving_variance, variance.dtype)
         if self.zero_debias == "mean_and_variance":
-            new_variance = moving_variance + weight * (
-                variance - moving_variance
-            )
+            new_variance = w_old * moving_variance + w_new * variance
         else:
             # Keras' own update, so the variance matches its layer exactly.
             new_variance = moving_variance * self.momentum + variance * (
