@@ -5,7 +5,12 @@
 """
 
 from kerasbn import layers
+from kerasbn import fold
+from kerasbn.fold import FoldResult
+from kerasbn import export
+from kerasbn.export import ExportResult
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "__version__"]
+__all__ = ["layers", "fold", "FoldResult", "export", "ExportResult",
+           "__version__"]

@@ -1,5 +1,6 @@
 """kerasbn's normalization layers, drop-in in any Keras 3 model."""
 
 from kerasbn.layers.batch_normalization import BatchNormalization
+from kerasbn.layers.scale_shift import ScaleShift
 
-__all__ = ["BatchNormalization"]
+__all__ = ["BatchNormalization", "ScaleShift"]

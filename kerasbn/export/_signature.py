@@ -1,0 +1,173 @@
+"""The serving signature of a Keras model: named inputs and outputs.
+
+One place decides the names, shapes and dtypes that every exported artifact
+(SavedModel, ONNX, TFLite) exposes, and how a flat list of inputs is packed
+back into the structure the Keras model was built with.
+"""
+
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def _sanitize(name, fallback):
+    name = _NAME_BAD_CHARS.sub("_", str(name or ""))
+    if not name or not name[0].isalpha():
+        name = f"{fallback}_{name}" if name else fallback
+    return name
+
+
+def _unique(names):
+    seen = {}
+    result = []
+    for name in names:
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        seen.setdefault(name, 0)
+        result.append(name)
+    return result
+
+
+def _structure(model, attribute, flat):
+    """`model.input`/`model.output`, which a Sequential may not define."""
+    try:
+        return getattr(model, attribute)
+    except (AttributeError, ValueError):
+        return flat[0] if len(flat) == 1 else list(flat)
+
+
+def _producer_name(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None)
+    return getattr(operation, "name", None) or tensor.name
+
+
+class ServingSignature:
+    """Input and output names, shapes and dtypes of a built Keras model.
+
+    Attributes:
+        input_names: One name per flat model input.
+        input_specs: `tf.TensorSpec`s with a dynamic batch dimension.
+        output_names: One name per flat model output.
+    """
+
+    def __init__(self, model):
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError(
+                f"Model {model.name!r} has no known inputs: it was never "
+                "built on symbolic inputs. Build it first, e.g. "
+                "`model(keras.Input(shape))` for a subclassed model, or give "
+                "a Sequential model an `keras.Input` layer."
+            )
+        self._input_struct = _structure(model, "input", inputs)
+        self.input_names = _unique(
+            [_sanitize(t.name, f"input_{i}") for i, t in enumerate(inputs)]
+        )
+        self.input_specs = [
+            tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=name)
+            for t, name in zip(inputs, self.input_names)
+        ]
+        outputs = keras.tree.flatten(_structure(model, "output",
+                                                model.outputs))
+        names = getattr(model, "output_names", None) or []
+        if len(names) != len(outputs):
+            # A Sequential has no output_names: name each output after the
+            # layer that produces it, as a Functional model does.
+            names = [_producer_name(t) for t in outputs]
+        self.output_names = _unique(
+            [_sanitize(n, f"output_{i}") for i, n in enumerate(names)]
+        )
+        self.output_shapes = [tuple(t.shape) for t in outputs]
+
+    def pack(self, flat_inputs):
+        """Flat inputs -> the structure the model's `call` expects."""
+        return keras.tree.pack_sequence_as(self._input_struct,
+                                           list(flat_inputs))
+
+    def serving_function(self, model, named_outputs=True):
+        """A `tf.function` of the model in inference mode.
+
+        It returns `{output_name: tensor}`, or with `named_outputs=False` a
+        tuple in `output_names` order (for runtimes that lose the names).
+        """
+        names = self.output_names
+
+        def serve(*flat_inputs):
+            outputs = model(self.pack(flat_inputs), training=False)
+            flat = keras.tree.flatten(outputs)
+            return dict(zip(names, flat)) if named_outputs else tuple(flat)
+
+        return tf.function(serve, input_signature=self.input_specs,
+                           autograph=False)
+
+    def feeds(self, flat_arrays):
+        """`{input_name: array}` for runtimes that take named inputs."""
+        return dict(zip(self.input_names, flat_arrays))
+
+    def generate_inputs(self, batch_size, seed=0, free_dim=32):
+        """Random flat inputs of the model's shapes.
+
+        Floating inputs are standard normal; integer inputs are drawn from
+        `[0, 10)`; booleans are random. Unknown non-batch dimensions get
+        `free_dim`; pass a real `sample` to `export` to control them.
+        """
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for spec in self.input_specs:
+            shape = (batch_size,) + tuple(
+                free_dim if d is None else d for d in spec.shape[1:]
+            )
+            dtype = spec.dtype
+            if dtype.is_floating:
+                value = rng.standard_normal(shape)
+            elif dtype.is_bool:
+                value = rng.random(shape) > 0.5
+            elif dtype.is_integer:
+                value = rng.integers(0, 10, shape)
+            else:
+                raise ValueError(
+                    f"Cannot generate sample inputs of dtype {dtype.name} for "
+                    f"input {spec.name!r}. Pass `sample=` to export."
+                )
+            arrays.append(np.asarray(value, dtype=dtype.as_numpy_dtype))
+        return arrays
+
+    def flatten_sample(self, sample):
+        """User sample (array, list, tuple or dict) -> flat list of arrays."""
+        if isinstance(sample, dict):
+            missing = [n for n in self.input_names if n not in sample]
+            if missing:
+                raise ValueError(
+                    f"`sample` is missing inputs {missing}; the model's "
+                    f"inputs are {self.input_names}."
+                )
+            flat = [sample[n] for n in self.input_names]
+        elif isinstance(sample, (list, tuple)):
+            flat = list(sample)
+        else:
+            flat = [sample]
+        if len(flat) != len(self.input_specs):
+            raise ValueError(
+                f"`sample` gives {len(flat)} input(s) but the model has "
+                f"{len(self.input_specs)}: {self.input_names}."
+            )
+        arrays = []
+        for value, spec in zip(flat, self.input_specs):
+            value = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
+            if value.ndim != len(spec.shape) or any(
+                d is not None and d != v
+                for d, v in zip(spec.shape[1:], value.shape[1:])
+            ):
+                raise ValueError(
+                    f"`sample` for input {spec.name!r} has shape "
+                    f"{value.shape}; the model expects "
+                    f"{tuple(spec.shape)} (None = any)."
+                )
+            arrays.append(value)
+        return arrays

@@ -1,0 +1,176 @@
+"""Artifact formats: where each one goes, how it is written, how it is run.
+
+Each format is a small object with three methods, kept in the ordered
+registry `FORMATS` (SavedModel first: the other TensorFlow-based writers
+trace the same serving function):
+
+- `relpath(name, version)`: the artifact's path inside the export directory;
+- `write(path, model, signature, options)`: write it (into a staging area);
+- `run(path, signature, arrays)`: run it in its own runtime and return the
+  flat list of outputs, in `signature.output_names` order.
+
+Optional tool chains (tf2onnx, onnx, onnxruntime) are imported only when
+their format is asked for, with an install hint if they are missing.
+"""
+
+import collections
+import importlib
+import os
+import warnings
+
+import numpy as np
+
+
+def _require(module, extra="onnx"):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"Exporting this format needs the Python package {module!r}, "
+            f"which is not installed ({error}). Install it with "
+            f"`pip install \"kerasbn[{extra}]\"`."
+        ) from error
+
+
+class SavedModelFormat:
+    """TF Serving layout: `saved_model/<name>/<version>/`, `serving_default`."""
+
+    name = "saved_model"
+
+    def relpath(self, name, version):
+        return os.path.join("saved_model", name, str(version))
+
+    def write(self, path, model, signature, options):
+        import tensorflow as tf
+
+        module = tf.Module()
+        module.model = model  # tracks every variable the function reads
+        module.serve = signature.serving_function(model)
+        tf.saved_model.save(
+            module, path,
+            signatures={"serving_default": module.serve.get_concrete_function()},
+        )
+
+    def run(self, path, signature, arrays):
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        fn = loaded.signatures["serving_default"]
+        outputs = fn(**{n: tf.constant(a)
+                        for n, a in zip(signature.input_names, arrays)})
+        return [outputs[n].numpy() for n in signature.output_names]
+
+
+class OnnxFormat:
+    """ONNX through tf2onnx, checked with `onnx.checker(full_check=True)`."""
+
+    name = "onnx"
+
+    def relpath(self, name, version):
+        return f"{name}.onnx"
+
+    def write(self, path, model, signature, options):
+        tf2onnx = _require("tf2onnx")
+        onnx = _require("onnx")
+        proto, _ = tf2onnx.convert.from_function(
+            signature.serving_function(model),
+            input_signature=signature.input_specs,
+            opset=options.get("opset"),
+        )
+        # tf2onnx lists a dict's outputs sorted by name; list them in the
+        # model's own output order, as the SavedModel and Keras files do.
+        order = {n: i for i, n in enumerate(signature.output_names)}
+        outputs = sorted(proto.graph.output,
+                         key=lambda o: order.get(o.name, len(order)))
+        del proto.graph.output[:]
+        proto.graph.output.extend(outputs)
+        onnx.checker.check_model(proto, full_check=True)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+
+    def run(self, path, signature, arrays):
+        ort = _require("onnxruntime")
+        session = ort.InferenceSession(path,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(signature.output_names, signature.feeds(arrays))
+
+
+class KerasFormat:
+    """The (folded) Keras model as a `.keras` file."""
+
+    name = "keras"
+
+    def relpath(self, name, version):
+        return f"{name}.keras"
+
+    def write(self, path, model, signature, options):
+        model.save(path)
+
+    def run(self, path, signature, arrays):
+        import keras
+
+        loaded = keras.models.load_model(path)
+        outputs = loaded(signature.pack(arrays), training=False)
+        return [np.asarray(keras.ops.convert_to_numpy(t))
+                for t in keras.tree.flatten(outputs)]
+
+
+class TFLiteFormat:
+    """TensorFlow Lite flatbuffer (float32, no quantization).
+
+    Keras 3 variables reach the converter as resource variables that the
+    TFLite interpreter cannot read, so the serving function is frozen
+    (variables turned into constants) first. Frozen functions carry no
+    signature: outputs are returned as a tuple in `output_names` order and
+    inputs are matched by name.
+    """
+
+    name = "tflite"
+
+    def relpath(self, name, version):
+        return f"{name}.tflite"
+
+    def write(self, path, model, signature, options):
+        import tensorflow as tf
+        from tensorflow.python.framework import convert_to_constants
+
+        serve = signature.serving_function(model, named_outputs=False)
+        frozen = convert_to_constants.convert_variables_to_constants_v2(
+            serve.get_concrete_function()
+        )
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+        with open(path, "wb") as f:
+            f.write(converter.convert())
+
+    def run(self, path, signature, arrays):
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            # tf.lite.Interpreter announces its move to ai_edge_litert.
+            warnings.simplefilter("ignore", UserWarning)
+            interpreter = tf.lite.Interpreter(model_path=path)
+        details = interpreter.get_input_details()
+        by_name = {d["name"]: d for d in details}
+        ordered = [by_name.get(n, d)
+                   for n, d in zip(signature.input_names, details)]
+        for detail, array in zip(ordered, arrays):
+            interpreter.resize_tensor_input(detail["index"], array.shape)
+        interpreter.allocate_tensors()
+        for detail, array in zip(ordered, arrays):
+            interpreter.set_tensor(detail["index"], array)
+        interpreter.invoke()
+        return [interpreter.get_tensor(d["index"])
+                for d in interpreter.get_output_details()]
+
+
+FORMATS = collections.OrderedDict(
+    (f.name, f) for f in (SavedModelFormat(), OnnxFormat(), KerasFormat(),
+                          TFLiteFormat())
+)
+
+
+def onnx_op_census(path):
+    """Counts of each ONNX op type in the model at `path`."""
+    onnx = _require("onnx")
+    graph = onnx.load(path).graph
+    return dict(collections.Counter(node.op_type for node in graph.node))
