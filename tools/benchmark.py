@@ -121,6 +121,52 @@ def bench_bn_train_step(quick):
     ]
 
 
+# --------------------------------------------------------------------------
+# Issue 6: training step of kerasbn.layers.BatchRenormalization vs Keras'
+# renorm layer (whose clipping is constant).
+
+
+def bench_renorm(quick):
+    """Train-step time with the scheduled layer / Keras' renorm layer
+    (target <= 1.05). The schedule is mid-ramp, so every clip bound is a
+    live tensor computed from the step counter."""
+    batch = 32
+    steps = 5 if quick else 10
+    repeats = 7 if quick else 21
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(batch,))
+    clipping = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}
+    factories = {
+        "keras": lambda: keras.layers.BatchNormalization(
+            renorm=True, renorm_clipping=clipping),
+        "scheduled": lambda: kerasbn.layers.BatchRenormalization(
+            warmup_steps=0, rmax_steps=10**6, dmax_steps=10**6),
+        "debiased": lambda: kerasbn.layers.BatchRenormalization(
+            warmup_steps=0, rmax_steps=10**6, dmax_steps=10**6,
+            zero_debias=True),
+    }
+    models = {name: small_cnn(f) for name, f in factories.items()}
+
+    def steps_of(model):
+        def run():
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+        return run
+
+    medians = interleaved_medians(
+        {name: steps_of(m) for name, m in models.items()}, repeats
+    )
+    per_step = {name: t / steps for name, t in medians.items()}
+    labels = {"scheduled": "linear schedule",
+              "debiased": "linear schedule, zero_debias=True"}
+    return [
+        row("train step / Keras renorm", f"small CNN, {labels[name]}", batch,
+            per_step[name], per_step["keras"], "<= 1.05")
+        for name in ("scheduled", "debiased")
+    ]
+
+
 def _application(name, seed=0):
     """A keras.applications model (weights=None) with non-trivial BN state."""
     keras.utils.set_random_seed(seed)
@@ -226,12 +272,20 @@ def bench_export(quick):
                                    name="m")
             direct_path = os.path.join(tmp, "direct.onnx")
             _tf2onnx_direct(model, direct_path)
-            sessions = {
-                "kerasbn": ort.InferenceSession(
-                    folded.artifacts["onnx"], providers=["CPUExecutionProvider"]),
-                "tf2onnx": ort.InferenceSession(
-                    direct_path, providers=["CPUExecutionProvider"]),
-            }
+            # Default optimizations (what the target is about), and none:
+            # ORT's basic level already fuses a Conv's trailing Mul
+            # (ConvMulFusion), so the leftover Muls cost time only in
+            # runtimes, or settings, without that fusion.
+            plain_options = ort.SessionOptions()
+            plain_options.graph_optimization_level = (
+                ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            sessions, bare = {}, {}
+            for key, path in (("kerasbn", folded.artifacts["onnx"]),
+                              ("tf2onnx", direct_path)):
+                sessions[key] = ort.InferenceSession(
+                    path, providers=["CPUExecutionProvider"])
+                bare[key] = ort.InferenceSession(
+                    path, plain_options, providers=["CPUExecutionProvider"])
             served = {
                 "folded": tf.saved_model.load(
                     folded.artifacts["saved_model"]).signatures[
@@ -256,6 +310,13 @@ def bench_export(quick):
                     "ONNX Runtime: kerasbn export / tf2onnx direct", arch,
                     batch, onnx_times["kerasbn"], onnx_times["tf2onnx"],
                     target, f"Mul nodes {muls[0]} vs {muls[1]}"))
+                bare_times = interleaved_medians(
+                    {s: (lambda s=s: bare[s].run(None, feeds[s]))
+                     for s in bare}, repeats[batch])
+                rows.append(row(
+                    "ONNX Runtime, optimizations off: kerasbn / tf2onnx",
+                    arch, batch, bare_times["kerasbn"], bare_times["tf2onnx"],
+                    "(context)", f"Mul nodes {muls[0]} vs {muls[1]}"))
                 tx = tf.constant(x)
                 sm_times = interleaved_medians(
                     {k: (lambda f=f: f(**{input_name: tx}))
@@ -268,6 +329,7 @@ def bench_export(quick):
 
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
+    "renorm": bench_renorm,
     "fold": bench_fold,
     "export": bench_export,
 }
