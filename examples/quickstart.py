@@ -25,41 +25,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+from _digits import build_cnn  # noqa: E402
+from _digits import load_data  # noqa: E402
 
 import kerasbn  # noqa: E402
-
-
-def load_data(seed=0):
-    digits = load_digits()
-    x = (digits.images.astype("float32") / 16.0)[..., None]  # (n, 8, 8, 1)
-    y = digits.target.astype("int32")
-    return train_test_split(x, y, test_size=0.25, random_state=seed,
-                            stratify=y)
-
-
-def build_cnn(bn_factory, seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 1), name="image")
-    h = inputs
-    for filters in (32, 64):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = bn_factory()(h)
-        h = keras.layers.ReLU()(h)
-    h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.Conv2D(64, 3, use_bias=False)(h)
-    h = bn_factory()(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    outputs = keras.layers.Dense(10, name="logits")(h)
-    model = keras.Model(inputs, outputs, name="digits_cnn")
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
 
 
 class EarlyEvaluation(keras.callbacks.Callback):
