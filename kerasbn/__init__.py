@@ -9,8 +9,10 @@ from kerasbn import fold
 from kerasbn.fold import FoldResult
 from kerasbn import export
 from kerasbn.export import ExportResult
+from kerasbn.convert import ConversionResult
+from kerasbn.convert import convert_to_mabn
 
 __version__ = "0.1.0"
 
 __all__ = ["layers", "fold", "FoldResult", "export", "ExportResult",
-           "__version__"]
+           "convert_to_mabn", "ConversionResult", "__version__"]

@@ -67,12 +67,12 @@ def row(benchmark, model, batch, numerator, denominator, target, note=""):
 # Issue 2: training step of kerasbn.layers.BatchNormalization vs Keras' layer.
 
 
-def small_cnn(bn_factory, seed=0):
+def small_cnn(bn_factory, seed=0, conv=keras.layers.Conv2D):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3))
     h = inputs
     for filters in (16, 32, 64):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
+        h = conv(filters, 3, padding="same", use_bias=False)(h)
         h = bn_factory()(h)
         h = keras.layers.ReLU()(h)
         h = keras.layers.MaxPooling2D()(h)
@@ -165,6 +165,45 @@ def bench_renorm(quick):
             per_step[name], per_step["keras"], "<= 1.05")
         for name in ("scheduled", "debiased")
     ]
+
+
+# --------------------------------------------------------------------------
+# Issue 5: training step of MABN + weight-centred convolutions vs Keras BN.
+
+
+def bench_mabn(quick):
+    """Train-step time of the small CNN with CenteredConv2D + MABN / the
+    same CNN with Conv2D + Keras BN (target <= 1.3), at batch 32 and at the
+    batch size MABN is for, 2. Both models run in model.fit's compiled
+    step (graph mode, XLA off)."""
+    steps = 5 if quick else 10
+    repeats = 7 if quick else 21
+    rows = []
+    for batch in (32, 2):
+        rng = np.random.default_rng(batch)
+        x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
+        y = rng.integers(0, 10, size=(batch,))
+        models = {
+            "keras": small_cnn(keras.layers.BatchNormalization),
+            "mabn": small_cnn(kerasbn.layers.MovingAverageBatchNormalization,
+                              conv=kerasbn.layers.CenteredConv2D),
+        }
+
+        def steps_of(model):
+            def run():
+                for _ in range(steps):
+                    model.train_on_batch(x, y)
+            return run
+
+        medians = interleaved_medians(
+            {name: steps_of(m) for name, m in models.items()}, repeats
+        )
+        rows.append(row(
+            "train step / Keras BN", "small CNN, CenteredConv2D + MABN",
+            batch, medians["mabn"] / steps, medians["keras"] / steps,
+            "<= 1.3"))
+        keras.backend.clear_session()
+    return rows
 
 
 def _application(name, seed=0):
@@ -330,6 +369,7 @@ def bench_export(quick):
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
+    "mabn": bench_mabn,
     "fold": bench_fold,
     "export": bench_export,
 }

@@ -2,6 +2,22 @@
 
 from kerasbn.layers.batch_normalization import BatchNormalization
 from kerasbn.layers.batch_renormalization import BatchRenormalization
+from kerasbn.layers.centered import CenteredConv1D
+from kerasbn.layers.centered import CenteredConv2D
+from kerasbn.layers.centered import CenteredConv3D
+from kerasbn.layers.centered import CenteredDense
+from kerasbn.layers.mabn import MABN
+from kerasbn.layers.mabn import MovingAverageBatchNormalization
 from kerasbn.layers.scale_shift import ScaleShift
 
-__all__ = ["BatchNormalization", "BatchRenormalization", "ScaleShift"]
+__all__ = [
+    "BatchNormalization",
+    "BatchRenormalization",
+    "CenteredConv1D",
+    "CenteredConv2D",
+    "CenteredConv3D",
+    "CenteredDense",
+    "MABN",
+    "MovingAverageBatchNormalization",
+    "ScaleShift",
+]

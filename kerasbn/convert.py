@@ -1,0 +1,158 @@
+"""Convert a BN network to MABN with weight-centred layers, for fine-tuning.
+
+`convert_to_mabn(model)` returns a new model (the input is not modified) in
+which every `Conv1D`/`Conv2D`/`Conv3D` is the matching `CenteredConv*`
+holding its kernel *centred*, and every `BatchNormalization` is a
+`MovingAverageBatchNormalization` with the same inference-mode map. The
+MABN authors' advice for pretrained weights (MABN issue #2) is to centre
+them before fine-tuning; this does that.
+
+What is preserved, exactly (up to float rounding):
+
+- Every MABN reproduces its BN's inference map on the same inputs: BN's
+  `gamma * (x - mean) / sqrt(var + eps) + beta` is written as MABN's
+  `gamma' * x / sqrt(moving_variance + eps') + beta'` with
+  `moving_variance = var + mean**2` (BN's estimate of the second moment,
+  the statistic MABN tracks), `gamma' = gamma * sqrt(moving_variance +
+  eps') / sqrt(var + eps)` and `beta' = beta - mean * gamma / sqrt(var +
+  eps)`. MABN's step counter and buffers start empty.
+- A centred layer computes what the plain layer computes with the centred
+  kernel. So the converted model's inference outputs equal the original
+  model's after centring its kernels; they equal the original model's own
+  outputs when the kernels were already centred. Otherwise centring
+  changes the function (by the kernel means), which is the point:
+  fine-tuning adapts to it, and MABN's statistics re-estimate within
+  about `1 / (1 - momentum)` steps.
+
+Only Keras functional and Sequential models (nested ones included) can be
+converted; other layers are copied with their weights.
+"""
+
+import typing
+
+import keras
+import numpy as np
+from keras.src.models.functional import Functional
+
+from kerasbn import _numerics
+from kerasbn.fold.rules import center_kernel
+from kerasbn.layers.centered import CENTERED_LAYERS
+from kerasbn.layers.mabn import MovingAverageBatchNormalization
+
+
+class ConversionResult(typing.NamedTuple):
+    """`model`: the new model; `converted`: `(layer name, old class, new
+    class)` for every layer that changed class."""
+
+    model: keras.Model
+    converted: tuple
+
+
+def _mabn_weights(bn, mabn):
+    """MABN weights with the same inference map as the Keras BN `bn`."""
+    def to64(variable):
+        return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+
+    scale, shift = _numerics.bn_scale_shift(
+        to64(bn.gamma) if bn.scale else None,
+        to64(bn.beta) if bn.center else None,
+        to64(bn.moving_mean),
+        to64(bn.moving_variance),
+        bn.epsilon,
+    )
+    second_moment = to64(bn.moving_variance) + to64(bn.moving_mean) ** 2
+    return {
+        "gamma": scale * np.sqrt(second_moment + mabn.epsilon),
+        "beta": shift,
+        "moving_variance": second_moment,
+    }
+
+
+def _is_graph_model(model):
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
+    """A copy of `model` with centred convolutions and MABN for BN.
+
+    Args:
+        model: A functional or Sequential Keras model (built).
+        dense: Also turn `Dense` layers into `CenteredDense` (default
+            False: the reference centres convolutions only).
+        **mabn_kwargs: Arguments for every new
+            `MovingAverageBatchNormalization` (e.g. `buffer_size`,
+            `warmup_steps`, `momentum`, `epsilon`); `axis` is taken from
+            each BN, and `center`/`scale` stay True.
+
+    Returns:
+        `ConversionResult(model, converted)`; see the module docstring for
+        what the new model preserves.
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 3)),
+    ...     keras.layers.Conv2D(4, 3, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ])
+    >>> new, converted = kerasbn.convert_to_mabn(model, buffer_size=8)
+    >>> [c[2] for c in converted]
+    ['CenteredConv2D', 'MovingAverageBatchNormalization']
+    """
+    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+        raise TypeError(
+            "convert_to_mabn needs a functional or Sequential keras.Model. "
+            f"Received: {type(model).__name__}. Rebuild subclassed models "
+            "with kerasbn.layers.CenteredConv2D and "
+            "kerasbn.layers.MovingAverageBatchNormalization directly."
+        )
+    fixed = sorted({"axis", "center", "scale"} & set(mabn_kwargs))
+    if fixed:
+        raise ValueError(
+            f"Arguments {fixed} cannot be set for the new MABN layers: each "
+            "takes the axis of the BatchNormalization it replaces, and "
+            "keeps gamma and beta (they absorb BN's mean). Received: "
+            + ", ".join(f"{k}={mabn_kwargs[k]!r}" for k in fixed) + "."
+        )
+    targets = dict(CENTERED_LAYERS)
+    if not dense:
+        targets.pop(keras.layers.Dense)
+    pairs = []
+    converted = []
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        new_cls = targets.get(type(layer))
+        if new_cls is not None:
+            new = new_cls.from_config(config)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            new = MovingAverageBatchNormalization(
+                axis=layer.axis, name=layer.name, dtype=layer.dtype_policy,
+                trainable=layer.trainable, **mabn_kwargs,
+            )
+        else:
+            new = type(layer).from_config(config)
+        if type(new) is not type(layer):
+            converted.append(
+                (layer.name, type(layer).__name__, type(new).__name__)
+            )
+        pairs.append((layer, new))
+        return new
+
+    new_model = keras.models.clone_model(
+        model, clone_function=clone_layer, recursive=True
+    )
+    for old, new in pairs:
+        if isinstance(new, MovingAverageBatchNormalization):
+            values = _mabn_weights(old, new)
+            for name, value in values.items():
+                variable = getattr(new, name)
+                if variable is not None:
+                    variable.assign(value.astype(variable.dtype))
+        elif type(new) is not type(old):
+            weights = old.get_weights()
+            weights[0] = center_kernel(weights[0], -1).astype(
+                weights[0].dtype)
+            new.set_weights(weights)
+        else:
+            new.set_weights(old.get_weights())
+    return ConversionResult(new_model, tuple(converted))

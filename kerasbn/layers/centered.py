@@ -1,0 +1,159 @@
+"""Weight-centred convolutions and Dense ("CenConv" of the MABN paper).
+
+Each layer is a drop-in subclass of its Keras layer (same arguments, weights
+and config) whose every call uses
+
+    W' = W - mean(W over all kernel axes except the output-channel axis)
+
+instead of the stored kernel `W`; gradients flow through the centring, so
+the stored kernel's gradient is the centred kernel's gradient minus its
+mean over the same axes. MABN keeps no running mean and relies on this
+centring (with `use_bias=False`, as the reference recommends) to keep the
+pre-normalization activations centred. Weights trained elsewhere should be
+centred before fine-tuning: see `kerasbn.convert_to_mabn`.
+
+The layers are registered with `kerasbn.fold`: a following normalization
+folds into the centred kernel and the folded layer is a plain Keras
+`Conv1D`/`Conv2D`/`Conv3D`/`Dense`.
+"""
+
+import keras
+from keras import ops
+
+from kerasbn.fold import registry as _fold_registry
+from kerasbn.fold import rules as _fold_rules
+
+
+def center_kernel(kernel):
+    """`kernel` minus its mean over every axis but the last (output) one.
+
+    Keras kernels are `[..., in, out]` (Conv1D/2D/3D, grouped or not, and
+    Dense), so this is the per-output-channel mean of the reference.
+
+    >>> import numpy as np
+    >>> k = center_kernel(np.array([[1.0, 10.0], [3.0, 20.0]]))
+    >>> keras.ops.convert_to_numpy(k).tolist()
+    [[-1.0, -5.0], [1.0, 5.0]]
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    axes = tuple(range(len(kernel.shape) - 1))
+    return kernel - ops.mean(kernel, axis=axes, keepdims=True)
+
+
+class _CenteredMixin:
+    """Shared refusals: quantization would bypass the centred call."""
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be quantized: a quantized layer "
+            "runs Keras' own kernel path, which skips the weight centring. "
+            "Fold the model first (`kerasbn.fold`, which turns centred "
+            "layers into plain ones holding the centred kernel), then "
+            "quantize the folded model."
+        )
+
+
+class _CenteredConv(_CenteredMixin):
+    def call(self, inputs):
+        padding = self.padding
+        if padding == "causal":  # Conv1D only.
+            inputs = ops.pad(inputs, self._compute_causal_padding())
+            padding = "valid"
+        outputs = ops.conv(
+            inputs,
+            center_kernel(self.kernel),
+            strides=list(self.strides),
+            padding=padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        if self.use_bias:
+            if self.data_format == "channels_last":
+                bias_shape = (1,) * (self.rank + 1) + (self.filters,)
+            else:
+                bias_shape = (1, self.filters) + (1,) * self.rank
+            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class CenteredConv1D(_CenteredConv, keras.layers.Conv1D):
+    """`keras.layers.Conv1D` whose calls use the centred kernel.
+
+    The kernel `[width, in // groups, filters]` is centred over its first
+    two axes for each filter. Same arguments as `keras.layers.Conv1D`
+    (`padding="causal"` included); `use_bias=False` is recommended before
+    MABN.
+
+    >>> import numpy as np
+    >>> layer = CenteredConv1D(2, 3, use_bias=False)
+    >>> y = layer(np.ones((1, 5, 4), "float32"))   # constant input ...
+    >>> float(np.abs(y).max()) < 1e-6              # ... gives zero output
+    True
+    """
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class CenteredConv2D(_CenteredConv, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` whose calls use the centred kernel.
+
+    The kernel `[kh, kw, in // groups, filters]` is centred over its first
+    three axes for each filter (the reference's `CenConv2d`). Same
+    arguments as `keras.layers.Conv2D`; `use_bias=False` is recommended
+    before MABN.
+    """
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class CenteredConv3D(_CenteredConv, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` whose calls use the centred kernel.
+
+    The kernel `[kd, kh, kw, in // groups, filters]` is centred over its
+    first four axes for each filter. Same arguments as
+    `keras.layers.Conv3D`.
+    """
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class CenteredDense(_CenteredMixin, keras.layers.Dense):
+    """`keras.layers.Dense` whose calls use the centred kernel.
+
+    The kernel `[in, units]` is centred over its input axis for each unit.
+    Same arguments as `keras.layers.Dense`.
+    """
+
+    def call(self, inputs, training=None):
+        outputs = ops.matmul(inputs, center_kernel(self.kernel))
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+CENTERED_LAYERS = {
+    keras.layers.Conv1D: CenteredConv1D,
+    keras.layers.Conv2D: CenteredConv2D,
+    keras.layers.Conv3D: CenteredConv3D,
+    keras.layers.Dense: CenteredDense,
+}
+
+
+def _fold_kernel(kernel, layer):
+    return _fold_rules.center_kernel(kernel, -1)
+
+
+def _register_with_fold():
+    for plain, centered in CENTERED_LAYERS.items():
+        layout = "dense" if plain is keras.layers.Dense else "conv"
+        _fold_registry.register_producer(
+            centered,
+            layout,
+            kernel_transform=_fold_kernel,
+            rebuild=lambda layer, config, plain=plain: (plain, config),
+        )
+
+
+_register_with_fold()

@@ -1,0 +1,454 @@
+"""Moving Average Batch Normalization (MABN, Yan et al., ICLR 2020)."""
+
+import keras
+from keras import backend
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+
+from kerasbn import _numerics
+
+
+def _require_tensorflow(layer_name):
+    if backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"{layer_name} needs the TensorFlow backend: its training step "
+            "writes the gradient statistics buffer from inside a custom "
+            "backward pass (`tf.custom_gradient`), which the "
+            f"'{backend.backend()}' backend cannot express. Set "
+            "KERAS_BACKEND=tensorflow before importing Keras."
+        )
+
+
+def _check_int(name, value, minimum, hint):
+    if isinstance(value, bool) or not isinstance(value, int) or (
+        value < minimum
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}. {hint}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------
+# The maths, as small pure functions on tensors (TensorFlow: the layer needs
+# `tf.custom_gradient`, so it is TensorFlow-only anyway).
+
+
+def _channel_mean(tf, values, reduction_axes):
+    """Per-channel mean over `reduction_axes`, across replicas when in one.
+
+    Under a `tf.distribute` strategy with several replicas the local sums
+    and element counts are all-reduced, so the mean is that of the global
+    batch (exact also when replicas get batches of different sizes).
+    """
+    total = tf.reduce_sum(values, axis=reduction_axes)
+    count = tf.cast(tf.size(values), values.dtype) / tf.cast(
+        tf.size(total), values.dtype
+    )
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        total, count = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [total, count]
+        )
+    return total / count
+
+
+def _ring_write(tf, buffer, index, value):
+    """`buffer` with row `index` replaced by `value` (a new tensor)."""
+    return tf.tensor_scatter_nd_update(
+        buffer, tf.reshape(index, (1, 1)), value[None]
+    )
+
+
+def _mabn_forward_statistics(tf, chi, step, running_var, buffer_x2, *,
+                             buffer_size, warmup_steps, clip_start_step,
+                             r_max, epsilon):
+    """One training step's `(v, r, new_buffer_x2, use_batch)`.
+
+    `chi` is this batch's per-channel second moment, `step` the counter
+    after its increment (t >= 1), `running_var` the value before this
+    step's update.
+    """
+    index = tf.cast(step % buffer_size, tf.int32)
+    new_buffer = _ring_write(tf, buffer_x2, index, chi)
+    use_batch = tf.logical_or(step <= buffer_size, step < warmup_steps)
+    v = tf.where(use_batch, chi, tf.reduce_mean(new_buffer, axis=0))
+    r = tf.sqrt(v + epsilon) / tf.sqrt(running_var + epsilon)
+    clipped = tf.clip_by_value(r, 1.0 / r_max, r_max)
+    r = tf.where(step <= max(clip_start_step, warmup_steps),
+                 tf.ones_like(r), clipped)
+    return v, r, new_buffer, use_batch
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class MovingAverageBatchNormalization(keras.layers.Layer):
+    """Moving Average Batch Normalization (MABN), for batches of 1 to 4.
+
+    MABN (Yan et al., ICLR 2020, "Towards Stabilizing Batch Statistics in
+    Backward Propagation of Batch Normalization") replaces the two batch
+    statistics that make BN fail at small batch sizes by moving averages
+    over the last `buffer_size` steps: the second moment of the inputs in
+    the forward pass and `psi = mean(g * z)` in the backward pass. It keeps
+    no mean (the preceding layer should be weight-centred, e.g.
+    `kerasbn.layers.CenteredConv2D`, with no bias). This layer reproduces
+    the authors' PyTorch reference exactly. Per channel, with the step
+    counter `t` incremented before use (the first training step is
+    `t = 1`), `K = buffer_size`, `W = warmup_steps` and every reduction
+    over all axes except `axis`:
+
+        chi_t = mean(x**2);   buffer_x2[t % K] = chi_t
+        v     = chi_t  if t <= K or t < W  else  mean(buffer_x2)
+        z     = x / sqrt(v + eps)
+        r     = sqrt(v + eps) / sqrt(moving_variance + eps)  (before update)
+        r     = 1  if t <= max(clip_start_step, W)  else clip(r, 1/r_max, r_max)
+        y     = gamma * r * z + beta
+        moving_variance <- momentum * moving_variance + (1 - momentum) * v
+
+    The backward pass is not the derivative of the above: `r` and `v` are
+    constants and the batch statistic `mean(g * z)` is averaged too. With
+    `g = dL/dy * gamma * r`:
+
+        psi_t = mean(g * z);   buffer_gz[t % K] = psi_t   (written in backward)
+        psi   = psi_t  if t <= K or t < W  else  mean(buffer_gz)
+        dL/dx = (g - z * psi) / sqrt(v + eps)
+        dL/dgamma = sum(dL/dy * r * z);   dL/dbeta = sum(dL/dy)
+
+    While `t <= K` or `t < W` this is the exact gradient of
+    `gamma * x / sqrt(mean(x**2) + eps) + beta`. In inference the layer is
+    `gamma * x / sqrt(moving_variance + eps) + beta`, a per-channel scale
+    and shift that `kerasbn.fold` removes.
+
+    As in Keras, the layer uses the training branch only when called with
+    `training=True` *and* `trainable` is True; a frozen layer normalizes
+    with `moving_variance` and updates nothing. Its state (`moving_variance`,
+    the step counter `step` and the two `(buffer_size, channels)` ring
+    buffers `buffer_x2` and `buffer_gz`) are non-trainable weights, saved
+    in `.keras` and weights files, so training resumes exactly where it
+    stopped. `buffer_gz` is written by the backward pass: a training call
+    without a gradient (e.g. `model(x, training=True)` outside a tape)
+    advances the counter and `buffer_x2` but leaves `buffer_gz` as it is,
+    as in the reference.
+
+    Distribution: under a `tf.distribute` strategy with several replicas
+    (e.g. `MirroredStrategy`) `chi_t` and `psi_t` are cross-replica, like
+    `SyncBatchNorm`: each replica's sums are all-reduced, so every replica
+    holds the same state and N replicas match one device on the global
+    batch. (The reference computes them per GPU; with mirrored state
+    variables that cannot hold one buffer per replica, cross-replica
+    statistics are the exact and well-defined choice. It costs two small
+    all-reduces per layer and step; the buffer of length `K` still
+    averages over `K` global batches.) To simulate an effective batch of
+    `B` with per-step batches of `b` the reference uses `buffer_size =
+    B // b` (the default 16 is batch 32 at batch 2).
+
+    Requires the TensorFlow backend (construction raises otherwise). Works
+    in eager mode, inside `tf.function`/`model.fit`, and with XLA
+    (`jit_compile=True`). Inputs in float16/bfloat16 are normalized in
+    float32. Masks are not supported.
+
+    Args:
+        axis: The channel axis (int). Default -1.
+        momentum: Weight kept by `moving_variance` at each step, in `[0, 1]`.
+            Default 0.98 (the reference's).
+        epsilon: Positive float added to the variances. Default 1e-5.
+        buffer_size: `K`, the number of steps in each moving average
+            (integer >= 1). Default 16.
+        warmup_steps: `W`: batch statistics are used while `t < W`
+            (integer >= 0). Default 100.
+        clip_start_step: `r` is 1 while `t <= max(clip_start_step, W)` and
+            clipped to `[1 / r_max, r_max]` afterwards (integer >= 0).
+            Default 1000 (fixed in the reference).
+        r_max: Clipping bound of `r`, >= 1. Default 5.0.
+        center: Whether to add the learned offset `beta`.
+        scale: Whether to multiply by the learned `gamma`.
+        beta_initializer, gamma_initializer, moving_variance_initializer:
+            Initializers (default zeros, ones, ones).
+        beta_regularizer, gamma_regularizer: Optional regularizers.
+        beta_constraint, gamma_constraint: Optional constraints.
+        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kerasbn
+    >>> mabn = kerasbn.layers.MABN()
+    >>> x = np.full((4, 3), 2.0, dtype="float32")
+    >>> y = mabn(x, training=True)   # first step: batch second moment 4.0
+    >>> [round(float(v), 4) for v in y[0]]
+    [1.0, 1.0, 1.0]
+    >>> int(mabn.step.numpy()), round(float(mabn.moving_variance[0]), 4)
+    (1, 1.06)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.98,
+        epsilon=1e-5,
+        buffer_size=16,
+        warmup_steps=100,
+        clip_start_step=1000,
+        r_max=5.0,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        _require_tensorflow(type(self).__name__)
+        super().__init__(**kwargs)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(
+                "Argument `axis` must be an integer, the index of the "
+                f"channel axis. Received: axis={axis!r}. Use -1 for "
+                "channels_last and 1 for channels_first."
+            )
+        momentum = float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                "Argument `momentum` must be in [0, 1] (the weight kept by "
+                f"moving_variance). Received: momentum={momentum}. The "
+                "reference uses 0.98."
+            )
+        epsilon = float(epsilon)
+        if not epsilon > 0.0:
+            raise ValueError(
+                "Argument `epsilon` must be positive (it keeps the square "
+                f"roots of the variances away from zero). Received: "
+                f"epsilon={epsilon}. The reference uses 1e-5."
+            )
+        _check_int("buffer_size", buffer_size, 1,
+                   "It is the number of steps averaged, e.g. 16 to simulate "
+                   "a batch of 32 with batches of 2.")
+        _check_int("warmup_steps", warmup_steps, 0,
+                   "Use 0 to average from step buffer_size + 1 on.")
+        _check_int("clip_start_step", clip_start_step, 0,
+                   "It is the last step with r = 1 (1000 in the reference).")
+        r_max = float(r_max)
+        if not r_max >= 1.0:
+            raise ValueError(
+                "Argument `r_max` must be >= 1 (r is clipped to "
+                f"[1 / r_max, r_max]). Received: r_max={r_max}. The "
+                "reference uses 5.0."
+            )
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.buffer_size = buffer_size
+        self.warmup_steps = warmup_steps
+        self.clip_start_step = clip_start_step
+        self.r_max = r_max
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = False
+        self.gamma = None
+        self.beta = None
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if rank < 2:
+            raise ValueError(
+                "MovingAverageBatchNormalization expects inputs of rank >= 2 "
+                f"(batch and channels). Received input shape "
+                f"{tuple(input_shape)}."
+            )
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"Axis {self.axis} is out of bounds for an input of rank "
+                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
+                "axis, e.g. axis=-1 for channels_last or axis=1 for "
+                "channels_first."
+            )
+        axis = self.axis % rank
+        channels = input_shape[axis]
+        if channels is None:
+            raise ValueError(
+                f"The channel axis {self.axis} of the input must have a "
+                f"known size. Received input shape {tuple(input_shape)}."
+            )
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape, name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape, name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True, autocast=False,
+            )
+        # Every replica computes the same (cross-replica) values, so the
+        # first replica's write is the write.
+        state = dict(trainable=False, autocast=False,
+                     aggregation="only_first_replica")
+        self.moving_variance = self.add_weight(
+            shape=shape, name="moving_variance",
+            initializer=self.moving_variance_initializer, **state,
+        )
+        self.step = self.add_weight(
+            shape=(), name="step", initializer="zeros", dtype="int64",
+            **state,
+        )
+        buffer_shape = (self.buffer_size, channels)
+        self.buffer_x2 = self.add_weight(
+            shape=buffer_shape, name="buffer_x2", initializer="zeros",
+            **state,
+        )
+        self.buffer_gz = self.add_weight(
+            shape=buffer_shape, name="buffer_gz", initializer="zeros",
+            **state,
+        )
+        self._reduction_axes = [a for a in range(rank) if a != axis]
+        self._broadcast_shape = [1] * rank
+        self._broadcast_shape[axis] = channels
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _param(self, weight, dtype, fill):
+        if weight is None:
+            return ops.full(self.moving_variance.shape, fill, dtype=dtype)
+        return ops.cast(weight, dtype)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support masks (the "
+                "reference has no masked statistics). Received a mask of "
+                f"shape {tuple(mask.shape)}. Remove the masking upstream or "
+                "use kerasbn.layers.BatchNormalization."
+            )
+        # Statistics in at least float32, as Keras does for float16/bfloat16.
+        dtype = backend.result_type(inputs.dtype, "float32")
+        inputs = ops.cast(inputs, dtype)
+        gamma = self._param(self.gamma, dtype, 1.0)
+        beta = self._param(self.beta, dtype, 0.0)
+        if training and self.trainable:
+            outputs = self._train_step(inputs, gamma, beta)
+        else:
+            inv = ops.rsqrt(ops.cast(self.moving_variance, dtype)
+                            + self.epsilon)
+            outputs = inputs * ops.reshape(gamma * inv, self._broadcast_shape)
+            outputs = outputs + ops.reshape(beta, self._broadcast_shape)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _train_step(self, inputs, gamma, beta):
+        import tensorflow as tf
+
+        dtype = inputs.dtype
+        axes = self._reduction_axes
+        shape = self._broadcast_shape
+        epsilon = tf.constant(self.epsilon, dtype)
+
+        step = tf.convert_to_tensor(self.step) + 1
+        self.step.assign(step)
+        running_var = tf.cast(self.moving_variance, dtype)
+        chi = _channel_mean(tf, tf.square(inputs), axes)
+        v, r, buffer_x2, use_batch = _mabn_forward_statistics(
+            tf, chi, step, running_var, tf.cast(self.buffer_x2, dtype),
+            buffer_size=self.buffer_size, warmup_steps=self.warmup_steps,
+            clip_start_step=self.clip_start_step, r_max=self.r_max,
+            epsilon=epsilon,
+        )
+        self.buffer_x2.assign(tf.cast(buffer_x2, self.buffer_x2.dtype))
+        self.moving_variance.assign(tf.cast(
+            self.momentum * running_var + (1.0 - self.momentum) * v,
+            self.moving_variance.dtype,
+        ))
+        v = tf.stop_gradient(tf.reshape(v, shape))
+        r = tf.stop_gradient(tf.reshape(r, shape))
+        index = tf.cast(step % self.buffer_size, tf.int32)
+        buffer_gz_var = self.buffer_gz
+
+        @tf.custom_gradient
+        def normalize(x, gamma, beta):
+            inv_std = tf.math.rsqrt(v + epsilon)
+            z = x * inv_std
+            y = tf.reshape(gamma, shape) * r * z + tf.reshape(beta, shape)
+
+            def backward(dy):
+                g = dy * tf.reshape(gamma, shape) * r
+                psi_t = _channel_mean(tf, g * z, axes)
+                buffer_gz = _ring_write(
+                    tf, tf.cast(buffer_gz_var, dtype), index, psi_t
+                )
+                buffer_gz_var.assign(tf.cast(buffer_gz, buffer_gz_var.dtype))
+                psi = tf.where(use_batch, psi_t,
+                               tf.reduce_mean(buffer_gz, axis=0))
+                dx = (g - z * tf.reshape(psi, shape)) * inv_std
+                dgamma = tf.reduce_sum(dy * r * z, axis=axes)
+                dbeta = tf.reduce_sum(dy, axis=axes)
+                return dx, dgamma, dbeta
+
+            return y, backward
+
+        return normalize(inputs, gamma, beta)
+
+    def inference_scale_shift(self):
+        """Float64 NumPy `(scale, shift)` of the inference-mode layer.
+
+        Inference is `gamma * x / sqrt(moving_variance + eps) + beta`, i.e.
+        a normalization with mean 0; `kerasbn.fold` moves it into a
+        neighbouring layer.
+        """
+        return _numerics.bn_scale_shift(
+            ops.convert_to_numpy(self.gamma) if self.scale else None,
+            ops.convert_to_numpy(self.beta) if self.center else None,
+            None,
+            ops.convert_to_numpy(self.moving_variance),
+            self.epsilon,
+        )
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "buffer_size": self.buffer_size,
+            "warmup_steps": self.warmup_steps,
+            "clip_start_step": self.clip_start_step,
+            "r_max": self.r_max,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(
+                self.gamma_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(
+                self.gamma_regularizer
+            ),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+        }
+        return {**base_config, **config}
+
+
+MABN = MovingAverageBatchNormalization
