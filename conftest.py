@@ -28,3 +28,20 @@ def _fresh_keras_session():
     policy = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture(scope="session")
+def two_replica_strategy():
+    """One `MirroredStrategy` over the two logical CPUs, shared by all tests.
+
+    TensorFlow caches collective ops by (group, instance) key per process,
+    and every new strategy numbers its keys from the start again: a second
+    strategy whose all-reduce has another shape then fails with "Shape
+    mismatch in the collective instance". Tests share this one instead.
+    """
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if len(devices) < 2:
+        pytest.skip("needs two logical CPU devices")
+    strategy = tf.distribute.MirroredStrategy(devices)
+    assert strategy.num_replicas_in_sync == 2
+    return strategy

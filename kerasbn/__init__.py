@@ -12,7 +12,16 @@ from kerasbn.export import ExportResult
 from kerasbn.convert import ConversionResult
 from kerasbn.convert import convert_to_mabn
 
+from kerasbn import stats
+from kerasbn.stats import recalibrate
+from kerasbn.stats import freeze
+from kerasbn.stats import unfreeze
+from kerasbn.stats import diagnose
+from kerasbn.stats import load_tf1_batch_norm
+
 __version__ = "0.1.0"
 
 __all__ = ["layers", "fold", "FoldResult", "export", "ExportResult",
            "convert_to_mabn", "ConversionResult", "__version__"]
+__all__ += ["stats", "recalibrate", "freeze", "unfreeze", "diagnose",
+            "load_tf1_batch_norm"]

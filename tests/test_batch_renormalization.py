@@ -451,10 +451,7 @@ def test_folds_after_training():
 
 
 @pytest.mark.parametrize("zero_debias", [False, True])
-def test_mirrored_two_replicas_match_one(zero_debias):
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    if len(devices) < 2:
-        pytest.skip("needs two logical CPU devices (set up in conftest.py)")
+def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
     global_batch = 16
     x = random_batch((4 * global_batch, 6, 6, 2), seed=15, loc=1.0, scale=2.0)
     target = random_batch((4 * global_batch, 2), seed=16)
@@ -478,7 +475,7 @@ def test_mirrored_two_replicas_match_one(zero_debias):
 
     single = build()
     single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
-    strategy = tf.distribute.MirroredStrategy(devices[:2])
+    strategy = two_replica_strategy
     with strategy.scope():
         mirrored = build()
     mirrored.fit(dataset(), epochs=1, verbose=0, shuffle=False)

@@ -439,10 +439,7 @@ def test_training_resumes_exactly(tmp_path, how):
 # tf.distribute: cross-replica statistics.
 
 
-def test_mirrored_two_replicas_match_one_device():
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    if len(devices) < 2:
-        pytest.skip("needs two logical CPU devices (set up in conftest.py)")
+def test_mirrored_two_replicas_match_one_device(two_replica_strategy):
     global_batch = 8
     x = random_batch((6 * global_batch, 6, 6, 2), seed=15, loc=0.5,
                      scale=2.0)
@@ -465,7 +462,7 @@ def test_mirrored_two_replicas_match_one_device():
 
     single = build()
     single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
-    strategy = tf.distribute.MirroredStrategy(devices[:2])
+    strategy = two_replica_strategy
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         mirrored = build()

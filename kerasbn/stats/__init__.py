@@ -1,0 +1,39 @@
+"""Tools for the statistics of normalization layers.
+
+- `recalibrate`: exact population statistics over a dataset;
+- `freeze` / `unfreeze`: inference-mode normalization for fine-tuning;
+- `diagnose`: a report of what is wrong with a model's statistics;
+- `load_tf1_batch_norm`: TF1 `batch_norm` checkpoints into Keras layers.
+
+Every tool sees a layer through its `StatisticsKind` (what it stores and how
+to write it); Keras' BatchNormalization (and every subclass, kerasbn's
+included) and MABN are known, `register_statistics_kind` adds a layer class.
+"""
+
+from kerasbn.stats._kinds import Averages
+from kerasbn.stats._kinds import StatisticsKind
+from kerasbn.stats._kinds import register_statistics_kind
+from kerasbn.stats.diagnose import Diagnosis
+from kerasbn.stats.diagnose import Finding
+from kerasbn.stats.diagnose import LayerDiagnosis
+from kerasbn.stats.diagnose import diagnose
+from kerasbn.stats.freeze import FrozenNormalizations
+from kerasbn.stats.freeze import freeze
+from kerasbn.stats.freeze import unfreeze
+from kerasbn.stats.recalibrate import recalibrate
+from kerasbn.stats.tf1 import load_tf1_batch_norm
+
+__all__ = [
+    "Averages",
+    "Diagnosis",
+    "Finding",
+    "FrozenNormalizations",
+    "LayerDiagnosis",
+    "StatisticsKind",
+    "diagnose",
+    "freeze",
+    "load_tf1_batch_norm",
+    "recalibrate",
+    "register_statistics_kind",
+    "unfreeze",
+]

@@ -1,0 +1,460 @@
+"""Reading data in batches, and the statistics of a layer's inputs.
+
+Three pieces the statistics tools share:
+
+- `Batches`: the batches of model inputs in any form Keras' `predict`
+  takes (arrays, `tf.data.Dataset`, generator, `keras.utils.PyDataset`),
+  readable several times (a one-shot generator is kept in memory after its
+  first pass);
+- `intercept`: a context manager that replaces the `call` of some layers by
+  a wrapper that sees their inputs and mask before calling the original, on
+  that layer object only and only inside the `with` block;
+- `Moments` and `InputStatistics`: the count, mean and sum of squared
+  deviations per channel, accumulated in float64 over all batches with
+  Chan et al.'s pairwise merge, so the result is the population mean and
+  variance whatever the batch size.
+"""
+
+import contextlib
+import inspect
+import math
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasbn.stats import _kinds
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def check_steps(steps, what):
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or (
+        steps < 1
+    ):
+        raise ValueError(
+            f"{what}: argument `steps` must be a positive integer (batches "
+            f"per pass over the data) or None. Received: steps={steps!r}."
+        )
+    return int(steps)
+
+
+def resolve_verbose(verbose, what):
+    if verbose == "auto":
+        return 1
+    if verbose in (0, 1, 2) and not isinstance(verbose, bool):
+        return verbose
+    raise ValueError(
+        f"{what}: argument `verbose` must be 'auto', 0, 1 or 2. Received: "
+        f"verbose={verbose!r}."
+    )
+
+
+def _inputs_of(element):
+    """The model inputs `x` of one batch `x`, `(x,)`, `(x, y)` or `(x, y, w)`."""
+    return keras.utils.unpack_x_y_sample_weight(element)[0]
+
+
+def _is_array(value):
+    return isinstance(value, np.ndarray) or tf.is_tensor(value)
+
+
+def _is_array_structure(value):
+    if _is_array(value):
+        return True
+    if isinstance(value, dict):
+        return bool(value) and all(_is_array(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(
+            v is None or _is_array_structure(v) for v in value
+        )
+    return False
+
+
+def _to_tensors(x):
+    return keras.tree.map_structure(
+        lambda v: v if tf.is_tensor(v) else tf.convert_to_tensor(v), x
+    )
+
+
+def leading_size(x):
+    """The batch dimension of the first array in `x`."""
+    first = keras.tree.flatten(x)[0]
+    size = first.shape[0]
+    return None if size is None else int(size)
+
+
+class Batches:
+    """The model inputs of `data`, batch by batch, for several passes.
+
+    Args:
+        data: NumPy arrays or tensors (a structure of them; a tuple is read
+            as `(x, y[, sample_weight])` as in `Model.fit`), a
+            `tf.data.Dataset` of batches, a `keras.utils.PyDataset`, or an
+            iterable/generator of batches. Batches may be `x` or
+            `(x, y[, sample_weight])`; only `x` is used.
+        batch_size: Batch size for array data (default 32); must be None
+            for the other forms, which come batched.
+        steps: At most this many batches per pass (None: all).
+        what: The calling function's name, for error messages.
+    """
+
+    def __init__(self, data, batch_size=None, steps=None, what=""):
+        self.what = what
+        self.steps = check_steps(steps, what)
+        if batch_size is not None and (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"{what}: argument `batch_size` must be a positive integer "
+                f"or None. Received: batch_size={batch_size!r}."
+            )
+        self._cache = None
+        self._one_shot = False
+        self.batch_size = None
+        if _is_array_structure(data):
+            x = data
+            if isinstance(data, (list, tuple)):
+                x = _inputs_of(tuple(data))
+            self._kind = "arrays"
+            self._x = x
+            self._size = leading_size(x)
+            self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
+            self.num_batches = math.ceil(self._size / self.batch_size)
+        else:
+            if batch_size is not None:
+                raise ValueError(
+                    f"{what}: argument `batch_size` applies to array data "
+                    f"only; a {type(data).__name__} comes batched. Received: "
+                    f"batch_size={batch_size!r}."
+                )
+            if isinstance(data, tf.data.Dataset):
+                self._kind = "dataset"
+                cardinality = int(data.cardinality())
+                if cardinality == tf.data.INFINITE_CARDINALITY:
+                    if self.steps is None:
+                        raise ValueError(
+                            f"{what}: the tf.data.Dataset is infinite "
+                            "(e.g. it repeats); pass `steps`, the number of "
+                            "batches to read."
+                        )
+                    self.num_batches = None
+                elif cardinality >= 0:
+                    self.num_batches = cardinality
+                else:
+                    self.num_batches = None
+            elif isinstance(data, keras.utils.PyDataset):
+                self._kind = "pydataset"
+                self.num_batches = data.num_batches
+                if self.num_batches is None and self.steps is None:
+                    raise ValueError(
+                        f"{what}: the PyDataset has no length "
+                        "(num_batches is None); pass `steps`."
+                    )
+            elif hasattr(data, "__next__") or hasattr(data, "__iter__"):
+                self._kind = "iterable"
+                self._one_shot = hasattr(data, "__next__") and (
+                    iter(data) is data
+                )
+                self.num_batches = None
+                if hasattr(data, "__len__"):
+                    self.num_batches = len(data)
+            else:
+                raise TypeError(
+                    f"{what}: cannot read batches from data of type "
+                    f"{type(data).__name__}. Pass NumPy arrays, a "
+                    "tf.data.Dataset, a keras.utils.PyDataset or a "
+                    "generator of batches."
+                )
+            self._data = data
+        if self.num_batches is not None and self.steps is not None:
+            self.num_batches = min(self.num_batches, self.steps)
+        elif self.steps is not None:
+            self.num_batches = self.steps
+
+    def _raw(self):
+        if self._kind == "arrays":
+            for start in range(0, self._size, self.batch_size):
+                stop = start + self.batch_size
+                yield keras.tree.map_structure(
+                    lambda v: v[start:stop], self._x
+                )
+        elif self._kind == "pydataset":
+            index = 0
+            limit = self._data.num_batches
+            while limit is None or index < limit:
+                yield _inputs_of(self._data[index])
+                index += 1
+        else:
+            for element in self._data:
+                yield _inputs_of(element)
+
+    def _read(self):
+        count = 0
+        for x in self._raw():
+            if self.steps is not None and count >= self.steps:
+                break
+            count += 1
+            yield _to_tensors(x)
+
+    def __iter__(self):
+        if self._one_shot and self._cache is None:
+            # A generator can be read once: keep its batches for later passes.
+            self._cache = list(self._read())
+            self.num_batches = len(self._cache)
+        if self._cache is not None:
+            return iter(self._cache)
+        return self._read()
+
+    def first(self):
+        """The first batch, or a clear error if there is none."""
+        for x in self:
+            return x
+        raise ValueError(
+            f"{self.what}: the data holds no batches (nothing to compute "
+            "statistics from)."
+        )
+
+
+# -- Intercepting a layer's inputs. ------------------------------------------
+
+
+@contextlib.contextmanager
+def intercept(layers, hook=None, training=None):
+    """Wrap the `call` of each layer in `layers` while the block runs.
+
+    Args:
+        layers: Layers to wrap (each once).
+        hook: Optional `(layer, inputs, mask) -> None`, called with the
+            layer's first input and its mask (or None) before the original
+            `call`.
+        training: If not None, the value of `training` the original `call`
+            receives, whatever the model passed.
+
+    The wrapper is set on the layer object only (an instance attribute that
+    shadows the class's method, as Keras looks `call` up on the instance)
+    and removed on exit, even on error.
+    """
+    installed = []
+    try:
+        for layer in layers:
+            original = layer.call
+            signature = inspect.signature(original)
+
+            def wrapper(*args, _layer=layer, _original=original,
+                        _signature=signature, **kwargs):
+                bound = _signature.bind(*args, **kwargs)
+                names = list(_signature.parameters)
+                if hook is not None:
+                    hook(_layer, bound.arguments[names[0]],
+                         bound.arguments.get("mask"))
+                if training is not None and "training" in _signature.parameters:
+                    bound.arguments["training"] = training
+                return _original(*bound.args, **bound.kwargs)
+
+            wrapper.__signature__ = signature
+            previous = layer.__dict__.get("call", None)
+            object.__setattr__(layer, "call", wrapper)
+            installed.append((layer, previous))
+        yield
+    finally:
+        for layer, previous in reversed(installed):
+            if previous is None:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", previous)
+
+
+# -- Moments. ----------------------------------------------------------------
+
+
+class Moments:
+    """Count, mean and sum of squared deviations per channel (float64).
+
+    `merge` combines two sets exactly (Chan, Golub and LeVeque's pairwise
+    update), so the population mean and variance of a union of batches do
+    not depend on how it was batched, and no catastrophic cancellation
+    occurs as with sums of x and x**2.
+    """
+
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self, count, mean, m2):
+        self.count = float(count)
+        self.mean = np.asarray(mean, np.float64)
+        self.m2 = np.asarray(m2, np.float64)
+
+    def merge(self, other):
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / total)
+        m2 = self.m2 + other.m2 + delta * delta * (
+            self.count * other.count / total
+        )
+        return Moments(total, mean, m2)
+
+    @property
+    def variance(self):
+        """The biased (population) variance."""
+        return self.m2 / self.count
+
+
+def batch_moments(inputs, mask, axis):
+    """`(count, mean, m2)` of one batch per channel, float64 tensors.
+
+    `mask` (or None) follows Keras' BatchNormalization: its shape is the
+    input's without the last (channel) axis, and False positions are left
+    out.
+    """
+    x = tf.cast(inputs, tf.float64)
+    rank = x.shape.rank
+    channels = x.shape[axis]
+    if axis != rank - 1:
+        perm = [a for a in range(rank) if a != axis] + [axis]
+        x = tf.transpose(x, perm)
+    x = tf.reshape(x, [-1, channels])
+    if mask is None:
+        count = tf.cast(tf.shape(x)[0], tf.float64)
+        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axis=0), count)
+        m2 = tf.reduce_sum(tf.square(x - mean), axis=0)
+        return count, mean, m2
+    weights = tf.cast(mask, tf.float64)
+    weights = tf.reshape(
+        tf.broadcast_to(weights[..., None], tf.shape(inputs)),
+        [-1, channels],
+    )[:, 0:1]
+    count = tf.reduce_sum(weights)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(x * weights, axis=0), count)
+    m2 = tf.reduce_sum(weights * tf.square(x - mean), axis=0)
+    return count, mean, m2
+
+
+def _check_mask(layer, inputs, mask):
+    rank = inputs.shape.rank
+    axis = _kinds.channel_axis(layer, rank)
+    if mask is not None and axis != rank - 1:
+        raise ValueError(
+            f"Layer '{layer.name}' receives a mask but normalizes axis "
+            f"{layer.axis} of a rank-{rank} input; masked statistics follow "
+            "Keras' BatchNormalization, which supports masks only with the "
+            "channels on the last axis."
+        )
+    return axis
+
+
+def statistics_state(layers):
+    """The values of every non-trainable variable of `layers`."""
+    return [
+        (variable, np.array(keras.ops.convert_to_numpy(variable)))
+        for layer in layers
+        for variable in layer.non_trainable_variables
+    ]
+
+
+def restore_state(state):
+    for variable, value in state:
+        variable.assign(value)
+
+
+def _spec_of(x):
+    return keras.tree.map_structure(
+        lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), x
+    )
+
+
+class InputStatistics:
+    """The per-channel moments of some layers' inputs, batch after batch.
+
+    The model's inference pass `model(x, training=False)` is traced once,
+    with `layers` wrapped so that each call also returns the float64
+    moments of the layer's inputs (`batch_moments`); later runs reuse that
+    graph. With `selective=True` only one layer's moments are computed per
+    run (chosen by `run(..., layer=...)` through a `tf.cond`), for
+    recalibrating layer after layer with a single trace.
+
+    Attributes:
+        order: The layers the pass reaches, in the order it first calls
+            them (a topological order of the model's graph).
+    """
+
+    def __init__(self, model, layers, example, selective=False):
+        self.layers = list(layers)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}
+        self._active = None
+        if selective:
+            self._active = tf.Variable(-1, dtype=tf.int32, trainable=False)
+        trace_ids = []
+        captured = []
+
+        def hook(layer, inputs, mask):
+            axis = _check_mask(layer, inputs, mask)
+            trace_ids.append(id(layer))
+            if self._active is None:
+                captured.append(batch_moments(inputs, mask, axis))
+                return
+            channels = inputs.shape[axis]
+
+            def nothing():
+                zeros = tf.zeros([channels], tf.float64)
+                return tf.zeros((), tf.float64), zeros, zeros
+
+            captured.append(tf.cond(
+                tf.equal(self._active, self._index[id(layer)]),
+                lambda: batch_moments(inputs, mask, axis),
+                nothing,
+            ))
+
+        def inference_pass(x):
+            trace_ids.clear()
+            captured.clear()
+            model(x, training=False)
+            return list(captured)
+
+        # The wrappers are only needed while tracing: the concrete function
+        # keeps the graph they built.
+        with intercept(self.layers, hook):
+            self._function = tf.function(inference_pass).get_concrete_function(
+                _spec_of(example)
+            )
+        self._ids = list(trace_ids)
+        self.order = []
+        for layer_id in self._ids:
+            layer = self.layers[self._index[layer_id]]
+            if not any(layer is seen for seen in self.order):
+                self.order.append(layer)
+
+    def run(self, batches, layer=None, progbar=None):
+        """Population moments over all `batches`: `{id(layer): Moments}`.
+
+        A layer called several times pools the positions of all its calls.
+        The non-trainable state of the layers is restored afterwards, so a
+        layer the model calls with `training=True` leaves no trace.
+        """
+        if self._active is not None:
+            self._active.assign(self._index[id(layer)])
+        state = statistics_state(self.layers)
+        totals = {}
+        try:
+            for number, x in enumerate(batches, start=1):
+                results = self._function(x)
+                for layer_id, (count, mean, m2) in zip(self._ids, results):
+                    if self._active is not None and layer_id != id(layer):
+                        continue
+                    moments = Moments(count.numpy(), mean.numpy(), m2.numpy())
+                    previous = totals.get(layer_id)
+                    totals[layer_id] = (moments if previous is None
+                                        else previous.merge(moments))
+                if progbar is not None:
+                    progbar.update(number)
+        finally:
+            restore_state(state)
+        return totals

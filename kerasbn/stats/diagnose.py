@@ -1,0 +1,569 @@
+"""A report on a model's normalization statistics that a user can act on.
+
+`diagnose(model, data)` runs the model on `data` and reads its graph, then
+lists, per normalization layer and for the model, what is likely wrong and
+what to do about it. Checks (finding codes):
+
+- `stale_statistics`: the stored statistics differ from those of the
+  layer's inputs on `data` (in inference mode): the normalized mean gap
+  `max_c |mu_data - mu_stored| / sqrt(var_stored + eps)` or the variance
+  ratio `(var_data + eps) / (var_stored + eps)` of some channel is large.
+- `unconverged_statistics`: a moving average still holds a large share of
+  its initial value, `momentum**steps`, where the step count is known.
+- `normalization_before_output`: a normalization's output is a model output.
+- `redundant_bias`: a layer with a bias feeds a normalization that subtracts
+  a mean on the same channels, which cancels the bias.
+- `small_batch`: batch normalization computes statistics over fewer than
+  `min_batch` samples per replica.
+- `train_inference_gap`: on one batch, the model's output with the
+  normalizations in training mode (batch statistics) differs much from
+  inference mode (stored statistics).
+
+The model is never modified: the forward passes run with the layers' state
+saved and restored, and nothing is written to its weights.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from kerasbn.fold import graph as graph_lib
+from kerasbn.fold import registry
+from kerasbn.stats import _collect
+from kerasbn.stats import _kinds
+from kerasbn.stats.recalibrate import check_model
+
+_WHAT = "kerasbn.diagnose"
+
+STALE = "stale_statistics"
+UNCONVERGED = "unconverged_statistics"
+BEFORE_OUTPUT = "normalization_before_output"
+REDUNDANT_BIAS = "redundant_bias"
+SMALL_BATCH = "small_batch"
+TRAIN_INFERENCE_GAP = "train_inference_gap"
+
+CODES = (STALE, UNCONVERGED, BEFORE_OUTPUT, REDUNDANT_BIAS, SMALL_BATCH,
+         TRAIN_INFERENCE_GAP)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem: a code from `CODES`, the layer (None: the whole model),
+    what was measured and what to do."""
+
+    code: str
+    layer: Optional[str]
+    message: str
+    suggestion: str
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDiagnosis:
+    """The measurements for one normalization layer.
+
+    Attributes:
+        name: The layer's name.
+        kind: Its class name.
+        channels: Number of channels.
+        positions: Unmasked positions per channel seen in `data` (0 if the
+            forward pass did not reach the layer).
+        mean_gap: Largest normalized mean gap over channels, None for a
+            layer that keeps no mean (MABN) or was not reached.
+        variance_ratio: `(smallest, largest)` ratio over channels of the
+            data's to the stored variance (second moment for MABN), both
+            plus epsilon; None if not reached.
+        momentum: Momentum of the moving averages.
+        steps: Training updates of the averages, or None if unknown.
+        steps_source: "layer" (the layer's own counter), "optimizer" (an
+            estimate: the optimizer's iteration count), or None.
+        initial_weight: Share of the initial value still in the plain
+            moving averages, `momentum**steps`; 0.0 if every average is
+            zero-debiased; None if the steps are unknown.
+    """
+
+    name: str
+    kind: str
+    channels: int
+    positions: int
+    mean_gap: Optional[float]
+    variance_ratio: Optional[tuple]
+    momentum: float
+    steps: Optional[int]
+    steps_source: Optional[str]
+    initial_weight: Optional[float]
+
+    def to_dict(self):
+        values = dataclasses.asdict(self)
+        if self.variance_ratio is not None:
+            values["variance_ratio"] = list(self.variance_ratio)
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """The result of `diagnose`: measurements and findings.
+
+    `str(diagnosis)` (or `print`) gives a table and the findings;
+    `to_dict()`/`to_json()` the same as data. `ok` is True when nothing was
+    found; `codes()` lists `(code, layer)` pairs, handy in tests and scripts.
+    """
+
+    model: str
+    batch_size: Optional[int]
+    replicas: int
+    output_gap: Optional[float]
+    layers: tuple
+    findings: tuple
+
+    @property
+    def ok(self):
+        return not self.findings
+
+    def codes(self):
+        return [(f.code, f.layer) for f in self.findings]
+
+    def findings_for(self, layer):
+        return [f for f in self.findings if f.layer == layer]
+
+    def to_dict(self):
+        return {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "replicas": self.replicas,
+            "output_gap": self.output_gap,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "findings": [finding.to_dict() for finding in self.findings],
+        }
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self):
+        def number(value, pattern="{:.3g}"):
+            return "-" if value is None else pattern.format(value)
+
+        header = ("Layer", "Kind", "Positions", "Mean gap", "Var ratio",
+                  "Steps", "Init weight", "Findings")
+        rows = []
+        for layer in self.layers:
+            ratio = layer.variance_ratio
+            steps = "unknown" if layer.steps is None else str(layer.steps)
+            if layer.steps_source == "optimizer":
+                steps += " (opt.)"
+            codes = [f.code for f in self.findings_for(layer.name)]
+            rows.append((
+                layer.name,
+                layer.kind,
+                str(layer.positions),
+                number(layer.mean_gap),
+                "-" if ratio is None else f"{ratio[0]:.3g}..{ratio[1]:.3g}",
+                steps,
+                number(layer.initial_weight),
+                ", ".join(codes) or "ok",
+            ))
+        widths = [max(len(row[i]) for row in [header, *rows])
+                  for i in range(len(header))]
+
+        def line(row):
+            return "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+
+        per_replica = (None if self.batch_size is None
+                       else self.batch_size // max(self.replicas, 1))
+        lines = [
+            f"Normalization diagnosis of model '{self.model}': batch size "
+            f"{number(self.batch_size, '{}')} on {self.replicas} replica(s) "
+            f"({number(per_replica, '{}')} per replica), train/inference "
+            f"output gap {number(self.output_gap)}",
+            line(header),
+            line(["-" * w for w in widths]),
+            *[line(row) for row in rows],
+        ]
+        if self.findings:
+            lines.append("")
+            lines.append(f"{len(self.findings)} finding(s):")
+            for finding in self.findings:
+                where = finding.layer or "model"
+                lines.append(f"- [{finding.code}] {where}: {finding.message}")
+                lines.append(f"  Suggestion: {finding.suggestion}")
+        else:
+            lines.append("")
+            lines.append("No problem found.")
+        return "\n".join(lines)
+
+
+# -- Measurements. -----------------------------------------------------------
+
+
+def _optimizer_steps(model):
+    optimizer = getattr(model, "optimizer", None)
+    iterations = getattr(optimizer, "iterations", None)
+    if iterations is None:
+        return None
+    try:
+        steps = int(ops.convert_to_numpy(iterations))
+    except Exception:  # noqa: BLE001 - an unbuilt optimizer: unknown.
+        return None
+    return steps if steps > 0 else None
+
+
+def _averages(layer, kind, model):
+    averages = kind.averages(layer)
+    steps, source = averages.steps, "layer"
+    if steps is None:
+        steps, source = _optimizer_steps(model), "optimizer"
+    if steps is None:
+        source = None
+    if not averages.plain:
+        initial_weight = 0.0
+    elif steps is None:
+        initial_weight = None
+    else:
+        initial_weight = float(averages.momentum) ** steps
+    return averages.momentum, steps, source, initial_weight
+
+
+def _gaps(layer, kind, moments):
+    if moments is None or moments.count == 0:
+        return None, None
+    epsilon = np.float64(layer.epsilon)
+    data_center, data_spread = kind.from_moments(moments.mean,
+                                                 moments.variance)
+    center, spread = kind.stored(layer)
+    mean_gap = None
+    if center is not None:
+        mean_gap = float(np.max(
+            np.abs(data_center - center) / np.sqrt(spread + epsilon)
+        ))
+    ratio = (data_spread + epsilon) / (np.maximum(spread, 0.0) + epsilon)
+    return mean_gap, (float(np.min(ratio)), float(np.max(ratio)))
+
+
+def _batch_size(batches, batch_size):
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+            batch_size < 1
+        ):
+            raise ValueError(
+                f"{_WHAT}: argument `batch_size` must be a positive integer "
+                f"(the global training batch size). Received: "
+                f"batch_size={batch_size!r}."
+            )
+        return batch_size
+    if batches.batch_size is not None:
+        return batches.batch_size
+    return _collect.leading_size(batches.first())
+
+
+def _replicas(model):
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        strategy = tf.distribute.get_strategy()
+    return int(strategy.num_replicas_in_sync)
+
+
+def _output_gap(model, layers, x):
+    """Relative RMS difference of the outputs, batch vs stored statistics."""
+    state = _collect.statistics_state(layers)
+    try:
+        inference = model(x, training=False)
+        with _collect.intercept(layers, training=True):
+            training = model(x, training=False)
+    finally:
+        _collect.restore_state(state)
+    gaps = []
+    for a, b in zip(keras.tree.flatten(inference),
+                    keras.tree.flatten(training)):
+        a = np.asarray(ops.convert_to_numpy(a), np.float64)
+        b = np.asarray(ops.convert_to_numpy(b), np.float64)
+        scale = math.sqrt(float(np.mean(a * a)))
+        difference = math.sqrt(float(np.mean((a - b) ** 2)))
+        gaps.append(difference / scale if scale > 0 else difference)
+    return max(gaps) if gaps else None
+
+
+# -- Graph checks. -----------------------------------------------------------
+
+
+def _is_linear(layer):
+    activation = getattr(layer, "activation", None)
+    return activation is None or activation is keras.activations.linear
+
+
+def _graph_models(model):
+    """`model` and every Functional/Sequential model nested in it."""
+    found = [model] if graph_lib.is_graph_model(model) else []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if graph_lib.is_graph_model(layer) and not any(
+            layer is m for m in found
+        ):
+            found.append(layer)
+    return found
+
+
+def _output_normalizations(model):
+    """Normalization layers whose output is an output of `model`."""
+    if not graph_lib.is_graph_model(model):
+        return []
+    graph = graph_lib.read_graph(model)
+    found = []
+    for tensor in graph.functional.outputs:
+        index = graph.producer.get(id(tensor))
+        if index is None:
+            continue
+        operation = graph.calls[index].operation
+        if _kinds.find_kind(operation) is not None:
+            found.append(operation)
+        elif graph_lib.is_graph_model(operation):
+            found.extend(_output_normalizations(operation))
+    return found
+
+
+def _redundant_biases(model):
+    """`(producer, normalization)` pairs where the bias cancels out."""
+    pairs = []
+    for graph_model in _graph_models(model):
+        graph = graph_lib.read_graph(graph_model)
+        for call in graph.calls:
+            kind = _kinds.find_kind(call.operation)
+            if kind is None or not kind.subtracts_mean:
+                continue
+            input_id = call.first_input_id()
+            index = graph.producer.get(input_id)
+            if index is None:
+                continue
+            producer = graph.calls[index].operation
+            rule = registry.find_producer(producer)
+            if rule is None or not getattr(producer, "use_bias", False) or (
+                not _is_linear(producer)
+            ):
+                continue
+            rank = len(graph.tensors[input_id].shape)
+            if rule.channel_axis(producer, rank) != _kinds.channel_axis(
+                call.operation, rank
+            ):
+                continue
+            consumers = graph.uses.get(input_id, [])
+            if all(
+                c != graph_lib.OUTPUT
+                and _kinds.find_kind(graph.calls[c].operation) is not None
+                and _kinds.find_kind(graph.calls[c].operation).subtracts_mean
+                for c in consumers
+            ):
+                pairs.append((producer, call.operation))
+    return pairs
+
+
+def _is_plain_batch_norm(layer):
+    return isinstance(layer, keras.layers.BatchNormalization) and not (
+        layer.renorm
+    )
+
+
+# -- The entry point. --------------------------------------------------------
+
+
+def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
+             variance_ratio=2.0, initial_weight=0.05, output_gap=0.3,
+             min_batch=8, verbose="auto"):
+    """Check a model's normalization layers and say what to fix.
+
+    Measures, for every BatchNormalization-like layer (Keras' and
+    kerasbn's, MABN included), the statistics of its inputs over `data`
+    with the model in inference mode, and compares them with the stored
+    ones; reads the layers' step counters; reads the model's graph; and
+    compares the model's output in training and inference mode on the first
+    batch of `data`. See the module docstring for the checks and their
+    codes. Each finding carries a message (the numbers measured) and a
+    suggestion.
+
+    Where a layer does not count its updates (Keras' `BatchNormalization`;
+    kerasbn's without `zero_debias`), the step count is estimated by the
+    iterations of the model's optimizer if it has trained, which assumes the
+    layer trained at every step (an upper bound if it was frozen for part of
+    training); otherwise the convergence is "unknown" and not flagged.
+
+    The batch size checked against `min_batch` is `batch_size` if given,
+    else the batch size of `data` (array data: 32, Keras' default), divided
+    by the number of replicas of the model's distribution strategy; a
+    `synchronized=True` layer is checked with the global batch size.
+    Batch renormalization and MABN are not flagged (they are the remedy).
+
+    The model is not modified: its layers' state is saved before the
+    forward passes and restored after them.
+
+    Args:
+        model: A built `keras.Model`. Graph checks (output, bias) need a
+            Functional or Sequential model (nested ones included); they are
+            skipped for subclassed models.
+        data: As for `kerasbn.recalibrate`: arrays, a `tf.data.Dataset`, a
+            `keras.utils.PyDataset` or a generator; `(x, y)` batches use x.
+        steps: Use at most this many batches.
+        batch_size: The global training batch size (default: the data's).
+        mean_gap: Threshold on the normalized mean gap of any channel.
+        variance_ratio: Threshold `r`: a channel whose variance ratio is
+            above `r` or below `1 / r` is stale.
+        initial_weight: Threshold on `momentum**steps`.
+        output_gap: Threshold on the relative RMS difference of the model's
+            outputs between training-mode and inference-mode normalization.
+        min_batch: Smallest healthy batch size per replica.
+        verbose: 0, 1 (progress bar), 2, or "auto" (1).
+
+    Returns:
+        A `Diagnosis`; `print` it, or use `to_dict()`/`to_json()`.
+
+    Example:
+
+    >>> import numpy as np, keras, kerasbn
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3),
+    ...                           keras.layers.BatchNormalization(),
+    ...                           keras.layers.Dense(1)])
+    >>> x = np.random.default_rng(0).normal(5.0, 1.0, (64, 3))
+    >>> report = kerasbn.diagnose(model, x, verbose=0)
+    >>> sorted({code for code, layer in report.codes()})
+    ['redundant_bias', 'stale_statistics', 'train_inference_gap']
+    """
+    check_model(model, _WHAT)
+    verbose = _collect.resolve_verbose(verbose, _WHAT)
+    for name, value, low in (("mean_gap", mean_gap, 0.0),
+                             ("variance_ratio", variance_ratio, 1.0),
+                             ("initial_weight", initial_weight, 0.0),
+                             ("output_gap", output_gap, 0.0),
+                             ("min_batch", min_batch, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            not value >= low
+        ):
+            raise ValueError(
+                f"{_WHAT}: argument `{name}` must be a number >= {low}. "
+                f"Received: {name}={value!r}."
+            )
+    batches = _collect.Batches(data, steps=steps, what=_WHAT)
+    layers = _kinds.normalization_layers(model)
+    first = batches.first()
+
+    progbar = None
+    if verbose:
+        progbar = keras.utils.Progbar(batches.num_batches, verbose=verbose)
+    moments = {}
+    if layers:
+        moments = _collect.InputStatistics(model, layers, first).run(
+            batches, progbar=progbar)
+    global_batch = _batch_size(batches, batch_size)
+    replicas = _replicas(model)
+    gap = _output_gap(model, layers, first) if layers else None
+
+    findings = []
+    reports = []
+    for layer in layers:
+        kind = _kinds.find_kind(layer)
+        layer_moments = moments.get(id(layer))
+        layer_mean_gap, ratio = _gaps(layer, kind, layer_moments)
+        momentum, layer_steps, source, weight = _averages(layer, kind, model)
+        reports.append(LayerDiagnosis(
+            name=layer.name,
+            kind=type(layer).__name__,
+            channels=int(kind.stored(layer)[1].shape[0]),
+            positions=0 if layer_moments is None
+            else int(layer_moments.count),
+            mean_gap=layer_mean_gap,
+            variance_ratio=ratio,
+            momentum=momentum,
+            steps=layer_steps,
+            steps_source=source,
+            initial_weight=weight,
+        ))
+        too_far = layer_mean_gap is not None and layer_mean_gap > mean_gap
+        if ratio is not None and (
+            too_far or ratio[1] > variance_ratio
+            or ratio[0] < 1.0 / variance_ratio
+        ):
+            mean_text = ("" if layer_mean_gap is None
+                         else f"mean gap up to {layer_mean_gap:.3g} stored "
+                              "standard deviations, ")
+            findings.append(Finding(
+                STALE, layer.name,
+                f"the stored statistics do not match its inputs on the data "
+                f"({mean_text}variance ratio data/stored "
+                f"{ratio[0]:.3g}..{ratio[1]:.3g}).",
+                "Re-estimate them with kerasbn.recalibrate(model, data) on "
+                "data like the deployment data (needed after weight "
+                "averaging, pruning, fine-tuning or a change of data).",
+            ))
+        if weight is not None and weight > initial_weight:
+            where = ("the optimizer's iteration count" if source ==
+                     "optimizer" else "the layer's step counter")
+            findings.append(Finding(
+                UNCONVERGED, layer.name,
+                f"after {layer_steps} updates ({where}) with momentum "
+                f"{momentum}, its moving averages still hold "
+                f"{weight:.1%} of their initial values.",
+                "Train longer, lower the momentum, use zero-debiased "
+                "averages (kerasbn.layers.BatchNormalization(zero_debias="
+                "'mean_and_variance')), or run kerasbn.recalibrate.",
+            ))
+        if _is_plain_batch_norm(layer):
+            effective = global_batch
+            if not layer.synchronized and global_batch is not None:
+                effective = global_batch // max(replicas, 1)
+            if effective is not None and effective < min_batch:
+                scope = ("synchronized over all replicas" if
+                         layer.synchronized else "per replica")
+                findings.append(Finding(
+                    SMALL_BATCH, layer.name,
+                    f"it computes batch statistics over {effective} "
+                    f"sample(s) {scope} (batch size {global_batch}, "
+                    f"{replicas} replica(s)), fewer than {min_batch}.",
+                    "Use kerasbn.layers.BatchRenormalization, or MABN "
+                    "(kerasbn.convert_to_mabn), or synchronized=True across "
+                    "replicas, or a larger batch.",
+                ))
+
+    graph_model = graph_lib.is_graph_model(model)
+    if graph_model:
+        for layer in _output_normalizations(model):
+            findings.append(Finding(
+                BEFORE_OUTPUT, layer.name,
+                "its output is a model output, so the model's predictions "
+                "are forced to zero mean and unit variance per batch during "
+                "training (shifted by beta, scaled by gamma).",
+                "Remove it, or move it before the last linear layer.",
+            ))
+        for producer, layer in _redundant_biases(model):
+            findings.append(Finding(
+                REDUNDANT_BIAS, layer.name,
+                f"'{producer.name}' ({type(producer).__name__}) adds a bias "
+                f"that '{layer.name}' subtracts again with its mean; the "
+                "bias only costs parameters and memory.",
+                f"Build '{producer.name}' with use_bias=False (the "
+                "normalization's beta plays its role).",
+            ))
+
+    if gap is not None and gap > output_gap:
+        findings.append(Finding(
+            TRAIN_INFERENCE_GAP, None,
+            f"on the first batch, the outputs with batch statistics differ "
+            f"from those with the stored statistics by {gap:.3g} (relative "
+            "RMS).",
+            "If the statistics are stale, run kerasbn.recalibrate; if the "
+            "batches are small or not representative, use larger shuffled "
+            "batches, BatchRenormalization or MABN.",
+        ))
+
+    order = {code: i for i, code in enumerate(CODES)}
+    findings.sort(key=lambda f: order[f.code])
+    return Diagnosis(
+        model=model.name,
+        batch_size=global_batch,
+        replicas=replicas,
+        output_gap=gap,
+        layers=tuple(reports),
+        findings=tuple(findings),
+    )

@@ -1,0 +1,341 @@
+"""kerasbn.recalibrate against NumPy's population statistics.
+
+The oracle for layer k builds a sub-model from the recalibrated model's
+inputs to layer k's input, runs it over all the data and takes np.mean and
+np.var in float64: the statistics the layer should hold, given the
+(recalibrated) layers before it.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.datasets import load_digits
+from testing import random_batch
+from testing import randomize_bn_weights
+
+import kerasbn
+
+L = keras.layers
+
+
+def _cnn():
+    """Conv -> Keras BN -> Conv -> kerasbn BN (debiased) -> BatchRenorm."""
+    inputs = keras.Input((9, 9, 3))
+    h = L.Conv2D(4, 3, use_bias=False)(inputs)
+    h = L.BatchNormalization(name="bn_keras")(h)
+    h = L.ReLU()(h)
+    h = L.Conv2D(5, 3, padding="same")(h)
+    h = kerasbn.layers.BatchNormalization(zero_debias="mean",
+                                          name="bn_debiased")(h)
+    h = L.ReLU()(h)
+    h = L.DepthwiseConv2D(3)(h)
+    h = kerasbn.layers.BatchRenormalization(name="bn_renorm")(h)
+    outputs = L.Dense(2)(L.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            randomize_bn_weights(layer, seed=len(layer.name))
+    return model
+
+
+def _normalizations(model):
+    return [layer for layer in model.layers
+            if isinstance(layer, L.BatchNormalization)]
+
+
+def _numpy_statistics(model, layer, x, positions=None):
+    """np.mean/np.var of `layer`'s inputs over all of `x` (float64)."""
+    layer_input = layer.input
+    if isinstance(layer_input, (list, tuple)):
+        layer_input = layer_input[0]  # [inputs, mask] when given a mask.
+    sub = keras.Model(model.inputs, layer_input)
+    values = np.asarray(sub.predict(x, batch_size=64, verbose=0), np.float64)
+    if positions is not None:
+        values = values[positions]
+    values = values.reshape(-1, values.shape[-1])
+    return values.mean(axis=0), values.var(axis=0)
+
+
+def _assert_relative(actual, expected, rel, what):
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
+                               rtol=0, atol=rel * scale, err_msg=what)
+
+
+def _weights(model):
+    return [np.array(w.numpy()) for w in model.weights]
+
+
+def _statistics(model):
+    return {
+        layer.name: [np.array(w.numpy()) for w in layer.non_trainable_weights]
+        for layer in _normalizations(model)
+    }
+
+
+def test_matches_numpy_at_two_batch_sizes():
+    model = _cnn()
+    x = random_batch((150, 9, 9, 3), seed=3, loc=1.5, scale=2.0)
+    before = _weights(model)
+    small = kerasbn.recalibrate(model, x, batch_size=7, verbose=0)
+    large = kerasbn.recalibrate(model, x, batch_size=64, verbose=0)
+
+    # The input model is untouched; the copies are new models.
+    for b, a in zip(before, _weights(model)):
+        np.testing.assert_array_equal(b, a)
+    assert small is not model and large is not model
+
+    for result in (small, large):
+        for layer in _normalizations(result):
+            mean, variance = _numpy_statistics(result, layer, x)
+            _assert_relative(layer.moving_mean.numpy(), mean, 1e-5,
+                             f"{layer.name} mean")
+            _assert_relative(layer.moving_variance.numpy(), variance, 1e-5,
+                             f"{layer.name} variance")
+    for name, values in _statistics(small).items():
+        for s, g in zip(values, _statistics(large)[name]):
+            _assert_relative(s, g, 1e-6, name)
+
+    renorm = large.get_layer("bn_renorm")
+    stddev = np.sqrt(renorm.moving_variance.numpy().astype(np.float64)
+                     + renorm.epsilon)
+    _assert_relative(renorm.moving_stddev.numpy(), stddev, 1e-6, "stddev")
+    _assert_relative(renorm.renorm_stddev.numpy(), stddev, 1e-6, "renorm")
+    _assert_relative(renorm.renorm_mean.numpy(),
+                     renorm.moving_mean.numpy(), 1e-6, "renorm mean")
+    # Counters stay: they describe training, not the statistics.
+    assert int(renorm.renorm_step.numpy()) == 0
+    assert int(large.get_layer("bn_debiased").debias_step.numpy()) == 0
+
+    # Every weight that is not a statistic is untouched.
+    statistic_names = {"moving_mean", "moving_variance", "moving_stddev",
+                       "renorm_mean", "renorm_stddev"}
+    for old, new in zip(model.weights, large.weights):
+        if new.name not in statistic_names:
+            np.testing.assert_array_equal(old.numpy(), new.numpy(),
+                                          err_msg=new.path)
+
+
+def test_independent_of_old_statistics_and_inplace():
+    x = random_batch((40, 9, 9, 3), seed=4)
+    model = _cnn()
+    first = kerasbn.recalibrate(model, x, verbose=0)
+    for layer in _normalizations(model):
+        randomize_bn_weights(layer, seed=99)
+        # Give back gamma/beta so only the statistics differ.
+        layer.gamma.assign(first.get_layer(layer.name).gamma)
+        layer.beta.assign(first.get_layer(layer.name).beta)
+    returned = kerasbn.recalibrate(model, x, inplace=True, verbose=0)
+    assert returned is model
+    for name, values in _statistics(first).items():
+        for a, b in zip(values, _statistics(model)[name]):
+            _assert_relative(b, a, 1e-6, name)
+
+
+def test_masked_positions_are_left_out():
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(1, 20, size=(60, 12))
+    lengths = rng.integers(1, 13, size=60)
+    tokens[np.arange(12)[None, :] >= lengths[:, None]] = 0
+    inputs = keras.Input((12,), dtype="int32")
+    h = L.Embedding(20, 6, mask_zero=True)(inputs)
+    h = L.Dense(5)(h)  # Dense keeps the mask.
+    h = L.BatchNormalization(name="bn1")(h)
+    h = L.Dense(4, activation="relu")(h)
+    h = kerasbn.layers.BatchNormalization(name="bn2")(h)
+    outputs = L.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, outputs)
+    keep = tokens != 0
+    results = [kerasbn.recalibrate(model, tokens, batch_size=b, verbose=0)
+               for b in (5, 32)]
+    for result in results:
+        for name in ("bn1", "bn2"):
+            layer = result.get_layer(name)
+            mean, variance = _numpy_statistics(result, layer, tokens, keep)
+            _assert_relative(layer.moving_mean.numpy(), mean, 1e-5, name)
+            _assert_relative(layer.moving_variance.numpy(), variance, 1e-5,
+                             name)
+            # Padding positions would have pulled the statistics away.
+            everything, _ = _numpy_statistics(result, layer, tokens)
+            assert np.max(np.abs(everything - mean)) > 1e-3
+
+
+def test_mabn_gets_the_population_second_moment():
+    inputs = keras.Input((7, 3))
+    h = L.Conv1D(4, 3, use_bias=False)(inputs)
+    h = kerasbn.layers.MABN(name="mabn")(h)
+    model = keras.Model(inputs, L.Flatten()(h))
+    x = random_batch((30, 7, 3), seed=6, loc=1.0)
+    step_before = int(model.get_layer("mabn").step.numpy())
+    result = kerasbn.recalibrate(model, x, batch_size=8, verbose=0)
+    layer = result.get_layer("mabn")
+    mean, variance = _numpy_statistics(result, layer, x)
+    _assert_relative(layer.moving_variance.numpy(), variance + mean**2, 1e-5,
+                     "second moment")
+    assert int(layer.step.numpy()) == step_before
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, batch_size):
+        super().__init__()
+        self.x, self.batch_size = x, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        chunk = self.x[index * self.batch_size:(index + 1) * self.batch_size]
+        return chunk, np.zeros(len(chunk))
+
+
+def test_every_data_form_gives_the_same_statistics():
+    model = _cnn()
+    x = random_batch((45, 9, 9, 3), seed=7, loc=-1.0)
+    y = np.zeros((45, 2), "float32")
+    expected = _statistics(kerasbn.recalibrate(model, x, verbose=0))
+
+    def generator():
+        for start in range(0, 45, 10):
+            yield x[start:start + 10], y[start:start + 10]
+
+    forms = {
+        "dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(16),
+        "generator": generator(),
+        "pydataset": _Batches(x, 11),
+        "tuple of arrays": (x, y),
+    }
+    for what, data in forms.items():
+        got = _statistics(kerasbn.recalibrate(model, data, verbose=0))
+        for name, values in expected.items():
+            for e, g in zip(values, got[name]):
+                _assert_relative(g, e, 1e-6, f"{what}: {name}")
+
+
+def test_steps_limit_the_data_and_infinite_data_needs_steps():
+    model = _cnn()
+    x = random_batch((40, 9, 9, 3), seed=8)
+    repeated = tf.data.Dataset.from_tensor_slices(x).batch(10).repeat()
+    with pytest.raises(ValueError, match="infinite.*steps"):
+        kerasbn.recalibrate(model, repeated, verbose=0)
+    result = kerasbn.recalibrate(model, repeated, steps=2, verbose=0)
+    layer = result.get_layer("bn_keras")
+    mean, variance = _numpy_statistics(result, layer, x[:20])
+    _assert_relative(layer.moving_mean.numpy(), mean, 1e-5, "mean")
+    _assert_relative(layer.moving_variance.numpy(), variance, 1e-5, "var")
+
+
+def test_layers_argument_and_errors():
+    model = _cnn()
+    x = random_batch((20, 9, 9, 3), seed=9)
+    result = kerasbn.recalibrate(model, x, layers=["bn_debiased"], verbose=0)
+    for name in ("bn_keras", "bn_renorm"):
+        for a, b in zip(_statistics(model)[name], _statistics(result)[name]):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(
+        model.get_layer("bn_debiased").moving_mean.numpy(),
+        result.get_layer("bn_debiased").moving_mean.numpy(),
+    )
+    with pytest.raises(ValueError, match="no layer named 'nope'"):
+        kerasbn.recalibrate(model, x, layers=["nope"], verbose=0)
+    with pytest.raises(ValueError, match="not a normalization layer"):
+        kerasbn.recalibrate(model, x, layers=["dense"], verbose=0)
+    with pytest.raises(ValueError, match="no batches"):
+        kerasbn.recalibrate(model, tf.data.Dataset.from_tensor_slices(
+            x).batch(4).take(0), verbose=0)
+    with pytest.raises(TypeError, match="keras.Model"):
+        kerasbn.recalibrate(model.layers[2], x, verbose=0)
+    with pytest.raises(ValueError, match="verbose"):
+        kerasbn.recalibrate(model, x, verbose=3)
+
+
+def test_nested_model_and_progress_bar(capsys):
+    inner = keras.Sequential([keras.Input((5,)), L.Dense(4),
+                              L.BatchNormalization(name="inner_bn")],
+                             name="inner")
+    inputs = keras.Input((5,))
+    h = L.BatchNormalization(name="outer_bn")(inputs)
+    outputs = inner(h)
+    model = keras.Model(inputs, outputs)
+    x = random_batch((33, 5), seed=10, loc=3.0)
+    result = kerasbn.recalibrate(model, x, batch_size=10, verbose=1)
+    printed = capsys.readouterr().out
+    # The copy is deep: the nested model's statistics in `model` stay.
+    untouched = model.get_layer("inner").get_layer("inner_bn")
+    np.testing.assert_array_equal(untouched.moving_mean.numpy(), 0.0)
+    assert "Layer 1/2: 'outer_bn'" in printed
+    assert "Layer 2/2: 'inner_bn'" in printed
+    outer = result.get_layer("outer_bn")
+    _assert_relative(outer.moving_mean.numpy(), x.mean(0), 1e-5, "outer")
+    bn = result.get_layer("inner").get_layer("inner_bn")
+    dense = result.get_layer("inner").get_layer("dense")
+    normalized = result.get_layer("outer_bn")(x, training=False)
+    h = np.asarray(dense(normalized), np.float64)
+    _assert_relative(bn.moving_mean.numpy(), h.mean(0), 1e-5, "inner mean")
+    _assert_relative(bn.moving_variance.numpy(), h.var(0), 1e-5, "inner var")
+
+
+def test_accuracy_recovers_on_shifted_digits():
+    """A real dataset: brightness/contrast shift, then recalibration."""
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    x_train, y_train, x_test, y_test = x[:1300], y[:1300], x[1300:], y[1300:]
+
+    # 'valid' convolutions are affine in their input, so a BN after them can
+    # undo an affine input shift once its statistics are re-estimated.
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        L.Conv2D(16, 3, use_bias=False),
+        L.BatchNormalization(momentum=0.9),
+        L.ReLU(),
+        L.Conv2D(32, 3, use_bias=False),
+        L.BatchNormalization(momentum=0.9),
+        L.ReLU(),
+        L.Flatten(),
+        L.Dense(10),
+    ])
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x_train, y_train, batch_size=32, epochs=5, verbose=0)
+
+    def accuracy(m, images):
+        logits = m.predict(images, batch_size=256, verbose=0)
+        return float(np.mean(np.argmax(logits, axis=-1) == y_test))
+
+    def shift(images):
+        return 0.5 * images + 1.0  # Less contrast, brighter.
+
+    clean = accuracy(model, x_test)
+    shifted = accuracy(model, shift(x_test))
+    recalibrated = kerasbn.recalibrate(model, shift(x_train), verbose=0)
+    recovered = accuracy(recalibrated, shift(x_test))
+    assert clean > 0.93, clean
+    assert shifted < 0.4, shifted
+    assert recovered > clean - 0.02, (clean, shifted, recovered)
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+        self.bn = L.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+def test_subclassed_model_in_place():
+    model = Subclassed()
+    x = random_batch((25, 4), seed=11, loc=2.0)
+    model(x)
+    with pytest.raises(TypeError, match="inplace=True"):
+        kerasbn.recalibrate(model, x, verbose=0)
+    kerasbn.recalibrate(model, x, inplace=True, verbose=0)
+    h = np.asarray(model.dense(x), np.float64)
+    _assert_relative(model.bn.moving_mean.numpy(), h.mean(0), 1e-5, "mean")
+    _assert_relative(model.bn.moving_variance.numpy(), h.var(0), 1e-5, "var")
