@@ -42,7 +42,21 @@ from kerasbn.layers.mabn import MovingAverageBatchNormalization
 
 class ConversionResult(typing.NamedTuple):
     """`model`: the new model; `converted`: `(layer name, old class, new
-    class)` for every layer that changed class."""
+    class)` for every layer that changed class.
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((6, 6, 2)),
+    ...     keras.layers.Conv2D(3, 3, use_bias=False, name="conv"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> result = kerasbn.convert_to_mabn(model, buffer_size=4)
+    >>> result.converted
+    (('conv', 'Conv2D', 'CenteredConv2D'),
+     ('bn', 'BatchNormalization', 'MovingAverageBatchNormalization'))
+    >>> [type(layer).__name__ for layer in result.model.layers]
+    ['CenteredConv2D', 'MovingAverageBatchNormalization']
+    """
 
     model: keras.Model
     converted: tuple

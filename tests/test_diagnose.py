@@ -161,6 +161,12 @@ def test_unconverged_moving_averages():
         or "optimizer" in " ".join(f.message for f in
                                    report.findings_for("bn1"))
 
+    # Recalibrated statistics are exact whatever the step count says.
+    kerasbn.recalibrate(model, x, inplace=True, verbose=0)
+    report = kerasbn.diagnose(model, x, verbose=0)
+    assert report.layers[0].initial_weight == pytest.approx(0.99**5)
+    assert "unconverged_statistics" not in {c for c, _ in report.codes()}
+
     # Fully debiased averages are never biased towards their start.
     debiased = keras.Sequential([
         keras.Input((6,)),

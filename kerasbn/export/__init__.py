@@ -56,7 +56,20 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class ExportError(RuntimeError):
-    """The export could not be done; nothing was written."""
+    """The export could not be done; nothing was written.
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)],
+    ...                          name="net")
+    >>> directory = tempfile.mkdtemp()
+    >>> open(os.path.join(directory, "net.keras"), "w").close()
+    >>> try:  # doctest: +ELLIPSIS
+    ...     kerasbn.export(model, directory, formats=["keras"])
+    ... except kerasbn.export.ExportError as error:
+    ...     print(error)
+    Refusing to overwrite existing artifact(s) ['.../net.keras']. Pass
+    overwrite=True (CLI: --overwrite) or choose another directory.
+    """
 
 
 class VerificationError(ExportError):
@@ -64,6 +77,19 @@ class VerificationError(ExportError):
 
     Attributes:
         result: The `ExportResult` with every check, for inspection.
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)), keras.layers.Dense(2),
+    ...     keras.layers.BatchNormalization(),
+    ... ])
+    >>> _ = model.layers[1].moving_mean.assign([3.0, -1.0])
+    >>> directory = tempfile.mkdtemp()
+    >>> try:  # a tolerance below float32 rounding: folding cannot meet it
+    ...     kerasbn.export(model, directory, formats=["keras"], rtol=1e-12)
+    ... except kerasbn.export.VerificationError as error:
+    ...     print(error.result.passed, os.listdir(directory))
+    False []
     """
 
     def __init__(self, message, result):
@@ -86,6 +112,21 @@ class ExportResult:
             `fold=True`), in memory.
         passed: Whether every check passed (always True for a returned
             result with `verify=True`: failures raise).
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)),
+    ...     keras.layers.Dense(2, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ], name="net")
+    >>> result = kerasbn.export(model, tempfile.mkdtemp(), formats=["keras"])
+    >>> os.path.basename(result.artifacts["keras"]), result.fold_report.folded
+    ('net.keras', 1)
+    >>> [(c["format"], c["batch"], c["passed"]) for c in result.checks]
+    [('keras', 1, True), ('keras', 4, True)]
+    >>> max_abs_error, rel_error = result.max_errors()["keras"]
+    >>> rel_error < 1e-4
+    True
     """
 
     def __init__(self, directory, artifacts, fold_report, checks, onnx_ops,
@@ -280,6 +321,20 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
         ExportError: a path exists, the directory is not writable, or a
             writer failed (nothing written).
         VerificationError: an artifact is off past `rtol` (nothing written).
+
+    >>> import keras, numpy as np, kerasbn, os, tempfile
+    >>> inputs = keras.Input((3,), name="x")
+    >>> hidden = keras.layers.Dense(2, name="dense")(inputs)
+    >>> outputs = keras.layers.BatchNormalization(name="bn")(hidden)
+    >>> model = keras.Model(inputs, outputs, name="net")
+    >>> directory = tempfile.mkdtemp()
+    >>> result = kerasbn.export(model, directory, formats=["keras"],
+    ...                         sample=np.ones((2, 3), "float32"))
+    >>> os.listdir(directory), [c["batch"] for c in result.checks]
+    (['net.keras'], [1, 2])
+    >>> loaded = keras.saving.load_model(result.artifacts["keras"])
+    >>> [layer.name for layer in loaded.layers]   # "bn" is folded away
+    ['x', 'dense']
     """
     if name is None and isinstance(model, keras.Model):
         name = model.name

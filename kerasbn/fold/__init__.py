@@ -109,6 +109,25 @@ def fold(model, *, forward=True, keep_unfolded=False):
             whose graph cannot be read, or a layer cannot be recreated from
             its config.
         ValueError: `model` is an unbuilt Sequential model.
+
+    A normalization before a Dense layer folds forward into it; without
+    forward folds it becomes a `ScaleShift` (or stays, with
+    `keep_unfolded=True`):
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.BatchNormalization(),
+    ...     keras.layers.Dense(2),
+    ... ])
+    >>> folded, report = kerasbn.fold.fold(model)
+    >>> [type(layer).__name__ for layer in folded.layers], report.folded_forward
+    (['Dense'], 1)
+    >>> folded, report = kerasbn.fold.fold(model, forward=False)
+    >>> [type(layer).__name__ for layer in folded.layers], report.replaced
+    (['ScaleShift', 'Dense'], 1)
+    >>> kerasbn.fold.fold(model, forward=False, keep_unfolded=True).report.kept
+    1
     """
     _check_model(model)
     _check_flag("forward", forward)

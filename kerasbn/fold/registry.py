@@ -95,7 +95,20 @@ def _own_scale_shift(layer):
 
 
 def find_normalization(layer):
-    """The `NormalizationRule` for `layer`, or None if it is not one."""
+    """The `NormalizationRule` for `layer`, or None if it is not one.
+
+    >>> import keras, kerasbn
+    >>> bn = keras.layers.BatchNormalization(epsilon=1e-3)
+    >>> bn.build((None, 2))
+    >>> _ = bn.moving_mean.assign([1.0, 2.0])
+    >>> _ = bn.moving_variance.assign([3.999, 0.249])
+    >>> rule = kerasbn.fold.find_normalization(bn)
+    >>> scale, shift = rule.scale_shift(bn)   # inference: scale * x + shift
+    >>> scale.round(6).tolist(), shift.round(6).tolist(), rule.axis(bn)
+    ([0.5, 2.0], [-0.5, -4.0], -1)
+    >>> kerasbn.fold.find_normalization(keras.layers.Dense(2)) is None
+    True
+    """
     for cls in type(layer).__mro__:
         rule = _NORMALIZATIONS.get(cls)
         if rule is not None:
@@ -313,6 +326,27 @@ def register_producer(
         rebuild: Optional `(layer, config) -> (cls, config)` for the folded
             layer, e.g. to turn a weight-centred convolution into a plain
             `keras.layers.Conv2D` holding the centred, folded kernel.
+
+    A `Dense` subclass that applies twice its kernel would otherwise fold
+    as a plain `Dense` (wrongly); registered, it folds into a plain `Dense`
+    holding `2 * kernel`:
+
+    >>> import keras, numpy as np, kerasbn
+    >>> class DoubleDense(keras.layers.Dense):
+    ...     def call(self, inputs):
+    ...         return super().call(2 * inputs)
+    >>> kerasbn.fold.register_producer(
+    ...     DoubleDense, "dense", kernel_transform=lambda k, layer: 2 * k,
+    ...     rebuild=lambda layer, config: (keras.layers.Dense, config))
+    >>> model = keras.Sequential([keras.Input((3,)), DoubleDense(2),
+    ...                           keras.layers.BatchNormalization()])
+    >>> folded, report = kerasbn.fold(model)
+    >>> [type(layer).__name__ for layer in folded.layers], report.folded
+    (['Dense'], 1)
+    >>> x = np.ones((1, 3), "float32")
+    >>> np.allclose(folded(x), model(x), atol=1e-5)
+    True
+    >>> unregister(DoubleDense)
     """
     if layout not in LAYOUTS:
         raise ValueError(
@@ -329,7 +363,16 @@ def register_producer(
 
 
 def find_producer(layer):
-    """The `ProducerRule` for `layer`, or None if nothing folds into it."""
+    """The `ProducerRule` for `layer`, or None if nothing folds into it.
+
+    >>> import keras, kerasbn
+    >>> kerasbn.fold.find_producer(keras.layers.Conv2D(4, 3)).layout
+    'conv'
+    >>> kerasbn.fold.find_producer(keras.layers.DepthwiseConv2D(3)).layout
+    'depthwise'
+    >>> kerasbn.fold.find_producer(keras.layers.ReLU()) is None
+    True
+    """
     for cls in type(layer).__mro__:
         rule = _PRODUCERS.get(cls)
         if rule is not None:

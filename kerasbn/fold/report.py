@@ -29,6 +29,18 @@ class FoldEntry:
         reason: Why it was not folded ("" when folded).
         codes: Short machine-readable reason codes, one per direction tried,
             e.g. ("after_nonlinear_layer", "before_nonlinear_layer").
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(3, activation="relu", name="dense"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> entry = kerasbn.fold(model).report.entries[0]
+    >>> entry.layer, entry.action, entry.codes
+    ('bn', 'replaced', ('producer_activation', 'model_output'))
+    >>> entry.reason.split(";")[0]
+    "backward: Dense 'dense' applies activation 'relu' before the normalization"
     """
 
     layer: str
@@ -60,6 +72,22 @@ class FoldReport:
             (the kept ones).
         scale_shift_layers: ScaleShift layers fold inserted.
         forward: Whether forward folds were allowed.
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(3, use_bias=False, name="dense"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ... ], name="net")
+    >>> report = kerasbn.fold(model).report
+    >>> print(report)
+    net: normalization layers 1 -> 0; 1 folded (1 backward, 0 forward),
+    0 replaced by ScaleShift, 0 kept
+    layer  kind                action           into   reason
+    -----  ------------------  ---------------  -----  ------
+    bn     BatchNormalization  folded backward  dense
+    >>> report.summary()["folded"], report.not_folded
+    (1, ())
     """
 
     model: str
@@ -155,7 +183,23 @@ class FoldReport:
 
 
 class FoldResult:
-    """The folded model and its report; unpacks as `(model, report)`."""
+    """The folded model and its report; unpacks as `(model, report)`.
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(3, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ], name="net")
+    >>> result = kerasbn.fold(model)
+    >>> result
+    FoldResult(model=<Sequential 'net'>, report=<net: normalization layers
+    1 -> 0; 1 folded (1 backward, 0 forward), 0 replaced by ScaleShift,
+    0 kept>)
+    >>> folded, report = result
+    >>> folded is result.model, report is result.report
+    (True, True)
+    """
 
     def __init__(self, model, report):
         self.model = model

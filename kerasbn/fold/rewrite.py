@@ -603,7 +603,22 @@ class Folder:
 
 
 def count_normalizations(model):
-    """Normalization layers in `model` and every layer nested in it."""
+    """Normalization layers in `model` and every layer nested in it.
+
+    >>> import keras, kerasbn
+    >>> inner = keras.Sequential([
+    ...     keras.Input((3,)),
+    ...     keras.layers.Dense(3, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ])
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)), inner, keras.layers.BatchNormalization(),
+    ... ])
+    >>> kerasbn.fold.count_normalizations(model)
+    2
+    >>> kerasbn.fold.count_normalizations(kerasbn.fold(model).model)
+    0
+    """
     return sum(
         1
         for layer in model._flatten_layers(include_self=False)

@@ -1,4 +1,9 @@
-"""kerasbn's normalization layers, drop-in in any Keras 3 model."""
+"""kerasbn's normalization layers, drop-in in any Keras 3 model.
+
+>>> import numpy as np, kerasbn
+>>> tuple(kerasbn.layers.MABN()(np.ones((2, 3), "float32")).shape)
+(2, 3)
+"""
 
 from kerasbn.layers.batch_normalization import BatchNormalization
 from kerasbn.layers.batch_renormalization import BatchRenormalization

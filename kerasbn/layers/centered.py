@@ -103,6 +103,19 @@ class CenteredConv2D(_CenteredConv, keras.layers.Conv2D):
     three axes for each filter (the reference's `CenConv2d`). Same
     arguments as `keras.layers.Conv2D`; `use_bias=False` is recommended
     before MABN.
+
+    `kerasbn.fold` turns it into a plain `Conv2D` holding the centred
+    kernel with the normalization folded in:
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((5, 5, 2)),
+    ...     kerasbn.layers.CenteredConv2D(3, 3, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ])
+    >>> folded, report = kerasbn.fold(model)
+    >>> [type(layer).__name__ for layer in folded.layers], report.folded
+    (['Conv2D'], 1)
     """
 
 
@@ -113,6 +126,12 @@ class CenteredConv3D(_CenteredConv, keras.layers.Conv3D):
     The kernel `[kd, kh, kw, in // groups, filters]` is centred over its
     first four axes for each filter. Same arguments as
     `keras.layers.Conv3D`.
+
+    >>> import numpy as np, kerasbn
+    >>> layer = kerasbn.layers.CenteredConv3D(2, 2, use_bias=False)
+    >>> y = layer(np.ones((1, 3, 3, 3, 1), "float32"))  # constant input ...
+    >>> tuple(y.shape), float(np.abs(y).max()) < 1e-6     # ... zero output
+    ((1, 2, 2, 2, 2), True)
     """
 
 
@@ -122,6 +141,14 @@ class CenteredDense(_CenteredMixin, keras.layers.Dense):
 
     The kernel `[in, units]` is centred over its input axis for each unit.
     Same arguments as `keras.layers.Dense`.
+
+    >>> import numpy as np, kerasbn
+    >>> layer = kerasbn.layers.CenteredDense(2, use_bias=False)
+    >>> layer.build((None, 3))
+    >>> kernel = layer.kernel.numpy()
+    >>> x = np.array([[1.0, 2.0, 4.0]], "float32")
+    >>> np.allclose(layer(x), x @ (kernel - kernel.mean(axis=0)), atol=1e-6)
+    True
     """
 
     def call(self, inputs, training=None):

@@ -8,6 +8,11 @@
 Every tool sees a layer through its `StatisticsKind` (what it stores and how
 to write it); Keras' BatchNormalization (and every subclass, kerasbn's
 included) and MABN are known, `register_statistics_kind` adds a layer class.
+
+>>> import keras, kerasbn
+>>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization()])
+>>> [layer.trainable for layer in kerasbn.stats.freeze(model).layers]
+[False]
 """
 
 from kerasbn.stats._kinds import Averages

@@ -40,6 +40,15 @@ class Averages:
             averages started at their initializer (so after `t` updates
             they still hold `momentum**t` of it); zero-debiased statistics
             are not listed.
+
+    A plain moving mean after 100 updates with momentum 0.99 still holds
+    `0.99**100` of its initializer (what `diagnose` flags):
+
+    >>> import kerasbn
+    >>> averages = kerasbn.stats.Averages(
+    ...     momentum=0.99, steps=100, plain=("moving_mean", "moving_variance"))
+    >>> round(averages.momentum ** averages.steps, 3)
+    0.366
     """
 
     momentum: float
@@ -59,6 +68,23 @@ class StatisticsKind:
         averages: `layer -> Averages`.
         subtracts_mean: Whether the layer subtracts a (batch or moving)
             mean, which cancels any per-channel bias added before it.
+
+    A kind that keeps a second moment and no mean, as MABN does:
+
+    >>> import numpy as np, kerasbn
+    >>> kind = kerasbn.stats.StatisticsKind(
+    ...     from_moments=lambda mean, variance: (None, variance + mean**2),
+    ...     stored=lambda layer: (None, layer.moving_variance.numpy()),
+    ...     write=lambda layer, _, moment: layer.moving_variance.assign(moment),
+    ...     averages=lambda layer: kerasbn.stats.Averages(
+    ...         layer.momentum, None, ("moving_variance",)),
+    ...     subtracts_mean=False)
+    >>> kind.from_moments(np.array([1.0]), np.array([3.0]))
+    (None, array([4.]))
+    >>> mabn = kerasbn.layers.MABN()
+    >>> mabn.build((None, 1))
+    >>> kind.stored(mabn)
+    (None, array([1.], dtype=float32))
     """
 
     from_moments: Callable
@@ -75,6 +101,29 @@ def register_statistics_kind(cls, kind):
         cls: A layer class; its subclasses are covered unless they register
             themselves.
         kind: A `StatisticsKind`.
+
+    A layer dividing by a stored second moment, then recalibrated:
+
+    >>> import keras, numpy as np, kerasbn
+    >>> class RMSNorm(keras.layers.Layer):  # x / sqrt(E[x**2] + epsilon)
+    ...     axis, epsilon, momentum = -1, 1e-3, 0.99
+    ...     def build(self, shape):
+    ...         self.moving_variance = self.add_weight(
+    ...             shape=shape[-1:], initializer="ones", trainable=False)
+    ...     def call(self, x):
+    ...         return x / keras.ops.sqrt(self.moving_variance + self.epsilon)
+    >>> kerasbn.stats.register_statistics_kind(RMSNorm, kerasbn.stats.StatisticsKind(
+    ...     from_moments=lambda mean, variance: (None, variance + mean**2),
+    ...     stored=lambda layer: (None, layer.moving_variance.numpy()),
+    ...     write=lambda layer, _, moment: layer.moving_variance.assign(moment),
+    ...     averages=lambda layer: kerasbn.stats.Averages(
+    ...         layer.momentum, None, ("moving_variance",)),
+    ...     subtracts_mean=False))
+    >>> model = keras.Sequential([keras.Input((2,)), RMSNorm()])
+    >>> _ = kerasbn.recalibrate(model, np.full((4, 2), 3.0), inplace=True,
+    ...                         verbose=0)
+    >>> model.layers[0].moving_variance.numpy().tolist()
+    [9.0, 9.0]
     """
     if not isinstance(cls, type):
         raise TypeError(

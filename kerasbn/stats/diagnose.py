@@ -9,7 +9,9 @@ what to do about it. Checks (finding codes):
   `max_c |mu_data - mu_stored| / sqrt(var_stored + eps)` or the variance
   ratio `(var_data + eps) / (var_stored + eps)` of some channel is large.
 - `unconverged_statistics`: a moving average still holds a large share of
-  its initial value, `momentum**steps`, where the step count is known.
+  its initial value, `momentum**steps`, where the step count is known (not
+  reported for layers that `kerasbn.recalibrate` set in this session: their
+  statistics are exact whatever the step count).
 - `normalization_before_output`: a normalization's output is a model output.
 - `redundant_bias`: a layer with a bias feeds a normalization that subtracts
   a mean on the same channels, which cancels the bias.
@@ -55,7 +57,17 @@ CODES = (STALE, UNCONVERGED, BEFORE_OUTPUT, REDUNDANT_BIAS, SMALL_BATCH,
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One problem: a code from `CODES`, the layer (None: the whole model),
-    what was measured and what to do."""
+    what was measured and what to do.
+
+    >>> import keras, numpy as np, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((2,)), keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> report = kerasbn.diagnose(model, np.full((8, 2), 3.0), verbose=0)
+    >>> finding = report.findings[0]
+    >>> finding.code, finding.layer, "recalibrate" in finding.suggestion
+    ('stale_statistics', 'bn', True)
+    """
 
     code: str
     layer: Optional[str]
@@ -88,6 +100,17 @@ class LayerDiagnosis:
         initial_weight: Share of the initial value still in the plain
             moving averages, `momentum**steps`; 0.0 if every average is
             zero-debiased; None if the steps are unknown.
+
+    >>> import keras, numpy as np, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((2,)), keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> report = kerasbn.diagnose(model, np.full((8, 2), 3.0), verbose=0)
+    >>> layer = report.layers[0]  # stored mean 0, data mean 3
+    >>> layer.name, layer.channels, layer.positions, round(layer.mean_gap, 2)
+    ('bn', 2, 8, 3.0)
+    >>> layer.steps is None  # Keras' layer does not count its updates
+    True
     """
 
     name: str
@@ -115,6 +138,19 @@ class Diagnosis:
     `str(diagnosis)` (or `print`) gives a table and the findings;
     `to_dict()`/`to_json()` the same as data. `ok` is True when nothing was
     found; `codes()` lists `(code, layer)` pairs, handy in tests and scripts.
+
+    >>> import keras, numpy as np, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((2,)), keras.layers.BatchNormalization(name="bn"),
+    ... ])
+    >>> x = np.random.default_rng(0).normal(3.0, 1.0, (64, 2))
+    >>> report = kerasbn.diagnose(model, x, verbose=0)
+    >>> report.ok, report.codes()
+    (False, [('stale_statistics', 'bn'), ('normalization_before_output', 'bn'),
+             ('train_inference_gap', None)])
+    >>> fixed = kerasbn.recalibrate(model, x, verbose=0)
+    >>> kerasbn.diagnose(fixed, x, verbose=0).codes()
+    [('normalization_before_output', 'bn')]
     """
 
     model: str
@@ -497,7 +533,8 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
                 "data like the deployment data (needed after weight "
                 "averaging, pruning, fine-tuning or a change of data).",
             ))
-        if weight is not None and weight > initial_weight:
+        recalibrated = getattr(layer, "_kerasbn_recalibrated", False)
+        if weight is not None and weight > initial_weight and not recalibrated:
             where = ("the optimizer's iteration count" if source ==
                      "optimizer" else "the layer's step counter")
             findings.append(Finding(

@@ -133,6 +133,16 @@ def unfreeze(model, *, layers=None):
 
     Returns:
         The layers made trainable, a list.
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([
+    ...     keras.Input((2,)), keras.layers.Dense(2),
+    ...     keras.layers.BatchNormalization(name="bn", trainable=False),
+    ... ])
+    >>> [layer.name for layer in kerasbn.unfreeze(model)]
+    ['bn']
+    >>> model.get_layer("bn").trainable
+    True
     """
     targets = _targets(model, layers, "kerasbn.unfreeze")
     for layer in targets:

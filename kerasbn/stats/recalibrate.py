@@ -198,6 +198,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         kind = _kinds.find_kind(layer)
         center, spread = kind.from_moments(result.mean, result.variance)
         kind.write(layer, center, spread)
+        # In-memory mark read by kerasbn.diagnose: these statistics are
+        # exact whatever the step count says (not saved with the model).
+        layer._kerasbn_recalibrated = True
         if verbose == 2:
             print(f"  {int(result.count)} positions, mean |mean| "
                   f"{float(np.mean(np.abs(result.mean))):.4g}, mean variance "

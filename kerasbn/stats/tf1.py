@@ -302,6 +302,23 @@ def load_tf1_batch_norm(model_or_layer, checkpoint, mapping=None):
     Raises:
         ValueError: listing every variable or layer that did not match.
         TypeError: `model_or_layer` or `mapping` has the wrong type.
+
+    A checkpoint with TF1's names, written here with `tf.raw_ops.SaveV2`:
+
+    >>> import keras, kerasbn, os, tempfile, tensorflow as tf
+    >>> prefix = os.path.join(tempfile.mkdtemp(), "model.ckpt")
+    >>> names = ["conv1/BatchNorm/" + name for name in
+    ...          ("beta", "gamma", "moving_mean", "moving_variance")]
+    >>> values = [[0.0, 1.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    >>> _ = tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
+    ...                       shape_and_slices=[""] * 4,
+    ...                       tensors=[tf.constant(v) for v in values])
+    >>> bn = keras.layers.BatchNormalization(name="bn")
+    >>> bn.build((None, 2))
+    >>> kerasbn.load_tf1_batch_norm(bn, prefix)  # one layer: the only scope
+    {'bn': 'conv1/BatchNorm'}
+    >>> bn.moving_mean.numpy().tolist(), bn.moving_variance.numpy().tolist()
+    ([3.0, 4.0], [5.0, 6.0])
     """
     path = _checkpoint_path(checkpoint)
     try:
