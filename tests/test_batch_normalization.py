@@ -15,9 +15,11 @@ import tensorflow as tf
 from tensorflow.python.training import moving_averages
 
 from kerasbn.layers import BatchNormalization
+from tests.testing import fit_single_and_mirrored
 from tests.testing import random_batch
 from tests.testing import randomize_bn_weights
 from tests.testing import run_layer_test
+from tests.testing import save_and_reload
 
 
 # --------------------------------------------------------------------------
@@ -360,15 +362,7 @@ def test_training_resumes_with_the_right_debias_step(tmp_path, how):
     first = build()
     first.fit(x[:3 * batch], target[:3 * batch], batch_size=batch,
               shuffle=False, verbose=0)
-    if how == "keras_file":
-        path = str(tmp_path / "model.keras")
-        first.save(path)
-        resumed = keras.models.load_model(path)
-    else:
-        path = str(tmp_path / "model.weights.h5")
-        first.save_weights(path)
-        resumed = build()
-        resumed.load_weights(path)
+    resumed = save_and_reload(first, build, how, tmp_path)
     assert [int(to_numpy(l.debias_step)) for l in resumed.layers
             if isinstance(l, BatchNormalization)] == [3, 3]
     resumed.fit(x[3 * batch:], target[3 * batch:], batch_size=batch,
@@ -407,17 +401,8 @@ def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         return model
 
-    def dataset():
-        return tf.data.Dataset.from_tensor_slices((x, target)).batch(
-            global_batch)
-
-    single = build()
-    single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
-
-    strategy = two_replica_strategy
-    with strategy.scope():
-        mirrored = build()
-    mirrored.fit(dataset(), epochs=1, verbose=0, shuffle=False)
+    single, mirrored = fit_single_and_mirrored(
+        build, x, target, global_batch, two_replica_strategy)
 
     bn = mirrored.layers[2]
     if zero_debias:

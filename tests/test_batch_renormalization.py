@@ -17,6 +17,7 @@ import kerasbn
 from kerasbn.layers import BatchRenormalization
 from tests._fold_helpers import assert_same_outputs
 from tests._fold_helpers import count_batch_norms
+from tests.testing import fit_single_and_mirrored
 from tests.testing import random_batch
 from tests.testing import randomize_bn_weights
 from tests.testing import run_layer_test
@@ -469,16 +470,8 @@ def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         return model
 
-    def dataset():
-        return tf.data.Dataset.from_tensor_slices((x, target)).batch(
-            global_batch)
-
-    single = build()
-    single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
-    strategy = two_replica_strategy
-    with strategy.scope():
-        mirrored = build()
-    mirrored.fit(dataset(), epochs=1, verbose=0, shuffle=False)
+    single, mirrored = fit_single_and_mirrored(
+        build, x, target, global_batch, two_replica_strategy)
 
     assert int(to_numpy(mirrored.layers[2].renorm_step)) == 4
     # The synchronized moments are E[x^2] - E[x]^2 over cross-replica sums,

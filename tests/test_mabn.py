@@ -24,8 +24,10 @@ import tensorflow as tf
 import kerasbn
 from kerasbn.layers import MABN
 from kerasbn.layers import MovingAverageBatchNormalization
+from tests.testing import fit_single_and_mirrored
 from tests.testing import random_batch
 from tests.testing import run_layer_test
+from tests.testing import save_and_reload
 
 
 def to_numpy(x):
@@ -416,15 +418,7 @@ def test_training_resumes_exactly(tmp_path, how):
     first = build()
     first.fit(x[:5 * batch], target[:5 * batch], batch_size=batch,
               shuffle=False, verbose=0)
-    if how == "keras_file":
-        path = str(tmp_path / "model.keras")
-        first.save(path)
-        resumed = keras.models.load_model(path)
-    else:
-        path = str(tmp_path / "model.weights.h5")
-        first.save_weights(path)
-        resumed = build()
-        resumed.load_weights(path)
+    resumed = save_and_reload(first, build, how, tmp_path)
     mabn = resumed.layers[2]
     assert int(to_numpy(mabn.step)) == 5
     assert np.any(to_numpy(mabn.buffer_gz) != 0)
@@ -456,17 +450,8 @@ def test_mirrored_two_replicas_match_one_device(two_replica_strategy):
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         return model
 
-    def dataset():
-        return tf.data.Dataset.from_tensor_slices((x, target)).batch(
-            global_batch)
-
-    single = build()
-    single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
-    strategy = two_replica_strategy
-    assert strategy.num_replicas_in_sync == 2
-    with strategy.scope():
-        mirrored = build()
-    mirrored.fit(dataset(), epochs=1, verbose=0, shuffle=False)
+    single, mirrored = fit_single_and_mirrored(
+        build, x, target, global_batch, two_replica_strategy)
 
     mabn = mirrored.layers[2]
     assert int(to_numpy(mabn.step)) == 6

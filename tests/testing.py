@@ -135,3 +135,37 @@ def run_layer_test(
             fresh.load_weights(weights_path)
             assert_weights_equal(model, fresh)
     return model
+
+
+def fit_single_and_mirrored(build, x, target, global_batch, strategy):
+    """One epoch of `build()` on one device and under `strategy`.
+
+    Both see the same global batches in the same order (no shuffling);
+    returns `(single, mirrored)`.
+    """
+    import tensorflow as tf
+
+    def dataset():
+        return tf.data.Dataset.from_tensor_slices((x, target)).batch(
+            global_batch)
+
+    single = build()
+    single.fit(dataset(), epochs=1, verbose=0, shuffle=False)
+    with strategy.scope():
+        mirrored = build()
+    mirrored.fit(dataset(), epochs=1, verbose=0, shuffle=False)
+    return single, mirrored
+
+
+def save_and_reload(model, build, how, directory):
+    """`model` through a `.keras` file (`how="keras_file"`) or through a
+    weights file into a fresh `build()` (`how="weights_file"`)."""
+    if how == "keras_file":
+        path = os.path.join(str(directory), "model.keras")
+        model.save(path)
+        return keras.models.load_model(path)
+    path = os.path.join(str(directory), "model.weights.h5")
+    model.save_weights(path)
+    fresh = build()
+    fresh.load_weights(path)
+    return fresh

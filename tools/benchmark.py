@@ -86,20 +86,17 @@ def small_cnn(bn_factory, seed=0, conv=keras.layers.Conv2D):
     return model
 
 
-def bench_bn_train_step(quick):
-    batch = 32
+def train_step_seconds(models, batch, quick, seed=0):
+    """Median seconds per `train_on_batch` step of each model, side by side.
+
+    Each timed unit is several steps on one fixed batch (model.fit's
+    compiled step, graph mode, XLA off), the models' units interleaved.
+    """
     steps = 5 if quick else 10
     repeats = 7 if quick else 21
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, size=(batch,))
-    factories = {
-        "keras": keras.layers.BatchNormalization,
-        "off": lambda: kerasbn.layers.BatchNormalization(),
-        "mean": lambda: kerasbn.layers.BatchNormalization(zero_debias="mean"),
-        "both": lambda: kerasbn.layers.BatchNormalization(zero_debias=True),
-    }
-    models = {name: small_cnn(f) for name, f in factories.items()}
 
     def steps_of(model):
         def run():
@@ -108,9 +105,20 @@ def bench_bn_train_step(quick):
         return run
 
     medians = interleaved_medians(
-        {name: steps_of(m) for name, m in models.items()}, repeats
-    )
-    per_step = {name: t / steps for name, t in medians.items()}
+        {name: steps_of(m) for name, m in models.items()}, repeats)
+    return {name: t / steps for name, t in medians.items()}
+
+
+def bench_bn_train_step(quick):
+    batch = 32
+    factories = {
+        "keras": keras.layers.BatchNormalization,
+        "off": lambda: kerasbn.layers.BatchNormalization(),
+        "mean": lambda: kerasbn.layers.BatchNormalization(zero_debias="mean"),
+        "both": lambda: kerasbn.layers.BatchNormalization(zero_debias=True),
+    }
+    models = {name: small_cnn(f) for name, f in factories.items()}
+    per_step = train_step_seconds(models, batch, quick)
     targets = {"off": "<= 1.03", "mean": "<= 1.08", "both": "<= 1.08"}
     labels = {"off": "zero_debias=False", "mean": "zero_debias='mean'",
               "both": "zero_debias=True"}
@@ -131,11 +139,6 @@ def bench_renorm(quick):
     (target <= 1.05). The schedule is mid-ramp, so every clip bound is a
     live tensor computed from the step counter."""
     batch = 32
-    steps = 5 if quick else 10
-    repeats = 7 if quick else 21
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, size=(batch,))
     clipping = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}
     factories = {
         "keras": lambda: keras.layers.BatchNormalization(
@@ -147,17 +150,7 @@ def bench_renorm(quick):
             zero_debias=True),
     }
     models = {name: small_cnn(f) for name, f in factories.items()}
-
-    def steps_of(model):
-        def run():
-            for _ in range(steps):
-                model.train_on_batch(x, y)
-        return run
-
-    medians = interleaved_medians(
-        {name: steps_of(m) for name, m in models.items()}, repeats
-    )
-    per_step = {name: t / steps for name, t in medians.items()}
+    per_step = train_step_seconds(models, batch, quick)
     labels = {"scheduled": "linear schedule",
               "debiased": "linear schedule, zero_debias=True"}
     return [
@@ -176,32 +169,17 @@ def bench_mabn(quick):
     same CNN with Conv2D + Keras BN (target <= 1.3), at batch 32 and at the
     batch size MABN is for, 2. Both models run in model.fit's compiled
     step (graph mode, XLA off)."""
-    steps = 5 if quick else 10
-    repeats = 7 if quick else 21
     rows = []
     for batch in (32, 2):
-        rng = np.random.default_rng(batch)
-        x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
-        y = rng.integers(0, 10, size=(batch,))
         models = {
             "keras": small_cnn(keras.layers.BatchNormalization),
             "mabn": small_cnn(kerasbn.layers.MovingAverageBatchNormalization,
                               conv=kerasbn.layers.CenteredConv2D),
         }
-
-        def steps_of(model):
-            def run():
-                for _ in range(steps):
-                    model.train_on_batch(x, y)
-            return run
-
-        medians = interleaved_medians(
-            {name: steps_of(m) for name, m in models.items()}, repeats
-        )
+        per_step = train_step_seconds(models, batch, quick, seed=batch)
         rows.append(row(
             "train step / Keras BN", "small CNN, CenteredConv2D + MABN",
-            batch, medians["mabn"] / steps, medians["keras"] / steps,
-            "<= 1.3"))
+            batch, per_step["mabn"], per_step["keras"], "<= 1.3"))
         keras.backend.clear_session()
     return rows
 
@@ -253,7 +231,7 @@ def bench_fold(quick):
                   "stripped": strip_normalization(model, add_bias=True),
                   "original": model}
         functions = {k: tf.function(lambda x, m=m: m(x, training=False),
-                                    jit_compile=False)
+                                    jit_compile=False, autograph=False)
                      for k, m in models.items()}
         for batch in (1, 32):
             x = tf.constant(np.random.default_rng(batch).normal(

@@ -5,6 +5,7 @@ from keras import backend
 from keras import ops
 
 from kerasbn import _numerics
+from kerasbn.layers import _checks
 
 _ZERO_DEBIAS_MODES = {
     False: False,
@@ -100,12 +101,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, *args,
                  zero_debias=False, **kwargs):
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Argument `axis` must be an integer, the index of the "
-                f"channel axis. Received: axis={axis!r}. Use -1 for "
-                "channels_last and 1 for channels_first."
-            )
+        _checks.check_axis_argument(axis)
         momentum = float(momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(
@@ -138,19 +134,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.debias_step = None
 
     def build(self, input_shape):
-        rank = len(input_shape)
-        if not -rank <= self.axis < rank:
-            raise ValueError(
-                f"Axis {self.axis} is out of bounds for an input of rank "
-                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
-                "axis, e.g. axis=-1 for channels_last or axis=1 for "
-                "channels_first."
-            )
-        if input_shape[self.axis] is None:
-            raise ValueError(
-                f"The channel axis {self.axis} of the input must have a "
-                f"known size. Received input shape {tuple(input_shape)}."
-            )
+        _checks.channels_of(self.axis, input_shape)
         super().build(input_shape)
         if self.zero_debias:
             self.debias_step = self.add_weight(

@@ -8,6 +8,7 @@ from keras import backend
 from keras import ops
 
 from kerasbn import _numerics
+from kerasbn.layers import _checks
 
 _SCHEDULE_ARGS = ("rmax", "rmin", "dmax")
 
@@ -272,11 +273,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                     "For constant clipping pass warmup_steps=rmax_steps="
                     "dmax_steps=0."
                 )
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Argument `axis` must be an integer, the index of the "
-                f"channel axis. Received: axis={axis!r}."
-            )
+        _checks.check_axis_argument(axis)
         if zero_debias not in (True, False):
             raise ValueError(
                 "Argument `zero_debias` must be True or False. Received: "
@@ -335,19 +332,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         self.renorm_step = None
 
     def build(self, input_shape):
-        rank = len(input_shape)
-        if not -rank <= self.axis < rank:
-            raise ValueError(
-                f"Axis {self.axis} is out of bounds for an input of rank "
-                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
-                "axis, e.g. axis=-1 for channels_last or axis=1 for "
-                "channels_first."
-            )
-        if input_shape[self.axis] is None:
-            raise ValueError(
-                f"The channel axis {self.axis} of the input must have a "
-                f"known size. Received input shape {tuple(input_shape)}."
-            )
+        _checks.channels_of(self.axis, input_shape)
         super().build(input_shape)
         self.renorm_step = self.add_weight(
             shape=(),

@@ -8,6 +8,7 @@ from keras import ops
 from keras import regularizers
 
 from kerasbn import _numerics
+from kerasbn.layers import _checks
 
 
 def _require_tensorflow(layer_name):
@@ -205,12 +206,7 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
     ):
         _require_tensorflow(type(self).__name__)
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Argument `axis` must be an integer, the index of the "
-                f"channel axis. Received: axis={axis!r}. Use -1 for "
-                "channels_last and 1 for channels_first."
-            )
+        _checks.check_axis_argument(axis)
         momentum = float(momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(
@@ -269,20 +265,8 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
                 f"(batch and channels). Received input shape "
                 f"{tuple(input_shape)}."
             )
-        if not -rank <= self.axis < rank:
-            raise ValueError(
-                f"Axis {self.axis} is out of bounds for an input of rank "
-                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
-                "axis, e.g. axis=-1 for channels_last or axis=1 for "
-                "channels_first."
-            )
+        channels = _checks.channels_of(self.axis, input_shape)
         axis = self.axis % rank
-        channels = input_shape[axis]
-        if channels is None:
-            raise ValueError(
-                f"The channel axis {self.axis} of the input must have a "
-                f"known size. Received input shape {tuple(input_shape)}."
-            )
         shape = (channels,)
         if self.scale:
             self.gamma = self.add_weight(

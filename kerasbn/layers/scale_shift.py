@@ -4,6 +4,8 @@ import keras
 from keras import backend
 from keras import ops
 
+from kerasbn.layers import _checks
+
 
 @keras.saving.register_keras_serializable(package="kerasbn")
 class ScaleShift(keras.layers.Layer):
@@ -46,12 +48,7 @@ class ScaleShift(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                "Argument `axis` must be an integer, the index of the "
-                f"channel axis. Received: axis={axis!r}. Use -1 for "
-                "channels_last and 1 for channels_first."
-            )
+        _checks.check_axis_argument(axis)
         self.axis = axis
         self.scale_initializer = keras.initializers.get(scale_initializer)
         self.shift_initializer = keras.initializers.get(shift_initializer)
@@ -61,19 +58,7 @@ class ScaleShift(keras.layers.Layer):
 
     def build(self, input_shape):
         rank = len(input_shape)
-        if not -rank <= self.axis < rank:
-            raise ValueError(
-                f"Axis {self.axis} is out of bounds for an input of rank "
-                f"{rank} (shape {tuple(input_shape)}). Pass the channel "
-                "axis, e.g. axis=-1 for channels_last or axis=1 for "
-                "channels_first."
-            )
-        channels = input_shape[self.axis]
-        if channels is None:
-            raise ValueError(
-                f"The channel axis {self.axis} of the input must have a "
-                f"known size. Received input shape {tuple(input_shape)}."
-            )
+        channels = _checks.channels_of(self.axis, input_shape)
         self._broadcast_shape = [1] * rank
         self._broadcast_shape[self.axis] = channels
         self.scale = self.add_weight(
