@@ -6,7 +6,8 @@
    and at the end.
 2. Folds every BN of the kerasbn model into its convolutions, exports the
    folded model to a TF Serving SavedModel and ONNX (verified against the
-   trained model), and serves the test set from each runtime.
+   trained model), serves the test set from each runtime, and times each
+   runtime at batch 1 and 32.
 
 Prints tables; exits non-zero if the trained model is not a working
 classifier or a runtime disagrees with it.
@@ -100,6 +101,36 @@ def main(argv=None):
                                  args.out)
 
 
+def median_ms(fn, repeats=50):
+    """Median milliseconds of `fn()` after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def print_latency(original, folded, serve, session, x_test):
+    """Batch-1 and batch-32 latency in each runtime (medians of 50 calls)."""
+    import tensorflow as tf
+
+    runtimes = {
+        "Keras (original, with BN)": tf.function(
+            lambda x: original(x, training=False)),
+        "Keras (folded)": tf.function(lambda x: folded(x, training=False)),
+        "TF SavedModel (folded)": lambda x: serve(image=x),
+        "ONNX Runtime (folded)": lambda x: session.run(
+            ["logits"], {"image": x.numpy()}),
+    }
+    print(f"\n{'runtime':<28} {'batch 1 ms':>10} {'batch 32 ms':>11}")
+    for name, fn in runtimes.items():
+        cells = [median_ms(lambda b=b: fn(tf.constant(x_test[:b])))
+                 for b in (1, 32)]
+        print(f"{name:<28} {cells[0]:>10.3f} {cells[1]:>11.3f}")
+
+
 def fold_export_and_serve(model, x_test, y_test, out):
     """Fold, export (SavedModel + ONNX, verified) and serve the test set."""
     import onnxruntime as ort
@@ -138,6 +169,7 @@ def fold_export_and_serve(model, x_test, y_test, out):
         print("FAILED: a runtime disagrees with the Keras model",
               file=sys.stderr)
         return 1
+    print_latency(model, result.model, serve, session, x_test)
     print(f"\nartifacts in {os.path.abspath(out)}")
     return 0
 
