@@ -73,3 +73,22 @@ def bn_scale_shift(gamma, beta, mean, variance, epsilon):
     if beta is not None:
         shift = shift + np.asarray(beta, dtype=np.float64)
     return scale, shift
+
+
+def layer_scale_shift(layer):
+    """`bn_scale_shift` of a layer holding BN-style weights.
+
+    Reads `gamma` (if `layer.scale`), `beta` (if `layer.center`),
+    `moving_mean` (absent for MABN, which keeps no mean), `moving_variance`
+    and `epsilon`: Keras' BatchNormalization with or without renorm or
+    synchronized (renorm's extra averages only matter in training), every
+    kerasbn subclass of it, and MABN.
+    """
+    moving_mean = getattr(layer, "moving_mean", None)
+    return bn_scale_shift(
+        ops.convert_to_numpy(layer.gamma) if layer.scale else None,
+        ops.convert_to_numpy(layer.beta) if layer.center else None,
+        None if moving_mean is None else ops.convert_to_numpy(moving_mean),
+        ops.convert_to_numpy(layer.moving_variance),
+        layer.epsilon,
+    )

@@ -15,11 +15,13 @@ import tensorflow as tf
 from tensorflow.python.training import moving_averages
 
 from kerasbn.layers import BatchNormalization
+from tests.testing import assert_close_to_scale
 from tests.testing import fit_single_and_mirrored
 from tests.testing import random_batch
 from tests.testing import randomize_bn_weights
 from tests.testing import run_layer_test
 from tests.testing import save_and_reload
+from tests.testing import to_numpy
 
 
 # --------------------------------------------------------------------------
@@ -60,18 +62,6 @@ def numpy_debiased_average(values, decay):
     return (weights[:, None] * values).sum(0) / (1.0 - decay**t)
 
 
-def assert_close_to_scale(actual, expected, rel, what=""):
-    """|actual - expected| <= rel * max|expected| elementwise."""
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), expected, rtol=0, atol=rel * scale,
-        err_msg=what,
-    )
-
-
-def to_numpy(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 # --------------------------------------------------------------------------

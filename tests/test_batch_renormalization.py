@@ -17,27 +17,17 @@ import kerasbn
 from kerasbn.layers import BatchRenormalization
 from tests._fold_helpers import assert_same_outputs
 from tests._fold_helpers import count_batch_norms
+from tests.testing import assert_close_to_scale
 from tests.testing import fit_single_and_mirrored
 from tests.testing import random_batch
 from tests.testing import randomize_bn_weights
 from tests.testing import run_layer_test
+from tests.testing import to_numpy
 
 STATISTICS = ("moving_mean", "moving_variance", "moving_stddev",
               "renorm_mean", "renorm_stddev")
 
 
-def to_numpy(x):
-    return keras.ops.convert_to_numpy(x)
-
-
-def assert_close_to_scale(actual, expected, rel, what=""):
-    """|actual - expected| <= rel * max|expected| elementwise."""
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), expected, rtol=0, atol=rel * scale,
-        err_msg=what,
-    )
 
 
 # --------------------------------------------------------------------------

@@ -18,14 +18,13 @@ from kerasbn.layers import CenteredConv2D
 from kerasbn.layers import CenteredConv3D
 from kerasbn.layers import CenteredDense
 from kerasbn.layers import MABN
+from tests.testing import assert_close_to_scale
 from tests.testing import random_batch
 from tests.testing import run_layer_test
+from tests.testing import to_numpy
 
 L = keras.layers
 
-
-def to_numpy(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def numpy_center(kernel):
@@ -33,12 +32,6 @@ def numpy_center(kernel):
     axes = tuple(range(kernel.ndim - 1))
     return kernel - kernel.mean(axis=axes, keepdims=True)
 
-
-def assert_close_to_scale(actual, expected, rel, what=""):
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                               rtol=0, atol=rel * scale, err_msg=what)
 
 
 CASES = {

@@ -15,6 +15,25 @@ import keras
 import numpy as np
 
 
+def to_numpy(x):
+    """A tensor or Keras variable as a NumPy array."""
+    return keras.ops.convert_to_numpy(x)
+
+
+def assert_close_to_scale(actual, expected, rel, what=""):
+    """|actual - expected| <= rel * max|expected| elementwise.
+
+    Tolerances relative to the largest magnitude of the reference, so a
+    near-zero element is held to the rounding of the values around it.
+    """
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), expected, rtol=0, atol=rel * scale,
+        err_msg=what,
+    )
+
+
 def random_batch(shape, seed=0, loc=0.0, scale=1.0, dtype="float32"):
     """Normal samples of `shape` with a fixed seed."""
     rng = np.random.default_rng(seed)

@@ -124,18 +124,6 @@ def find_normalization(layer):
     return None
 
 
-def _keras_batch_norm_scale_shift(layer):
-    # Inference uses the moving statistics, with or without renorm or
-    # synchronized (renorm's extra averages only matter in training).
-    return _numerics.bn_scale_shift(
-        ops.convert_to_numpy(layer.gamma) if layer.scale else None,
-        ops.convert_to_numpy(layer.beta) if layer.center else None,
-        ops.convert_to_numpy(layer.moving_mean),
-        ops.convert_to_numpy(layer.moving_variance),
-        layer.epsilon,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ProducerRule:
     """How to fold into one kind of linear layer.
@@ -391,7 +379,7 @@ def is_normalization(layer):
 
 
 register_normalization(
-    keras.layers.BatchNormalization, _keras_batch_norm_scale_shift
+    keras.layers.BatchNormalization, _numerics.layer_scale_shift
 )
 
 _L = keras.layers

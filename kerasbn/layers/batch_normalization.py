@@ -197,13 +197,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         Inference computes `outputs = scale * inputs + shift` per channel,
         which is what `kerasbn.fold` moves into a neighbouring layer.
         """
-        return _numerics.bn_scale_shift(
-            ops.convert_to_numpy(self.gamma) if self.scale else None,
-            ops.convert_to_numpy(self.beta) if self.center else None,
-            ops.convert_to_numpy(self.moving_mean),
-            ops.convert_to_numpy(self.moving_variance),
-            self.epsilon,
-        )
+        return _numerics.layer_scale_shift(self)
 
     def get_config(self):
         config = super().get_config()

@@ -398,13 +398,7 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
         a normalization with mean 0; `kerasbn.fold` moves it into a
         neighbouring layer.
         """
-        return _numerics.bn_scale_shift(
-            ops.convert_to_numpy(self.gamma) if self.scale else None,
-            ops.convert_to_numpy(self.beta) if self.center else None,
-            None,
-            ops.convert_to_numpy(self.moving_variance),
-            self.epsilon,
-        )
+        return _numerics.layer_scale_shift(self)
 
     def get_config(self):
         base_config = super().get_config()
