@@ -12,6 +12,27 @@ import numpy as np
 from keras import ops
 
 
+def decay_power(momentum, step, dtype="float32"):
+    """`(1 - momentum**step, momentum**step)` for a tensor or number `step`.
+
+    The one place the package computes a decay power. Both values are exact
+    at `step == 0` (0 and 1); `1 - momentum**step` is taken as
+    `-expm1(step * log(momentum))` with `log(momentum)` in float64 on the
+    host, so it keeps its relative precision when it is small: in float32,
+    `1 - 0.999` alone is off by 1.3e-5 relative, the error TF's own float32
+    op carries.
+
+    >>> [round(float(v), 6) for v in decay_power(0.5, 3.0, "float64")]
+    [0.875, 0.125]
+    """
+    step = ops.cast(step, dtype)
+    if momentum == 0.0:
+        fresh = ops.cast(ops.equal(step, 0.0), dtype)
+        return 1.0 - fresh, fresh
+    exponent = step * math.log(momentum)
+    return -ops.expm1(exponent), ops.exp(exponent)
+
+
 def debias_weights(momentum, step):
     """Weights `(w_old, w_new)` of one zero-debiased moving-average update.
 
@@ -28,10 +49,6 @@ def debias_weights(momentum, step):
     is whatever `avg_0` held (`w_old` is exactly 0, `w_new` exactly 1), and
     for large `t` the weights tend to the ordinary EMA's `(d, 1 - d)`.
 
-    `1 - d**k` is computed as `-expm1(k * log(d))` with `log(d)` taken in
-    float64 on the host: in float32, `1 - 0.999` alone is off by 1.3e-5
-    relative, which is the error TF's own float32 op carries.
-
     Args:
         momentum: Python float `d` in `[0, 1)`.
         step: Scalar tensor, the number of updates including this one
@@ -40,15 +57,11 @@ def debias_weights(momentum, step):
     Returns:
         Two scalar float32 tensors.
     """
-    if momentum == 0.0:
-        return ops.zeros((), "float32"), ops.ones((), "float32")
-    log_d = math.log(momentum)
     step = ops.cast(step, "float32")
-    one = ops.ones((), "float32")
-    denominator = -ops.expm1(step * log_d)
-    w_old = momentum * -ops.expm1((step - 1.0) * log_d) / denominator
-    w_new = -ops.expm1(one * log_d) / denominator
-    return w_old, w_new
+    denominator, _ = decay_power(momentum, step)
+    before, _ = decay_power(momentum, step - 1.0)
+    first, _ = decay_power(momentum, ops.ones((), "float32"))
+    return momentum * before / denominator, first / denominator
 
 
 def bn_scale_shift(gamma, beta, mean, variance, epsilon):

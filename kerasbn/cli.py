@@ -31,7 +31,7 @@ class CliError(Exception):
 
 
 def _parser():
-    from kerasbn.export import DEFAULT_OPSET, DEFAULT_RTOL, FORMATS
+    from kerasbn.exporting import DEFAULT_OPSET, DEFAULT_RTOL, FORMATS
 
     parser = argparse.ArgumentParser(
         prog="kerasbn-fold",
@@ -148,7 +148,7 @@ def _latencies(original, exported, runs):
     """Median ms per batch-1 call of each model, rounds interleaved."""
     import tensorflow as tf
 
-    from kerasbn.export._signature import ServingSignature
+    from kerasbn.exporting._signature import ServingSignature
 
     signature = ServingSignature(original)
     arrays = [tf.constant(a) for a in signature.generate_inputs(1, seed=3)]
@@ -196,7 +196,7 @@ def _summary(original, result, latency):
 def run(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    from kerasbn.export import FORMATS
+    from kerasbn.exporting import FORMATS
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -217,7 +217,7 @@ def run(argv=None):
         _import_custom_module(spec)
     model = load_model(args.model)
 
-    from kerasbn.export import ExportError, VerificationError
+    from kerasbn.exporting import ExportError, VerificationError
 
     try:
         result = kerasbn.export(

@@ -32,10 +32,10 @@ import typing
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
+from kerasbn import _keras_internal
 from kerasbn import _numerics
-from kerasbn.fold.rules import center_kernel
+from kerasbn.rules import center_kernel
 from kerasbn.layers.centered import CENTERED_LAYERS
 from kerasbn.layers.mabn import MovingAverageBatchNormalization
 
@@ -82,10 +82,6 @@ def _mabn_weights(bn, mabn):
     }
 
 
-def _is_graph_model(model):
-    return isinstance(model, (keras.Sequential, Functional))
-
-
 def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
     """A copy of `model` with centred convolutions and MABN for BN.
 
@@ -112,7 +108,7 @@ def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
     >>> [c[2] for c in converted]
     ['CenteredConv2D', 'MovingAverageBatchNormalization']
     """
-    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+    if not isinstance(model, keras.Model) or not _keras_internal.is_graph_model(model):
         raise TypeError(
             "convert_to_mabn needs a functional or Sequential keras.Model. "
             f"Received: {type(model).__name__}. Rebuild subclassed models "

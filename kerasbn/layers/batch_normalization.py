@@ -4,8 +4,9 @@ import keras
 from keras import backend
 from keras import ops
 
+from kerasbn import _keras_internal
 from kerasbn import _numerics
-from kerasbn.layers import _checks
+from kerasbn import _checks
 
 _ZERO_DEBIAS_MODES = {
     False: False,
@@ -101,19 +102,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, *args,
                  zero_debias=False, **kwargs):
-        _checks.check_axis_argument(axis)
-        momentum = float(momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                "Argument `momentum` must be in [0, 1] (the weight kept by "
-                f"the moving average). Received: momentum={momentum}. "
-                "Typical values are 0.9 to 0.999."
-            )
-        if float(epsilon) < 0:
-            raise ValueError(
-                "Argument `epsilon` must be non-negative. "
-                f"Received: epsilon={epsilon}."
-            )
+        _checks.check_axis(axis)
+        momentum = _checks.check_momentum(
+            "momentum", momentum,
+            hint="It is the weight kept by the moving average; typical "
+            "values are 0.9 to 0.999.")
+        _checks.check_number("epsilon", epsilon, 0.0)
         zero_debias = _canonical_zero_debias(zero_debias)
         if zero_debias and momentum == 1.0:
             raise ValueError(
@@ -158,7 +152,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
         # Statistics in at least float32, as Keras does for float16/bfloat16.
         inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
-        mean, variance = self._moments(inputs, mask)
+        mean, variance = _keras_internal.batch_norm_moments(
+            self, inputs, mask)
         self._update_debiased_statistics(mean, variance)
         gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
         beta = ops.cast(self.beta, inputs.dtype) if self.center else None

@@ -7,8 +7,9 @@ import keras
 from keras import backend
 from keras import ops
 
+from kerasbn import _keras_internal
 from kerasbn import _numerics
-from kerasbn.layers import _checks
+from kerasbn import _checks
 
 _SCHEDULE_ARGS = ("rmax", "rmin", "dmax")
 
@@ -61,20 +62,6 @@ def compose_scale_offset(r, d, gamma, beta):
     return scale, offset
 
 
-def decay_power(momentum, step, dtype):
-    """`(1 - momentum**step, momentum**step)` for a float tensor `step`.
-
-    Both are exact at `step == 0` (0 and 1); `1 - momentum**step` is taken
-    as `-expm1(step * log(momentum))` so it keeps its relative precision
-    when it is small.
-    """
-    if momentum == 0.0:
-        fresh = ops.cast(ops.equal(step, 0.0), dtype)
-        return 1.0 - fresh, fresh
-    exponent = ops.cast(step, dtype) * math.log(momentum)
-    return -ops.expm1(exponent), ops.exp(exponent)
-
-
 # --------------------------------------------------------------------------
 # Argument checks.
 
@@ -97,15 +84,11 @@ def _check_bound(name, value, low, high, hint):
     if callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Argument `{name}` must be a number or a callable `step -> "
-            f"value`. Received: {name}={value!r}."
-        )
+        raise _checks.argument_error(
+            name, "a number or a callable `step -> value`", value)
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(
-            f"Argument `{name}` must be {hint}. Received: {name}={value}."
-        )
+        raise _checks.argument_error(name, hint, value)
     return value
 
 
@@ -114,21 +97,8 @@ def _check_steps(name, value):
         float(value).is_integer() and value >= 0
     ):
         return int(value)
-    raise ValueError(
-        f"Argument `{name}` must be a non-negative integer number of "
-        f"training steps. Received: {name}={value!r}."
-    )
-
-
-def _check_unit_interval(name, value, *, allow_one=True, why=""):
-    value = float(value)
-    if not (0.0 <= value < 1.0 or (allow_one and value == 1.0)):
-        upper = "1]" if allow_one else "1)"
-        raise ValueError(
-            f"Argument `{name}` must be in [0, {upper}{why}. "
-            f"Received: {name}={value}."
-        )
-    return value
+    raise _checks.argument_error(
+        name, "a non-negative integer number of training steps", value)
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -273,23 +243,19 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                     "For constant clipping pass warmup_steps=rmax_steps="
                     "dmax_steps=0."
                 )
-        _checks.check_axis_argument(axis)
+        _checks.check_axis(axis)
         if zero_debias not in (True, False):
             raise ValueError(
                 "Argument `zero_debias` must be True or False. Received: "
                 f"zero_debias={zero_debias!r}."
             )
-        momentum = _check_unit_interval("momentum", momentum)
-        renorm_momentum = _check_unit_interval(
+        momentum = _checks.check_momentum("momentum", momentum)
+        renorm_momentum = _checks.check_momentum(
             "renorm_momentum", renorm_momentum, allow_one=not zero_debias,
-            why=" with zero_debias=True (a momentum of 1 never updates and "
-            "its debias factor 1 - momentum**t is 0)" if zero_debias else "",
-        )
-        if float(epsilon) < 0:
-            raise ValueError(
-                "Argument `epsilon` must be non-negative. "
-                f"Received: epsilon={epsilon}."
-            )
+            hint="With zero_debias=True it must be below 1: a momentum of 1 "
+            "never updates and its debias factor 1 - momentum**t is 0."
+            if zero_debias else "")
+        _checks.check_number("epsilon", epsilon, 0.0)
         rmax = _check_bound("rmax", rmax, 1.0, math.inf,
                             "a finite number >= 1 (r is clipped to "
                             "[rmin, rmax] around 1)")
@@ -412,7 +378,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         # Statistics in at least float32, as Keras does for float16/bfloat16.
         inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
         dtype = inputs.dtype
-        mean, variance = self._moments(inputs, mask)
+        mean, variance = _keras_internal.batch_norm_moments(
+            self, inputs, mask)
         stddev = ops.sqrt(variance + self.epsilon)
 
         # Everything the corrections read is read before any update below.
@@ -421,7 +388,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         renorm_mean = ops.cast(self.renorm_mean, dtype)
         renorm_stddev = ops.cast(self.renorm_stddev, dtype)
         if self.zero_debias:
-            kept, fresh = decay_power(self.renorm_momentum, step, dtype)
+            kept, fresh = _numerics.decay_power(self.renorm_momentum, step,
+                                                dtype)
             ref_mean = kept * renorm_mean + fresh * mean
             ref_stddev = kept * renorm_stddev + fresh * stddev
         else:

@@ -12,16 +12,14 @@ centring (with `use_bias=False`, as the reference recommends) to keep the
 pre-normalization activations centred. Weights trained elsewhere should be
 centred before fine-tuning: see `kerasbn.convert_to_mabn`.
 
-The layers are registered with `kerasbn.fold`: a following normalization
-folds into the centred kernel and the folded layer is a plain Keras
-`Conv1D`/`Conv2D`/`Conv3D`/`Dense`.
+`kerasbn.registry` registers these layers as linear layers: a following
+normalization folds into the centred kernel and the folded layer is a plain
+Keras `Conv1D`/`Conv2D`/`Conv3D`/`Dense`.
 """
 
 import keras
 from keras import ops
 
-from kerasbn.fold import registry as _fold_registry
-from kerasbn.fold import rules as _fold_rules
 
 
 def center_kernel(kernel):
@@ -54,28 +52,10 @@ class _CenteredMixin:
 
 
 class _CenteredConv(_CenteredMixin):
-    def call(self, inputs):
-        padding = self.padding
-        if padding == "causal":  # Conv1D only.
-            inputs = ops.pad(inputs, self._compute_causal_padding())
-            padding = "valid"
-        outputs = ops.conv(
-            inputs,
-            center_kernel(self.kernel),
-            strides=list(self.strides),
-            padding=padding,
-            dilation_rate=self.dilation_rate,
-            data_format=self.data_format,
-        )
-        if self.use_bias:
-            if self.data_format == "channels_last":
-                bias_shape = (1,) * (self.rank + 1) + (self.filters,)
-            else:
-                bias_shape = (1, self.filters) + (1,) * self.rank
-            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+    def convolution_op(self, inputs, kernel):
+        # Keras' convolution `call` (causal padding, bias, activation
+        # included) runs as it is; only the kernel it applies is centred.
+        return super().convolution_op(inputs, center_kernel(kernel))
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -93,6 +73,35 @@ class CenteredConv1D(_CenteredConv, keras.layers.Conv1D):
     >>> float(np.abs(y).max()) < 1e-6              # ... gives zero output
     True
     """
+
+    def call(self, inputs):
+        # Keras' Conv1D.call applies `self.kernel` directly (not through
+        # convolution_op), so the 1D layer writes its call out.
+        padding = self.padding
+        if padding == "causal":
+            left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
+            time_axis = 1 if self.data_format == "channels_last" else 2
+            pads = [[0, 0], [0, 0], [0, 0]]
+            pads[time_axis] = [left, 0]
+            inputs = ops.pad(inputs, pads)
+            padding = "valid"
+        outputs = ops.conv(
+            inputs,
+            center_kernel(self.kernel),
+            strides=list(self.strides),
+            padding=padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        if self.use_bias:
+            if self.data_format == "channels_last":
+                bias_shape = (1, 1, self.filters)
+            else:
+                bias_shape = (1, self.filters, 1)
+            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -167,20 +176,3 @@ CENTERED_LAYERS = {
     keras.layers.Dense: CenteredDense,
 }
 
-
-def _fold_kernel(kernel, layer):
-    return _fold_rules.center_kernel(kernel, -1)
-
-
-def _register_with_fold():
-    for plain, centered in CENTERED_LAYERS.items():
-        layout = "dense" if plain is keras.layers.Dense else "conv"
-        _fold_registry.register_producer(
-            centered,
-            layout,
-            kernel_transform=_fold_kernel,
-            rebuild=lambda layer, config, plain=plain: (plain, config),
-        )
-
-
-_register_with_fold()

@@ -8,7 +8,7 @@ from keras import ops
 from keras import regularizers
 
 from kerasbn import _numerics
-from kerasbn.layers import _checks
+from kerasbn import _checks
 
 
 def _require_tensorflow(layer_name):
@@ -20,17 +20,6 @@ def _require_tensorflow(layer_name):
             f"'{backend.backend()}' backend cannot express. Set "
             "KERAS_BACKEND=tensorflow before importing Keras."
         )
-
-
-def _check_int(name, value, minimum, hint):
-    if isinstance(value, bool) or not isinstance(value, int) or (
-        value < minimum
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}. {hint}"
-        )
-    return value
 
 
 # --------------------------------------------------------------------------
@@ -206,35 +195,28 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
     ):
         _require_tensorflow(type(self).__name__)
         super().__init__(**kwargs)
-        _checks.check_axis_argument(axis)
-        momentum = float(momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                "Argument `momentum` must be in [0, 1] (the weight kept by "
-                f"moving_variance). Received: momentum={momentum}. The "
-                "reference uses 0.98."
-            )
-        epsilon = float(epsilon)
-        if not epsilon > 0.0:
-            raise ValueError(
-                "Argument `epsilon` must be positive (it keeps the square "
-                f"roots of the variances away from zero). Received: "
-                f"epsilon={epsilon}. The reference uses 1e-5."
-            )
-        _check_int("buffer_size", buffer_size, 1,
-                   "It is the number of steps averaged, e.g. 16 to simulate "
-                   "a batch of 32 with batches of 2.")
-        _check_int("warmup_steps", warmup_steps, 0,
-                   "Use 0 to average from step buffer_size + 1 on.")
-        _check_int("clip_start_step", clip_start_step, 0,
-                   "It is the last step with r = 1 (1000 in the reference).")
-        r_max = float(r_max)
-        if not r_max >= 1.0:
-            raise ValueError(
-                "Argument `r_max` must be >= 1 (r is clipped to "
-                f"[1 / r_max, r_max]). Received: r_max={r_max}. The "
-                "reference uses 5.0."
-            )
+        _checks.check_axis(axis)
+        momentum = _checks.check_momentum(
+            "momentum", momentum,
+            hint="It is the weight kept by moving_variance; the reference "
+            "uses 0.98.")
+        epsilon = _checks.check_number(
+            "epsilon", epsilon, 0.0, low_open=True,
+            hint="It keeps the square roots of the variances away from "
+            "zero; the reference uses 1e-5.")
+        _checks.check_int("buffer_size", buffer_size, 1,
+                          hint="It is the number of steps averaged, e.g. 16 "
+                          "to simulate a batch of 32 with batches of 2.")
+        _checks.check_int("warmup_steps", warmup_steps, 0,
+                          hint="Use 0 to average from step buffer_size + 1 "
+                          "on.")
+        _checks.check_int("clip_start_step", clip_start_step, 0,
+                          hint="It is the last step with r = 1 (1000 in the "
+                          "reference).")
+        r_max = _checks.check_number(
+            "r_max", r_max, 1.0,
+            hint="r is clipped to [1 / r_max, r_max]; the reference uses "
+            "5.0.")
         self.axis = axis
         self.momentum = momentum
         self.epsilon = epsilon

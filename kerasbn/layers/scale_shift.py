@@ -4,7 +4,7 @@ import keras
 from keras import backend
 from keras import ops
 
-from kerasbn.layers import _checks
+from kerasbn import _checks
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -48,7 +48,7 @@ class ScaleShift(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _checks.check_axis_argument(axis)
+        _checks.check_axis(axis)
         self.axis = axis
         self.scale_initializer = keras.initializers.get(scale_initializer)
         self.shift_initializer = keras.initializers.get(shift_initializer)

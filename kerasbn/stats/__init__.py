@@ -5,9 +5,10 @@
 - `diagnose`: a report of what is wrong with a model's statistics;
 - `load_tf1_batch_norm`: TF1 `batch_norm` checkpoints into Keras layers.
 
-Every tool sees a layer through its `StatisticsKind` (what it stores and how
-to write it); Keras' BatchNormalization (and every subclass, kerasbn's
-included) and MABN are known, `register_statistics_kind` adds a layer class.
+Every tool sees a layer through its kind in `kerasbn.registry` (what it
+stores and how to write it); Keras' BatchNormalization (and every subclass,
+kerasbn's included) and MABN are known, and
+`kerasbn.register_normalization(cls, statistics=...)` adds a layer class.
 
 >>> import keras, kerasbn
 >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization()])
@@ -15,9 +16,9 @@ included) and MABN are known, `register_statistics_kind` adds a layer class.
 [False]
 """
 
-from kerasbn.stats._kinds import Averages
-from kerasbn.stats._kinds import StatisticsKind
-from kerasbn.stats._kinds import register_statistics_kind
+from kerasbn.registry import Averages
+from kerasbn.registry import StatisticsKind
+from kerasbn.registry import register_statistics_kind
 from kerasbn.stats.diagnose import Diagnosis
 from kerasbn.stats.diagnose import Finding
 from kerasbn.stats.diagnose import LayerDiagnosis

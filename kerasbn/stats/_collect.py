@@ -24,22 +24,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasbn.stats import _kinds
+from kerasbn import _checks
+from kerasbn import registry
 
 DEFAULT_BATCH_SIZE = 32
 
 
 def check_steps(steps, what):
-    if steps is None:
-        return None
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or (
-        steps < 1
-    ):
-        raise ValueError(
-            f"{what}: argument `steps` must be a positive integer (batches "
-            f"per pass over the data) or None. Received: steps={steps!r}."
-        )
-    return int(steps)
+    return _checks.check_int("steps", steps, 1, what, allow_none=True,
+                             hint="It is the number of batches per pass over "
+                             "the data.")
 
 
 def resolve_verbose(verbose, what):
@@ -105,15 +99,7 @@ class Batches:
     def __init__(self, data, batch_size=None, steps=None, what=""):
         self.what = what
         self.steps = check_steps(steps, what)
-        if batch_size is not None and (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, numbers.Integral)
-            or batch_size < 1
-        ):
-            raise ValueError(
-                f"{what}: argument `batch_size` must be a positive integer "
-                f"or None. Received: batch_size={batch_size!r}."
-            )
+        _checks.check_int("batch_size", batch_size, 1, what, allow_none=True)
         self._cache = None
         self._one_shot = False
         self.batch_size = None
@@ -340,7 +326,7 @@ def batch_moments(inputs, mask, axis):
 
 def _check_mask(layer, inputs, mask):
     rank = inputs.shape.rank
-    axis = _kinds.channel_axis(layer, rank)
+    axis = registry.channel_axis(layer, rank)
     if mask is not None and axis != rank - 1:
         raise ValueError(
             f"Layer '{layer.name}' receives a mask but normalizes axis "

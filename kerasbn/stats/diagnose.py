@@ -35,11 +35,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from kerasbn.fold import graph as graph_lib
-from kerasbn.fold import registry
+from kerasbn import _checks
+from kerasbn import _keras_internal
+from kerasbn import registry
+from kerasbn.folding import graph as graph_lib
 from kerasbn.stats import _collect
-from kerasbn.stats import _kinds
-from kerasbn.stats.recalibrate import check_model
 
 _WHAT = "kerasbn.diagnose"
 
@@ -337,7 +337,7 @@ def _is_linear(layer):
 def _graph_models(model):
     """`model` and every Functional/Sequential model nested in it."""
     found = [model] if graph_lib.is_graph_model(model) else []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _keras_internal.sublayers(model):
         if graph_lib.is_graph_model(layer) and not any(
             layer is m for m in found
         ):
@@ -356,7 +356,7 @@ def _output_normalizations(model):
         if index is None:
             continue
         operation = graph.calls[index].operation
-        if _kinds.find_kind(operation) is not None:
+        if registry.find_statistics(operation) is not None:
             found.append(operation)
         elif graph_lib.is_graph_model(operation):
             found.extend(_output_normalizations(operation))
@@ -369,7 +369,7 @@ def _redundant_biases(model):
     for graph_model in _graph_models(model):
         graph = graph_lib.read_graph(graph_model)
         for call in graph.calls:
-            kind = _kinds.find_kind(call.operation)
+            kind = registry.find_statistics(call.operation)
             if kind is None or not kind.subtracts_mean:
                 continue
             input_id = call.first_input_id()
@@ -377,21 +377,21 @@ def _redundant_biases(model):
             if index is None:
                 continue
             producer = graph.calls[index].operation
-            rule = registry.find_producer(producer)
+            rule = registry.find_linear(producer)
             if rule is None or not getattr(producer, "use_bias", False) or (
                 not _is_linear(producer)
             ):
                 continue
             rank = len(graph.tensors[input_id].shape)
-            if rule.channel_axis(producer, rank) != _kinds.channel_axis(
+            if rule.channel_axis(producer, rank) != registry.channel_axis(
                 call.operation, rank
             ):
                 continue
             consumers = graph.uses.get(input_id, [])
             if all(
                 c != graph_lib.OUTPUT
-                and _kinds.find_kind(graph.calls[c].operation) is not None
-                and _kinds.find_kind(graph.calls[c].operation).subtracts_mean
+                and registry.find_statistics(graph.calls[c].operation) is not None
+                and registry.find_statistics(graph.calls[c].operation).subtracts_mean
                 for c in consumers
             ):
                 pairs.append((producer, call.operation))
@@ -467,7 +467,7 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     >>> sorted({code for code, layer in report.codes()})
     ['redundant_bias', 'stale_statistics', 'train_inference_gap']
     """
-    check_model(model, _WHAT)
+    _checks.check_model(model, _WHAT)
     verbose = _collect.resolve_verbose(verbose, _WHAT)
     for name, value, low in (("mean_gap", mean_gap, 0.0),
                              ("variance_ratio", variance_ratio, 1.0),
@@ -482,7 +482,7 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
                 f"Received: {name}={value!r}."
             )
     batches = _collect.Batches(data, steps=steps, what=_WHAT)
-    layers = _kinds.normalization_layers(model)
+    layers = registry.normalization_layers(model)
     first = batches.first()
 
     progbar = None
@@ -499,7 +499,7 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     findings = []
     reports = []
     for layer in layers:
-        kind = _kinds.find_kind(layer)
+        kind = registry.find_statistics(layer)
         layer_moments = moments.get(id(layer))
         layer_mean_gap, ratio = _gaps(layer, kind, layer_moments)
         momentum, layer_steps, source, weight = _averages(layer, kind, model)

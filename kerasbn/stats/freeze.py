@@ -9,7 +9,8 @@ would be noisy and would overwrite statistics learned on much more data.
 
 import keras
 
-from kerasbn.stats import _kinds
+from kerasbn import registry
+from kerasbn.stats._select import select_layers
 
 _WHAT = "kerasbn.freeze"
 
@@ -65,7 +66,7 @@ def _targets(model, layers, what):
     if isinstance(model, keras.layers.Layer) and not isinstance(
         model, keras.Model
     ):
-        if _kinds.find_kind(model) is None:
+        if registry.find_statistics(model) is None:
             raise TypeError(
                 f"{what} expects a keras.Model or a normalization layer. "
                 f"Received: layer '{model.name}' of type "
@@ -76,7 +77,7 @@ def _targets(model, layers, what):
         raise TypeError(
             f"{what} expects a keras.Model. Received: {type(model).__name__}."
         )
-    return _kinds.select_layers(model, layers, what)
+    return select_layers(model, layers, what)
 
 
 def freeze(model, *, layers=None):

@@ -12,50 +12,14 @@ import warnings
 import keras
 import numpy as np
 
+from kerasbn import _checks
+from kerasbn import _keras_internal
+from kerasbn import _models
+from kerasbn import registry
 from kerasbn.stats import _collect
-from kerasbn.stats import _kinds
+from kerasbn.stats._select import select_layers
 
 _WHAT = "kerasbn.recalibrate"
-
-
-def copy_model(model, what):
-    """A structural copy of `model` holding the same weight values."""
-    try:
-        clone = keras.models.clone_model(model)
-    except Exception as error:  # noqa: BLE001 - re-raised with advice.
-        raise TypeError(
-            f"{what} could not copy model '{model.name}' "
-            f"({type(model).__name__}) with keras.models.clone_model: "
-            f"{error}. Pass inplace=True to update the model itself, or give "
-            "its layers get_config/from_config methods that round-trip."
-        ) from error
-    source, target = model.weights, clone.weights
-    if len(source) != len(target) or any(
-        tuple(s.shape) != tuple(t.shape) for s, t in zip(source, target)
-    ):
-        raise TypeError(
-            f"{what}: the copy of model '{model.name}' made by "
-            "keras.models.clone_model has different weights "
-            f"({len(target)} instead of {len(source)}; is the model built?). "
-            "Build the model first (call it on data), or pass inplace=True."
-        )
-    for s, t in zip(source, target):
-        t.assign(s.value)
-    return clone
-
-
-def check_model(model, what):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{what} expects a keras.Model. Received: model of type "
-            f"{type(model).__name__}. Wrap a layer in a model first, e.g. "
-            "keras.Sequential([keras.Input(shape), layer])."
-        )
-    if not model.built:
-        raise ValueError(
-            f"{what}: model '{model.name}' is not built. Call it on a batch "
-            "or call model.build(input_shape) first."
-        )
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
@@ -142,27 +106,19 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     >>> model.layers[0].moving_mean.numpy().tolist()  # untouched
     [0.0, 0.0, 0.0]
     """
-    check_model(model, _WHAT)
+    _checks.check_model(model, _WHAT)
     verbose = _collect.resolve_verbose(verbose, _WHAT)
-    if not isinstance(inplace, bool):
-        raise TypeError(
-            f"{_WHAT}: argument `inplace` must be True or False. Received: "
-            f"inplace={inplace!r}."
-        )
+    _checks.check_bool("inplace", inplace, _WHAT)
     batches = _collect.Batches(data, batch_size=batch_size, steps=steps,
                                what=_WHAT)
-    chosen = _kinds.select_layers(model, layers, _WHAT)
+    chosen = select_layers(model, layers, _WHAT)
     if inplace:
         work = model
         targets = chosen
     else:
-        all_layers = list(
-            model._flatten_layers(include_self=False, recursive=True)
-        )
-        work = copy_model(model, _WHAT)
-        work_layers = list(
-            work._flatten_layers(include_self=False, recursive=True)
-        )
+        all_layers = _keras_internal.sublayers(model)
+        work = _models.clone_with_weights(model, _WHAT)
+        work_layers = _keras_internal.sublayers(work)
         position = {id(layer): i for i, layer in enumerate(all_layers)}
         targets = [work_layers[position[id(layer)]] for layer in chosen]
     if not targets:
@@ -195,12 +151,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
                 stacklevel=2,
             )
             continue
-        kind = _kinds.find_kind(layer)
+        kind = registry.find_statistics(layer)
         center, spread = kind.from_moments(result.mean, result.variance)
         kind.write(layer, center, spread)
-        # In-memory mark read by kerasbn.diagnose: these statistics are
-        # exact whatever the step count says (not saved with the model).
-        layer._kerasbn_recalibrated = True
         if verbose == 2:
             print(f"  {int(result.count)} positions, mean |mean| "
                   f"{float(np.mean(np.abs(result.mean))):.4g}, mean variance "

@@ -132,12 +132,12 @@ class TFLiteFormat:
 
     def write(self, path, model, signature, options):
         import tensorflow as tf
-        from tensorflow.python.framework import convert_to_constants
+
+        from kerasbn import _keras_internal
 
         serve = signature.serving_function(model, named_outputs=False)
-        frozen = convert_to_constants.convert_variables_to_constants_v2(
-            serve.get_concrete_function()
-        )
+        frozen = _keras_internal.freeze_concrete_function(
+            serve.get_concrete_function())
         converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
         with open(path, "wb") as f:
             f.write(converter.convert())

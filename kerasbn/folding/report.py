@@ -10,6 +10,22 @@ KEPT = "kept"
 BACKWARD = "backward"
 FORWARD = "forward"
 
+# Every reason code a FoldEntry can carry, by when it is decided.
+CODES = (
+    # Kept as it is whatever the direction:
+    "training_mode", "axis_not_single", "unusual_call", "shape",
+    "inside_layer",
+    # Backward (into the layer before it):
+    "after_model_input", "after_nested_model", "after_nonlinear_layer",
+    "shared_producer", "producer_activation", "producer_output_shared",
+    # Forward (into the layers after it):
+    "model_output", "before_nested_model", "before_nonlinear_layer",
+    "shared_consumer", "consumer_inputs", "forward_not_exact",
+    "forward_disabled",
+    # Either direction:
+    "producer_unsupported", "axis_mismatch",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldEntry:

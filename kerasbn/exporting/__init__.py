@@ -4,8 +4,8 @@
 (`kerasbn.fold`), writes each requested format into a staging area inside
 `directory`, runs every staged artifact in its own runtime on the same
 inputs at two batch sizes, compares with the ORIGINAL model in inference
-mode, and only then moves the artifacts into place. This module is
-callable: `kerasbn.export(...)` is `kerasbn.export.export(...)`. A failure at any stage
+mode, and only then moves the artifacts into place. `kerasbn.export`
+is `kerasbn.exporting.export`. A failure at any stage
 (conversion, a runtime error, an error past tolerance) leaves `directory`
 as it was.
 
@@ -30,16 +30,14 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-import types
 
 import keras
 import numpy as np
 
-from kerasbn.export._signature import ServingSignature
-from kerasbn.export.formats import FORMATS
-from kerasbn.export.formats import onnx_op_census
+from kerasbn.exporting._signature import ServingSignature
+from kerasbn.exporting.formats import FORMATS
+from kerasbn.exporting.formats import onnx_op_census
 
 __all__ = ["export", "ExportResult", "ExportError", "VerificationError",
            "FORMATS"]
@@ -65,7 +63,7 @@ class ExportError(RuntimeError):
     >>> open(os.path.join(directory, "net.keras"), "w").close()
     >>> try:  # doctest: +ELLIPSIS
     ...     kerasbn.export(model, directory, formats=["keras"])
-    ... except kerasbn.export.ExportError as error:
+    ... except kerasbn.ExportError as error:
     ...     print(error)
     Refusing to overwrite existing artifact(s) ['.../net.keras']. Pass
     overwrite=True (CLI: --overwrite) or choose another directory.
@@ -87,7 +85,7 @@ class VerificationError(ExportError):
     >>> directory = tempfile.mkdtemp()
     >>> try:  # a tolerance below float32 rounding: folding cannot meet it
     ...     kerasbn.export(model, directory, formats=["keras"], rtol=1e-12)
-    ... except kerasbn.export.VerificationError as error:
+    ... except kerasbn.VerificationError as error:
     ...     print(error.result.passed, os.listdir(directory))
     False []
     """
@@ -360,7 +358,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     fold_report = None
     deployable = model
     if fold:
-        from kerasbn.fold import fold as fold_model
+        from kerasbn.folding import fold as fold_model
 
         progress("folding batch normalization")
         deployable, fold_report = fold_model(model, keep_unfolded=keep_bn)
@@ -450,13 +448,3 @@ def _commit(staging, directory, targets, overwrite):
         for backup, final in backups:
             os.replace(backup, final)
         raise
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `kerasbn.export(model, directory)` call `kerasbn.export.export`."""
-
-    def __call__(self, model, directory, *args, **kwargs):
-        return export(model, directory, *args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -13,9 +13,8 @@ import dataclasses
 
 import keras
 
-# Keras exposes no public Functional class or graph walk; fold relies on the
-# same private structures `keras.models.clone_model` uses.
-from keras.src.models.functional import Functional
+from kerasbn import _checks
+from kerasbn import _keras_internal
 
 OUTPUT = -1
 
@@ -70,15 +69,13 @@ def graph_kind_error(model):
     )
 
 
-def is_graph_model(layer):
-    """Whether fold can read `layer` as a graph (Functional or Sequential)."""
-    return isinstance(layer, (keras.Sequential, Functional))
+is_graph_model = _keras_internal.is_graph_model
 
 
 def functional_of(model):
     """The Functional graph behind `model`, or raise a clear error."""
     if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
+        functional = _keras_internal.sequential_graph(model)
         if functional is None:
             raise ValueError(
                 f"Sequential model '{model.name}' is not built, so it has no "
@@ -87,9 +84,16 @@ def functional_of(model):
                 "before folding."
             )
         return functional
-    if isinstance(model, Functional):
+    if _keras_internal.is_functional(model):
         return model
     raise graph_kind_error(model)
+
+
+def check_foldable(model, where):
+    """`model` must be a Functional or built Sequential keras.Model."""
+    _checks.check_model(model, where, built=False)
+    functional_of(model)  # Raises for subclassed or unbuilt models.
+    _keras_internal.check_layout_once()
 
 
 def read_graph(model):
@@ -101,7 +105,7 @@ def read_graph(model):
     tensors = {}
     for x in functional.inputs:
         tensors[id(x)] = x
-    nodes_by_depth = functional._nodes_by_depth
+    nodes_by_depth = _keras_internal.nodes_by_depth(functional)
     for depth in sorted(nodes_by_depth, reverse=True):
         for node in nodes_by_depth[depth]:
             if node.operation is None or node.is_input:

@@ -4,8 +4,7 @@
 BatchNormalization-like layer that the algebra allows has gone into the
 kernel and bias of the linear layer before it (backward) or after it
 (forward), and the rest are fixed `ScaleShift` layers; the input model is
-left untouched. This module is callable: `kerasbn.fold(model)` is
-`kerasbn.fold.fold(model)`.
+left untouched. `kerasbn.fold` is `kerasbn.folding.fold`.
 
 >>> import keras, kerasbn
 >>> model = keras.Sequential([
@@ -19,61 +18,35 @@ left untouched. This module is callable: `kerasbn.fold(model)` is
 >>> report.folded_backward, report.normalizations_after
 (1, 0)
 
-Modules: `rules` (the pure float64 kernel/bias rewrites), `registry` (which
-normalization kinds and which linear layers fold, and the hooks to add
-more), `graph` and `rewrite` (reading a model's graph, planning the folds
-and building the new model), `report` (`FoldResult`, `FoldReport`).
+Modules: `graph` (a model's graph as a list of calls), `plan` (what
+happens to each normalization call), `rebuild` (writing the new model),
+`report` (`FoldResult`, `FoldReport`, the reason `CODES`), `strip` (the
+benchmark's BN-free limit). The algebra is `kerasbn.rules`; which layers
+are normalizations or linear layers is `kerasbn.registry`.
 """
 
-import sys
-import types
-
-import keras
-
-from kerasbn.fold import graph as _graph
-from kerasbn.fold.registry import find_normalization
-from kerasbn.fold.registry import find_producer
-from kerasbn.fold.registry import register_normalization
-from kerasbn.fold.registry import register_producer
-from kerasbn.fold.report import FoldEntry
-from kerasbn.fold.report import FoldReport
-from kerasbn.fold.report import FoldResult
-from kerasbn.fold.rewrite import Folder as _Folder
-from kerasbn.fold.rewrite import count_normalizations
-from kerasbn.fold.rewrite import count_scale_shift
-from kerasbn.fold.strip import strip_normalization
+from kerasbn import _checks
+from kerasbn.folding import graph as _graph
+from kerasbn.folding.rebuild import Folder as _Folder
+from kerasbn.folding.rebuild import count_normalizations
+from kerasbn.folding.rebuild import count_scale_shift
+from kerasbn.folding.report import CODES
+from kerasbn.folding.report import FoldEntry
+from kerasbn.folding.report import FoldReport
+from kerasbn.folding.report import FoldResult
+from kerasbn.folding.strip import strip_normalization
 
 __all__ = [
-    "fold",
+    "CODES",
     "FoldEntry",
     "FoldReport",
     "FoldResult",
     "count_normalizations",
-    "find_normalization",
-    "find_producer",
-    "register_normalization",
-    "register_producer",
+    "fold",
     "strip_normalization",
 ]
 
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "kerasbn.fold expects a keras.Model (Functional or Sequential). "
-            f"Received: model of type {type(model).__name__} "
-            f"({str(model)[:80]!r}). Wrap a layer in a model first, e.g. "
-            "keras.Sequential([keras.Input(shape), layer])."
-        )
-    _graph.functional_of(model)  # Raises for subclassed or unbuilt models.
-
-
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"Argument `{name}` must be True or False. Received: "
-            f"{name}={value!r}."
-        )
+_WHERE = "kerasbn.fold"
 
 
 def fold(model, *, forward=True, keep_unfolded=False):
@@ -120,18 +93,18 @@ def fold(model, *, forward=True, keep_unfolded=False):
     ...     keras.layers.BatchNormalization(),
     ...     keras.layers.Dense(2),
     ... ])
-    >>> folded, report = kerasbn.fold.fold(model)
+    >>> folded, report = kerasbn.fold(model)
     >>> [type(layer).__name__ for layer in folded.layers], report.folded_forward
     (['Dense'], 1)
-    >>> folded, report = kerasbn.fold.fold(model, forward=False)
+    >>> folded, report = kerasbn.fold(model, forward=False)
     >>> [type(layer).__name__ for layer in folded.layers], report.replaced
     (['ScaleShift', 'Dense'], 1)
-    >>> kerasbn.fold.fold(model, forward=False, keep_unfolded=True).report.kept
+    >>> kerasbn.fold(model, forward=False, keep_unfolded=True).report.kept
     1
     """
-    _check_model(model)
-    _check_flag("forward", forward)
-    _check_flag("keep_unfolded", keep_unfolded)
+    _graph.check_foldable(model, _WHERE)
+    _checks.check_bool("forward", forward, _WHERE)
+    _checks.check_bool("keep_unfolded", keep_unfolded, _WHERE)
     folder = _Folder(forward=forward, keep_unfolded=keep_unfolded)
     new_model = folder.fold_model(model)
     report = FoldReport(
@@ -143,13 +116,3 @@ def fold(model, *, forward=True, keep_unfolded=False):
         forward=forward,
     )
     return FoldResult(new_model, report)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `kerasbn.fold(model)` call `kerasbn.fold.fold(model)`."""
-
-    def __call__(self, model, **options):
-        return fold(model, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

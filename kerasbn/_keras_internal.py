@@ -1,0 +1,179 @@
+"""Every use of Keras' and TensorFlow's private structures, in one place.
+
+Keras 3 has no public API to walk a Functional model's graph node by node,
+to list a layer's nested sublayers, or to compute BatchNormalization's
+(masked, possibly synchronized) batch moments; TensorFlow has no public way
+to freeze a function's variables into constants (what TFLite needs for
+Keras 3's resource variables). kerasbn needs all four, so it reads them
+here and nowhere else: a Keras release that moves one of them breaks this
+module only, and `check_layout()` says which piece moved.
+
+Checked against: Keras 3.15 (TensorFlow 2.21). `pyproject.toml` asks for
+keras>=3.14, whose layout is the same for everything read here.
+"""
+
+import keras
+
+CHECKED_KERAS = ("3.14", "3.15")
+
+try:  # Keras' Functional class: public as keras.Model, but not by name.
+    from keras.src.models.functional import Functional
+except ImportError as error:  # pragma: no cover - depends on Keras.
+    raise ImportError(
+        "kerasbn could not import keras.src.models.functional.Functional "
+        f"from Keras {keras.__version__}; kerasbn was checked against Keras "
+        f"{', '.join(CHECKED_KERAS)}. Install one of those versions, or a "
+        "kerasbn release that supports this Keras."
+    ) from error
+
+
+class KerasLayoutError(RuntimeError):
+    """A private Keras structure kerasbn reads is not where it was."""
+
+
+def _missing(what, obj, attribute):
+    return KerasLayoutError(
+        f"kerasbn reads {what} ({type(obj).__name__}.{attribute}), which "
+        f"Keras {keras.__version__} does not have. kerasbn was checked "
+        f"against Keras {', '.join(CHECKED_KERAS)}: install one of those "
+        "(pip install 'keras>=3.14,<3.16') or a kerasbn release that "
+        "supports this Keras."
+    )
+
+
+def _get(obj, attribute, what):
+    try:
+        return getattr(obj, attribute)
+    except AttributeError:
+        raise _missing(what, obj, attribute) from None
+
+
+# -- Models and graphs. ------------------------------------------------------
+
+
+def is_functional(model):
+    """Whether `model` is a Functional model (graph of layer calls)."""
+    return isinstance(model, Functional)
+
+
+def is_graph_model(layer):
+    """Functional or Sequential: a model whose layer graph can be read."""
+    return isinstance(layer, (keras.Sequential, Functional))
+
+
+def sequential_graph(model):
+    """The Functional graph a built Sequential model keeps, or None."""
+    return getattr(model, "_functional", None)
+
+
+def nodes_by_depth(functional):
+    """`{depth: [Node]}` of a Functional model (depth 0 = outputs)."""
+    return _get(functional, "_nodes_by_depth", "a model's graph nodes")
+
+
+def input_structure(functional):
+    return _get(functional, "_inputs_struct", "a model's input structure")
+
+
+def output_structure(functional):
+    return _get(functional, "_outputs_struct", "a model's output structure")
+
+
+def producing_operation(tensor):
+    """The layer or operation that produced a symbolic `KerasTensor`."""
+    history = getattr(tensor, "_keras_history", None)
+    return getattr(history, "operation", None)
+
+
+def call_number(operation, node):
+    """Index of `node` among `operation`'s calls (0 if it is not found)."""
+    nodes = getattr(operation, "_inbound_nodes", None) or []
+    return next((k for k, n in enumerate(nodes) if n is node), 0)
+
+
+def sublayers(layer, recursive=True):
+    """Every layer nested in `layer` (not `layer` itself), each once.
+
+    Nested models and layers inside custom layers included, in the order of
+    the layer tree.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return []
+    flatten = _get(layer, "_flatten_layers", "a layer's nested layers")
+    found, seen = [], set()
+    for inner in flatten(include_self=False, recursive=recursive):
+        if id(inner) not in seen:
+            seen.add(id(inner))
+            found.append(inner)
+    return found
+
+
+# -- Layers. -----------------------------------------------------------------
+
+
+def batch_norm_moments(layer, inputs, mask):
+    """Keras BatchNormalization's batch `(mean, variance)` of `inputs`.
+
+    Masked positions left out; all-reduced across replicas when the layer
+    is `synchronized`. kerasbn's BN subclasses reuse it so that their
+    training statistics are Keras' own to the last bit.
+    """
+    return _get(layer, "_moments", "BatchNormalization's batch moments")(
+        inputs, mask)
+
+
+# -- TensorFlow. -------------------------------------------------------------
+
+
+def freeze_concrete_function(concrete_function):
+    """The function with its variables turned into constants (for TFLite)."""
+    from tensorflow.python.framework import convert_to_constants
+
+    return convert_to_constants.convert_variables_to_constants_v2(
+        concrete_function)
+
+
+# -- The check. --------------------------------------------------------------
+
+
+def check_layout():
+    """Probe every private structure above on a tiny model.
+
+    Returns the Keras version; raises `KerasLayoutError` naming the piece
+    that moved.
+
+    >>> check_layout() == keras.__version__
+    True
+    """
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(2)(inputs)
+    bn = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, bn(hidden))
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    if not is_functional(model) or sequential_graph(sequential) is None:
+        raise _missing("a Sequential model's graph", sequential,
+                       "_functional")
+    depths = nodes_by_depth(model)
+    if not isinstance(depths, dict) or not depths:
+        raise _missing("a model's graph nodes", model, "_nodes_by_depth")
+    input_structure(model)
+    output_structure(model)
+    if producing_operation(hidden) is None:
+        raise _missing("a tensor's producer", hidden, "_keras_history")
+    if not any(inner is bn for inner in sublayers(model)):
+        raise _missing("a layer's nested layers", model, "_flatten_layers")
+    mean, _ = batch_norm_moments(
+        bn, keras.ops.ones((2, 2)), None)
+    if tuple(mean.shape) != (2,):
+        raise _missing("BatchNormalization's batch moments", bn, "_moments")
+    return keras.__version__
+
+
+_CHECKED = []
+
+
+def check_layout_once():
+    """`check_layout()` the first time it is called in this process."""
+    if not _CHECKED:
+        check_layout()
+        _CHECKED.append(keras.__version__)

@@ -1,0 +1,46 @@
+"""Copying models and layers with their weights: the one way kerasbn does it.
+
+`recalibrate` (a copy to work on), `fold` (each recreated layer) and
+`convert_to_mabn` (each converted layer) all copy weights through
+`copy_weights`, which checks that the copy has the same variables.
+"""
+
+import keras
+
+
+def copy_weights(source, target, where):
+    """Assign every weight of `source` to `target` (same count and shapes).
+
+    Raises a `TypeError` naming the layer when the two do not match, which
+    happens when `target` was recreated from a `get_config` that does not
+    describe `source` fully.
+    """
+    source_weights, target_weights = source.weights, target.weights
+    if len(source_weights) != len(target_weights) or any(
+            tuple(s.shape) != tuple(t.shape)
+            for s, t in zip(source_weights, target_weights)):
+        raise TypeError(
+            f"{where}: recreating '{source.name}' ({type(source).__name__}) "
+            "from its config gave different weights "
+            f"({[tuple(w.shape) for w in target_weights]} instead of "
+            f"{[tuple(w.shape) for w in source_weights]}). Is it built? Its "
+            "get_config must describe it fully (and its class be registered "
+            "with keras.saving.register_keras_serializable)."
+        )
+    for s, t in zip(source_weights, target_weights):
+        t.assign(s.value)
+
+
+def clone_with_weights(model, where, clone_function=None):
+    """`keras.models.clone_model(model)` holding the same weight values."""
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_function)
+    except Exception as error:  # noqa: BLE001 - re-raised with advice.
+        raise TypeError(
+            f"{where} could not copy model '{model.name}' "
+            f"({type(model).__name__}) with keras.models.clone_model: "
+            f"{error}. Pass inplace=True to update the model itself, or give "
+            "its layers get_config/from_config methods that round-trip."
+        ) from error
+    copy_weights(model, clone, where)
+    return clone
