@@ -60,7 +60,7 @@ def check_int(name, value, minimum=1, where=None, hint="", allow_none=False):
     >>> check_int("buffer_size", 0, hint="Use 16.")
     Traceback (most recent call last):
     ...
-    ValueError: Argument `buffer_size` must be an integer >= 1. Received: buffer_size=0. Use 16.
+    ValueError: Argument `buffer_size` must be a positive integer. Received: buffer_size=0. Use 16.
     """
     if value is None and allow_none:
         return None

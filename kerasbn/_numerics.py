@@ -77,7 +77,9 @@ def bn_scale_shift(gamma, beta, mean, variance, epsilon):
     (1.0, -2.0)
     """
     variance = np.asarray(variance, dtype=np.float64)
-    scale = 1.0 / np.sqrt(variance + np.float64(epsilon))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # Corrupt statistics give NaN/inf here; fold and diagnose say so.
+        scale = 1.0 / np.sqrt(variance + np.float64(epsilon))
     if gamma is not None:
         scale = scale * np.asarray(gamma, dtype=np.float64)
     shift = np.zeros_like(scale)

@@ -34,7 +34,8 @@ import keras
 import numpy as np
 
 from kerasbn import _keras_internal
-from kerasbn import _numerics
+from kerasbn import _models
+from kerasbn import registry
 from kerasbn.rules import center_kernel
 from kerasbn.layers.centered import CENTERED_LAYERS
 from kerasbn.layers.mabn import MovingAverageBatchNormalization
@@ -63,23 +64,21 @@ class ConversionResult(typing.NamedTuple):
 
 
 def _mabn_weights(bn, mabn):
-    """MABN weights with the same inference map as the Keras BN `bn`."""
-    def to64(variable):
-        return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
-
-    scale, shift = _numerics.bn_scale_shift(
-        to64(bn.gamma) if bn.scale else None,
-        to64(bn.beta) if bn.center else None,
-        to64(bn.moving_mean),
-        to64(bn.moving_variance),
-        bn.epsilon,
-    )
-    second_moment = to64(bn.moving_variance) + to64(bn.moving_mean) ** 2
+    """MABN weights with the same inference map as the batch norm `bn`."""
+    scale, shift = registry.find_normalization(bn).scale_shift(bn)
+    mean, variance = registry.BATCH_NORM_STATISTICS.stored(bn)
+    second_moment = variance + mean ** 2
     return {
         "gamma": scale * np.sqrt(second_moment + mabn.epsilon),
         "beta": shift,
         "moving_variance": second_moment,
     }
+
+
+def _is_batch_norm(layer):
+    """A layer holding Keras BN's statistics (`kerasbn.registry`)."""
+    return (registry.find_statistics(layer) is registry.BATCH_NORM_STATISTICS
+            and registry.find_normalization(layer) is not None)
 
 
 def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
@@ -134,7 +133,7 @@ def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
         new_cls = targets.get(type(layer))
         if new_cls is not None:
             new = new_cls.from_config(config)
-        elif isinstance(layer, keras.layers.BatchNormalization):
+        elif _is_batch_norm(layer):
             new = MovingAverageBatchNormalization(
                 axis=layer.axis, name=layer.name, dtype=layer.dtype_policy,
                 trainable=layer.trainable, **mabn_kwargs,
@@ -153,16 +152,14 @@ def convert_to_mabn(model, *, dense=False, **mabn_kwargs):
     )
     for old, new in pairs:
         if isinstance(new, MovingAverageBatchNormalization):
-            values = _mabn_weights(old, new)
-            for name, value in values.items():
+            for name, value in _mabn_weights(old, new).items():
                 variable = getattr(new, name)
                 if variable is not None:
-                    variable.assign(value.astype(variable.dtype))
+                    registry.assign(variable, value)
         elif type(new) is not type(old):
-            weights = old.get_weights()
-            weights[0] = center_kernel(weights[0], -1).astype(
-                weights[0].dtype)
-            new.set_weights(weights)
+            _models.copy_weights(old, new, "kerasbn.convert_to_mabn")
+            registry.assign(new.kernel, center_kernel(
+                keras.ops.convert_to_numpy(new.kernel), -1))
         else:
-            new.set_weights(old.get_weights())
+            _models.copy_weights(old, new, "kerasbn.convert_to_mabn")
     return ConversionResult(new_model, tuple(converted))

@@ -25,8 +25,9 @@ unless it registers itself). Every tool reads them: `fold` and `export`,
   below.
 
 >>> import keras, kerasbn
->>> kerasbn.registry.find_normalization(keras.layers.BatchNormalization()).axis
-<function default_axis ...>
+>>> kind = kerasbn.registry.find_normalization(keras.layers.BatchNormalization())
+>>> kind.axis(keras.layers.BatchNormalization(axis=1)), kind.statistics.subtracts_mean
+(1, True)
 >>> kerasbn.registry.find_linear(keras.layers.DepthwiseConv2D(3)).layout
 'depthwise'
 """

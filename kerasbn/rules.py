@@ -17,7 +17,7 @@ the sum running over the kernel window and the input channels. The forward
 form is exact only where every output position sees a full window of real
 inputs ('valid' padding, 1x1 kernels) or where `t == 0`; zero padding would
 otherwise insert zeros where the normalization produced `t`. Deciding that is
-the caller's job (`kerasbn.fold.registry`); these functions only do algebra.
+the caller's job (`kerasbn.registry`); these functions only do algebra.
 
 Keras kernel layouts, by the functions' names:
 
@@ -49,7 +49,7 @@ def center_kernel(kernel, out_axis=-1):
     A weight-centred layer uses `W - mean(W)` at every call (the mean over
     all axes except the output-channel axis); folding must start from that
     centred kernel, not the stored one. A `kernel_transform` for
-    `register_producer`.
+    `kerasbn.registry.register_linear`.
 
     >>> k = np.array([[1.0, 10.0], [3.0, 20.0]])
     >>> center_kernel(k).tolist()

@@ -211,7 +211,7 @@ def bench_fold(quick):
     function, traced and warmed up before timing."""
     import tensorflow as tf
 
-    from kerasbn.fold import strip_normalization
+    from kerasbn import strip_normalization
 
     fold_repeats = 3 if quick else 7
     repeats = {1: 10, 32: 3} if quick else {1: 40, 32: 9}

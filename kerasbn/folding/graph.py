@@ -129,12 +129,5 @@ def read_graph(model):
                 producer[id(x)] = call.index
     for x in functional.outputs:
         uses[id(x)].append(OUTPUT)
-    return Graph(
-        model=model,
-        functional=functional,
-        calls=calls,
-        producer=producer,
-        uses=uses,
-        call_count=call_count,
-        tensors=tensors,
-    )
+    return Graph(model, functional, calls, producer, uses, call_count,
+                 tensors)

@@ -64,6 +64,39 @@ def activation_name(layer):
     return getattr(activation, "__name__", repr(activation))
 
 
+def check_finite(layer, scale, shift):
+    """Refuse a normalization whose inference map is NaN or infinite.
+
+    That happens when `moving_variance + epsilon` is zero, negative or NaN,
+    or a statistic or gamma/beta holds NaN/inf: folding it would write NaN
+    kernels that no later check traces back to this layer.
+    """
+    bad = ~(np.isfinite(scale) & np.isfinite(shift))
+    variance = getattr(layer, "moving_variance", None)
+    detail = ""
+    if variance is not None and tuple(variance.shape) == bad.shape:
+        # An infinite variance gives a finite map (scale 0), but it is no
+        # statistic either: refuse it too.
+        denominator = np.asarray(keras.ops.convert_to_numpy(variance),
+                                 np.float64) + float(layer.epsilon)
+        bad |= ~(np.isfinite(denominator) & (denominator > 0))
+        detail = (" (moving_variance + epsilon there: "
+                  f"{denominator[bad][:4].tolist()})")
+    if not bad.any():
+        return
+    channels = np.flatnonzero(bad)
+    shown = channels[:8].tolist() + (["..."] if len(channels) > 8 else [])
+    raise ValueError(
+        f"kerasbn.fold: normalization layer '{layer.name}' "
+        f"({type(layer).__name__}) has a NaN or infinite inference scale or "
+        f"shift in {len(channels)} channel(s) {shown}{detail}: its "
+        "statistics or weights are corrupt (a variance + epsilon that is not "
+        "positive and finite, or NaN/inf in gamma, beta or the mean). "
+        "Re-estimate the statistics with kerasbn.recalibrate(model, data), "
+        "or fix the layer's weights, before folding."
+    )
+
+
 class Planner:
     """Decides, per normalization call, what happens to it."""
 
@@ -96,8 +129,10 @@ class Planner:
         if key not in self._affine:
             scale, shift = registry.find_normalization(layer).scale_shift(
                 layer)
-            self._affine[key] = (np.asarray(scale, np.float64).reshape(-1),
-                                 np.asarray(shift, np.float64).reshape(-1))
+            scale = np.asarray(scale, np.float64).reshape(-1)
+            shift = np.asarray(shift, np.float64).reshape(-1)
+            check_finite(layer, scale, shift)
+            self._affine[key] = (scale, shift)
         return self._affine[key]
 
     def current_weights(self, layer, rule):

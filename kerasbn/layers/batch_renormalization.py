@@ -9,6 +9,7 @@ from keras import ops
 
 from kerasbn import _keras_internal
 from kerasbn import _numerics
+from kerasbn.layers.batch_normalization import BatchNormalization
 from kerasbn import _checks
 
 _SCHEDULE_ARGS = ("rmax", "rmin", "dmax")
@@ -441,13 +442,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             ops.relu(new_stddev * new_stddev - self.epsilon)
         )
 
-    def inference_scale_shift(self):
-        """Float64 NumPy `(scale, shift)` of the inference-mode layer.
-
-        Inference computes `outputs = scale * inputs + shift` per channel,
-        which is what `kerasbn.fold` moves into a neighbouring layer.
-        """
-        return _numerics.layer_scale_shift(self)
+    # Inference is plain BN on moving_mean/moving_variance.
+    inference_scale_shift = BatchNormalization.inference_scale_shift
 
     # -- serialization -----------------------------------------------------
 

@@ -96,8 +96,12 @@ class Batches:
         what: The calling function's name, for error messages.
     """
 
-    def __init__(self, data, batch_size=None, steps=None, what=""):
+    def __init__(self, data, batch_size=None, steps=None, what="",
+                 skip_nonfinite=False):
         self.what = what
+        self.skip_nonfinite = _checks.check_bool(
+            "skip_nonfinite", skip_nonfinite, what)
+        self.skipped = 0  # Samples left out by the last full pass.
         self.steps = check_steps(steps, what)
         _checks.check_int("batch_size", batch_size, 1, what, allow_none=True)
         self._cache = None
@@ -181,12 +185,49 @@ class Batches:
                 yield _inputs_of(element)
 
     def _read(self):
-        count = 0
+        count = skipped = 0
         for x in self._raw():
             if self.steps is not None and count >= self.steps:
                 break
+            x, dropped = self._finite(_to_tensors(x), count)
             count += 1
-            yield _to_tensors(x)
+            skipped += dropped
+            if x is not None:
+                yield x
+        self.skipped = skipped
+
+    def _finite(self, x, index):
+        """`(x, 0)` if every float value is finite; else the batch without
+        its non-finite samples and their count (`skip_nonfinite`), or a
+        ValueError naming the batch and the input."""
+        flat = keras.tree.flatten(x)
+        names = (sorted(x) if isinstance(x, dict) and len(x) == len(flat)
+                 else [f"input {i}" for i in range(len(flat))])
+        keep = None
+        for name, tensor in zip(names, flat):
+            if not tensor.dtype.is_floating:
+                continue
+            finite = tf.math.is_finite(tensor)
+            rows = tf.reduce_all(tf.reshape(finite, [tf.shape(tensor)[0], -1]),
+                                 axis=1)
+            bad = int(tf.size(finite)) - int(tf.reduce_sum(
+                tf.cast(finite, tf.int64)))
+            if bad and not self.skip_nonfinite:
+                raise ValueError(
+                    f"{self.what}: batch {index} of the data holds {bad} "
+                    f"non-finite value(s) (NaN or inf) in {name}; statistics "
+                    "computed from it would be NaN or inf for every channel. "
+                    "Clean the data, or pass skip_nonfinite=True to leave "
+                    "those samples out."
+                )
+            keep = rows if keep is None else tf.logical_and(keep, rows)
+        if keep is None or bool(tf.reduce_all(keep)):
+            return x, 0
+        dropped = int(tf.reduce_sum(tf.cast(tf.logical_not(keep), tf.int32)))
+        if dropped == int(tf.shape(keep)[0]):
+            return None, dropped
+        return keras.tree.map_structure(
+            lambda t: tf.boolean_mask(t, keep), x), dropped
 
     def __iter__(self):
         if self._one_shot and self._cache is None:

@@ -4,14 +4,18 @@
 lists, per normalization layer and for the model, what is likely wrong and
 what to do about it. Checks (finding codes):
 
+- `corrupt_statistics`: a stored statistic is NaN or infinite, or a stored
+  variance (second moment for MABN) is negative: inference output is NaN
+  or wrong on those channels.
 - `stale_statistics`: the stored statistics differ from those of the
   layer's inputs on `data` (in inference mode): the normalized mean gap
   `max_c |mu_data - mu_stored| / sqrt(var_stored + eps)` or the variance
   ratio `(var_data + eps) / (var_stored + eps)` of some channel is large.
 - `unconverged_statistics`: a moving average still holds a large share of
   its initial value, `momentum**steps`, where the step count is known (not
-  reported for layers that `kerasbn.recalibrate` set in this session: their
-  statistics are exact whatever the step count).
+  reported when the stored statistics equal the population statistics of
+  the data to 1e-3, as after `kerasbn.recalibrate`: they were set exactly,
+  whatever the step count says).
 - `normalization_before_output`: a normalization's output is a model output.
 - `redundant_bias`: a layer with a bias feeds a normalization that subtracts
   a mean on the same channels, which cancels the bias.
@@ -49,9 +53,10 @@ BEFORE_OUTPUT = "normalization_before_output"
 REDUNDANT_BIAS = "redundant_bias"
 SMALL_BATCH = "small_batch"
 TRAIN_INFERENCE_GAP = "train_inference_gap"
+CORRUPT = "corrupt_statistics"
 
-CODES = (STALE, UNCONVERGED, BEFORE_OUTPUT, REDUNDANT_BIAS, SMALL_BATCH,
-         TRAIN_INFERENCE_GAP)
+CODES = (CORRUPT, STALE, UNCONVERGED, BEFORE_OUTPUT, REDUNDANT_BIAS,
+         SMALL_BATCH, TRAIN_INFERENCE_GAP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +276,12 @@ def _gaps(layer, kind, moments):
     if moments is None or moments.count == 0:
         return None, None
     epsilon = np.float64(layer.epsilon)
+    # Corrupt statistics give NaN here; `_corrupt` reports them.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _gap_values(kind, moments, layer, epsilon)
+
+
+def _gap_values(kind, moments, layer, epsilon):
     data_center, data_spread = kind.from_moments(moments.mean,
                                                  moments.variance)
     center, spread = kind.stored(layer)
@@ -337,12 +348,8 @@ def _is_linear(layer):
 def _graph_models(model):
     """`model` and every Functional/Sequential model nested in it."""
     found = [model] if graph_lib.is_graph_model(model) else []
-    for layer in _keras_internal.sublayers(model):
-        if graph_lib.is_graph_model(layer) and not any(
-            layer is m for m in found
-        ):
-            found.append(layer)
-    return found
+    return found + [layer for layer in _keras_internal.sublayers(model)
+                    if graph_lib.is_graph_model(layer)]
 
 
 def _output_normalizations(model):
@@ -469,131 +476,24 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     """
     _checks.check_model(model, _WHAT)
     verbose = _collect.resolve_verbose(verbose, _WHAT)
-    for name, value, low in (("mean_gap", mean_gap, 0.0),
-                             ("variance_ratio", variance_ratio, 1.0),
-                             ("initial_weight", initial_weight, 0.0),
-                             ("output_gap", output_gap, 0.0),
-                             ("min_batch", min_batch, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            not value >= low
-        ):
-            raise ValueError(
-                f"{_WHAT}: argument `{name}` must be a number >= {low}. "
-                f"Received: {name}={value!r}."
-            )
+    thresholds = _Thresholds(mean_gap, variance_ratio, initial_weight,
+                             output_gap, min_batch)
     batches = _collect.Batches(data, steps=steps, what=_WHAT)
     layers = registry.normalization_layers(model)
     first = batches.first()
-
-    progbar = None
-    if verbose:
-        progbar = keras.utils.Progbar(batches.num_batches, verbose=verbose)
-    moments = {}
-    if layers:
-        moments = _collect.InputStatistics(model, layers, first).run(
-            batches, progbar=progbar)
+    moments = _measure(model, layers, batches, verbose)
     global_batch = _batch_size(batches, batch_size)
     replicas = _replicas(model)
     gap = _output_gap(model, layers, first) if layers else None
 
-    findings = []
-    reports = []
+    reports, findings = [], []
     for layer in layers:
-        kind = registry.find_statistics(layer)
-        layer_moments = moments.get(id(layer))
-        layer_mean_gap, ratio = _gaps(layer, kind, layer_moments)
-        momentum, layer_steps, source, weight = _averages(layer, kind, model)
-        reports.append(LayerDiagnosis(
-            name=layer.name,
-            kind=type(layer).__name__,
-            channels=int(kind.stored(layer)[1].shape[0]),
-            positions=0 if layer_moments is None
-            else int(layer_moments.count),
-            mean_gap=layer_mean_gap,
-            variance_ratio=ratio,
-            momentum=momentum,
-            steps=layer_steps,
-            steps_source=source,
-            initial_weight=weight,
-        ))
-        too_far = layer_mean_gap is not None and layer_mean_gap > mean_gap
-        if ratio is not None and (
-            too_far or ratio[1] > variance_ratio
-            or ratio[0] < 1.0 / variance_ratio
-        ):
-            mean_text = ("" if layer_mean_gap is None
-                         else f"mean gap up to {layer_mean_gap:.3g} stored "
-                              "standard deviations, ")
-            findings.append(Finding(
-                STALE, layer.name,
-                f"the stored statistics do not match its inputs on the data "
-                f"({mean_text}variance ratio data/stored "
-                f"{ratio[0]:.3g}..{ratio[1]:.3g}).",
-                "Re-estimate them with kerasbn.recalibrate(model, data) on "
-                "data like the deployment data (needed after weight "
-                "averaging, pruning, fine-tuning or a change of data).",
-            ))
-        recalibrated = getattr(layer, "_kerasbn_recalibrated", False)
-        if weight is not None and weight > initial_weight and not recalibrated:
-            where = ("the optimizer's iteration count" if source ==
-                     "optimizer" else "the layer's step counter")
-            findings.append(Finding(
-                UNCONVERGED, layer.name,
-                f"after {layer_steps} updates ({where}) with momentum "
-                f"{momentum}, its moving averages still hold "
-                f"{weight:.1%} of their initial values.",
-                "Train longer, lower the momentum, use zero-debiased "
-                "averages (kerasbn.layers.BatchNormalization(zero_debias="
-                "'mean_and_variance')), or run kerasbn.recalibrate.",
-            ))
-        if _is_plain_batch_norm(layer):
-            effective = global_batch
-            if not layer.synchronized and global_batch is not None:
-                effective = global_batch // max(replicas, 1)
-            if effective is not None and effective < min_batch:
-                scope = ("synchronized over all replicas" if
-                         layer.synchronized else "per replica")
-                findings.append(Finding(
-                    SMALL_BATCH, layer.name,
-                    f"it computes batch statistics over {effective} "
-                    f"sample(s) {scope} (batch size {global_batch}, "
-                    f"{replicas} replica(s)), fewer than {min_batch}.",
-                    "Use kerasbn.layers.BatchRenormalization, or MABN "
-                    "(kerasbn.convert_to_mabn), or synchronized=True across "
-                    "replicas, or a larger batch.",
-                ))
-
-    graph_model = graph_lib.is_graph_model(model)
-    if graph_model:
-        for layer in _output_normalizations(model):
-            findings.append(Finding(
-                BEFORE_OUTPUT, layer.name,
-                "its output is a model output, so the model's predictions "
-                "are forced to zero mean and unit variance per batch during "
-                "training (shifted by beta, scaled by gamma).",
-                "Remove it, or move it before the last linear layer.",
-            ))
-        for producer, layer in _redundant_biases(model):
-            findings.append(Finding(
-                REDUNDANT_BIAS, layer.name,
-                f"'{producer.name}' ({type(producer).__name__}) adds a bias "
-                f"that '{layer.name}' subtracts again with its mean; the "
-                "bias only costs parameters and memory.",
-                f"Build '{producer.name}' with use_bias=False (the "
-                "normalization's beta plays its role).",
-            ))
-
-    if gap is not None and gap > output_gap:
-        findings.append(Finding(
-            TRAIN_INFERENCE_GAP, None,
-            f"on the first batch, the outputs with batch statistics differ "
-            f"from those with the stored statistics by {gap:.3g} (relative "
-            "RMS).",
-            "If the statistics are stale, run kerasbn.recalibrate; if the "
-            "batches are small or not representative, use larger shuffled "
-            "batches, BatchRenormalization or MABN.",
-        ))
-
+        report = _layer_report(layer, moments.get(id(layer)), model)
+        reports.append(report)
+        findings.extend(_layer_findings(layer, report, thresholds,
+                                        global_batch, replicas))
+    findings.extend(_graph_findings(model))
+    findings.extend(_gap_findings(gap, thresholds))
     order = {code: i for i, code in enumerate(CODES)}
     findings.sort(key=lambda f: order[f.code])
     return Diagnosis(
@@ -604,3 +504,182 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
         layers=tuple(reports),
         findings=tuple(findings),
     )
+
+
+# -- Steps of `diagnose`. ----------------------------------------------------
+
+# A layer whose stored statistics match the data this closely was set from
+# it (recalibrated): its step count says nothing about convergence.
+_EXACT = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Thresholds:
+    mean_gap: float
+    variance_ratio: float
+    initial_weight: float
+    output_gap: float
+    min_batch: float
+
+    def __post_init__(self):
+        for name, low in (("mean_gap", 0.0), ("variance_ratio", 1.0),
+                          ("initial_weight", 0.0), ("output_gap", 0.0),
+                          ("min_batch", 0)):
+            _checks.check_number(name, getattr(self, name), low, where=_WHAT)
+
+
+def _measure(model, layers, batches, verbose):
+    """`{id(layer): Moments}` of every layer's inputs over all batches."""
+    if not layers:
+        return {}
+    progbar = None
+    if verbose:
+        progbar = keras.utils.Progbar(batches.num_batches, verbose=verbose)
+    return _collect.InputStatistics(model, layers, batches.first()).run(
+        batches, progbar=progbar)
+
+
+def _layer_report(layer, moments, model):
+    kind = registry.find_statistics(layer)
+    mean_gap, ratio = _gaps(layer, kind, moments)
+    momentum, steps, source, weight = _averages(layer, kind, model)
+    return LayerDiagnosis(
+        name=layer.name,
+        kind=type(layer).__name__,
+        channels=int(kind.stored(layer)[1].shape[0]),
+        positions=0 if moments is None else int(moments.count),
+        mean_gap=mean_gap,
+        variance_ratio=ratio,
+        momentum=momentum,
+        steps=steps,
+        steps_source=source,
+        initial_weight=weight,
+    )
+
+
+def _layer_findings(layer, report, thresholds, global_batch, replicas):
+    found = [_corrupt(layer), _stale(report, thresholds),
+             _unconverged(report, thresholds),
+             _small_batch(layer, thresholds, global_batch, replicas)]
+    return [finding for finding in found if finding is not None]
+
+
+def _corrupt(layer):
+    center, spread = registry.find_statistics(layer).stored(layer)
+    values = [spread] if center is None else [center, spread]
+    bad = ~np.all([np.isfinite(v) for v in values], axis=0)
+    negative = np.isfinite(spread) & (spread < 0)
+    if not (bad.any() or negative.any()):
+        return None
+    return Finding(
+        CORRUPT, layer.name,
+        f"{int(bad.sum())} channel(s) hold a NaN or infinite statistic and "
+        f"{int(negative.sum())} a negative variance (channels "
+        f"{np.flatnonzero(bad | negative)[:8].tolist()}); inference output "
+        "is NaN or wrong there, and kerasbn.fold refuses the layer.",
+        "Re-estimate the statistics with kerasbn.recalibrate(model, data) on "
+        "finite data.",
+    )
+
+
+def _stale(report, thresholds):
+    ratio, gap = report.variance_ratio, report.mean_gap
+    if ratio is None:
+        return None
+    too_far = gap is not None and gap > thresholds.mean_gap
+    limit = thresholds.variance_ratio
+    if not (too_far or ratio[1] > limit or ratio[0] < 1.0 / limit):
+        return None
+    mean_text = ("" if gap is None else
+                 f"mean gap up to {gap:.3g} stored standard deviations, ")
+    return Finding(
+        STALE, report.name,
+        f"the stored statistics do not match its inputs on the data "
+        f"({mean_text}variance ratio data/stored "
+        f"{ratio[0]:.3g}..{ratio[1]:.3g}).",
+        "Re-estimate them with kerasbn.recalibrate(model, data) on data like "
+        "the deployment data (needed after weight averaging, pruning, "
+        "fine-tuning or a change of data).",
+    )
+
+
+def _is_exact(report):
+    """Stored statistics equal to the data's: set from it, e.g. recalibrated."""
+    ratio, gap = report.variance_ratio, report.mean_gap
+    return (ratio is not None and abs(ratio[0] - 1.0) <= _EXACT
+            and abs(ratio[1] - 1.0) <= _EXACT
+            and (gap is None or gap <= _EXACT))
+
+
+def _unconverged(report, thresholds):
+    weight = report.initial_weight
+    if weight is None or weight <= thresholds.initial_weight or _is_exact(
+            report):
+        return None
+    where = ("the optimizer's iteration count"
+             if report.steps_source == "optimizer"
+             else "the layer's step counter")
+    return Finding(
+        UNCONVERGED, report.name,
+        f"after {report.steps} updates ({where}) with momentum "
+        f"{report.momentum}, its moving averages still hold {weight:.1%} of "
+        "their initial values.",
+        "Train longer, lower the momentum, use zero-debiased averages "
+        "(kerasbn.layers.BatchNormalization(zero_debias="
+        "'mean_and_variance')), or run kerasbn.recalibrate.",
+    )
+
+
+def _small_batch(layer, thresholds, global_batch, replicas):
+    if not _is_plain_batch_norm(layer) or global_batch is None:
+        return None
+    effective = global_batch
+    if not layer.synchronized:
+        effective = global_batch // max(replicas, 1)
+    if effective >= thresholds.min_batch:
+        return None
+    scope = ("synchronized over all replicas" if layer.synchronized
+             else "per replica")
+    return Finding(
+        SMALL_BATCH, layer.name,
+        f"it computes batch statistics over {effective} sample(s) {scope} "
+        f"(batch size {global_batch}, {replicas} replica(s)), fewer than "
+        f"{thresholds.min_batch}.",
+        "Use kerasbn.layers.BatchRenormalization, or MABN "
+        "(kerasbn.convert_to_mabn), or synchronized=True across replicas, "
+        "or a larger batch.",
+    )
+
+
+def _graph_findings(model):
+    if not graph_lib.is_graph_model(model):
+        return []
+    findings = [Finding(
+        BEFORE_OUTPUT, layer.name,
+        "its output is a model output, so the model's predictions are "
+        "forced to zero mean and unit variance per batch during training "
+        "(shifted by beta, scaled by gamma).",
+        "Remove it, or move it before the last linear layer.",
+    ) for layer in _output_normalizations(model)]
+    findings.extend(Finding(
+        REDUNDANT_BIAS, layer.name,
+        f"'{producer.name}' ({type(producer).__name__}) adds a bias that "
+        f"'{layer.name}' subtracts again with its mean; the bias only costs "
+        "parameters and memory.",
+        f"Build '{producer.name}' with use_bias=False (the normalization's "
+        "beta plays its role).",
+    ) for producer, layer in _redundant_biases(model))
+    return findings
+
+
+def _gap_findings(gap, thresholds):
+    if gap is None or gap <= thresholds.output_gap:
+        return []
+    return [Finding(
+        TRAIN_INFERENCE_GAP, None,
+        f"on the first batch, the outputs with batch statistics differ from "
+        f"those with the stored statistics by {gap:.3g} (relative RMS).",
+        "If the statistics are stale, run kerasbn.recalibrate; if the "
+        "batches are small or not representative, use larger shuffled "
+        "batches, BatchRenormalization or MABN.",
+    )]

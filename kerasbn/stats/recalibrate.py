@@ -23,7 +23,7 @@ _WHAT = "kerasbn.recalibrate"
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
-                inplace=False, verbose="auto"):
+                inplace=False, verbose="auto", skip_nonfinite=False):
     """Set each normalization layer's statistics to their exact values on `data`.
 
     For every BatchNormalization-like layer, in the order a forward pass
@@ -83,14 +83,19 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
             a copy (`keras.models.clone_model`, same weights) is returned.
         verbose: 0 (silent), 1 (a progress bar per layer), 2 (a line per
             layer) or "auto" (1).
+        skip_nonfinite: Leave out the samples whose inputs hold NaN or inf
+            (a warning says how many). By default such data is refused with
+            a ValueError naming the batch and the input: one NaN would make
+            every channel's statistics NaN.
 
     Returns:
         The recalibrated model: `model` itself if `inplace`, else the copy.
 
     Raises:
         TypeError: `model` is not a keras.Model, or cannot be copied.
-        ValueError: the model is not built, `data` holds no batches, or a
-            layer in `layers` is not a known normalization layer.
+        ValueError: the model is not built, `data` holds no batches or
+            holds NaN/inf (without `skip_nonfinite`), or a layer in
+            `layers` is not a known normalization layer.
 
     Example:
 
@@ -110,7 +115,7 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     verbose = _collect.resolve_verbose(verbose, _WHAT)
     _checks.check_bool("inplace", inplace, _WHAT)
     batches = _collect.Batches(data, batch_size=batch_size, steps=steps,
-                               what=_WHAT)
+                               what=_WHAT, skip_nonfinite=skip_nonfinite)
     chosen = select_layers(model, layers, _WHAT)
     if inplace:
         work = model
@@ -158,4 +163,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
             print(f"  {int(result.count)} positions, mean |mean| "
                   f"{float(np.mean(np.abs(result.mean))):.4g}, mean variance "
                   f"{float(np.mean(result.variance)):.4g}")
+    if batches.skipped:
+        warnings.warn(
+            f"{_WHAT}: left out {batches.skipped} sample(s) per pass whose "
+            "inputs hold NaN or inf (skip_nonfinite=True).", stacklevel=2)
     return work

@@ -23,6 +23,12 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
+
+from kerasbn import _keras_internal
+from kerasbn import _numerics
+from kerasbn import registry
+from kerasbn.layers.batch_normalization import BatchNormalization
 
 _WHAT = "kerasbn.load_tf1_batch_norm"
 
@@ -60,22 +66,22 @@ def _join(scope, name):
     return f"{scope}/{name}" if scope else name
 
 
+def _loads_tf1(layer):
+    """Layers with Keras BN's variables: Keras' BN, kerasbn's, and kinds
+    registered with `registry.BATCH_NORM_STATISTICS`."""
+    return registry.find_statistics(layer) is registry.BATCH_NORM_STATISTICS
+
+
 def _batch_norm_layers(model_or_layer):
-    if isinstance(model_or_layer, keras.layers.BatchNormalization):
+    if _loads_tf1(model_or_layer):
         return [model_or_layer]
     if not isinstance(model_or_layer, keras.layers.Layer):
         raise TypeError(
             f"{_WHAT} expects a keras.Model or a BatchNormalization layer. "
             f"Received: {type(model_or_layer).__name__}."
         )
-    found = []
-    for layer in model_or_layer._flatten_layers(include_self=False,
-                                                recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization) and not any(
-            layer is f for f in found
-        ):
-            found.append(layer)
-    return found
+    return [layer for layer in _keras_internal.sublayers(model_or_layer)
+            if _loads_tf1(layer)]
 
 
 def _default_mapping(layers, scopes, single):
@@ -161,51 +167,73 @@ def _expect(shapes, reader, name, shape, problems):
 def _plan_layer(layer, scope, shapes, reader, problems):
     """`[(variable, value)]` for one layer; problems go to `problems`."""
     label = f"layer '{layer.name}' <- scope '{scope or '<root>'}'"
-    local = []
-
-    def note(text):
-        local.append(text)
-
+    local, plan = [], []
     if not layer.built:
-        note("the layer is not built; call the model on a batch or build "
-             "it first")
-        problems.extend(f"{label}: {text}" for text in local)
-        return []
-    if layer.renorm:
-        note("renorm=True layers are not supported (TF1 renorm kept other "
-             "variables)")
-        problems.extend(f"{label}: {text}" for text in local)
-        return []
-    channels = tuple(layer.moving_mean.shape)
-    plan = []
-    for name, present in (("beta", layer.center), ("gamma", layer.scale)):
-        full = _join(scope, name)
-        if present:
-            value = _expect(shapes, reader, full, channels, local)
-            if value is not None:
-                plan.append((getattr(layer, name), value))
-        elif full in shapes:
-            flag = "center" if name == "beta" else "scale"
-            note(f"'{full}' is in the checkpoint but the layer has "
-                 f"{flag}=False; build it with {flag}=True")
+        local.append("the layer is not built; call the model on a batch or "
+                     "build it first")
+    elif layer.renorm:
+        local.append("renorm=True layers are not supported (TF1 renorm kept "
+                     "other variables)")
+    else:
+        context = _Context(layer, scope, shapes, reader, local)
+        plan = context.affine() + context.statistics()
+    problems.extend(f"{label}: {text}" for text in local)
+    return plan
 
-    zero_debias = getattr(layer, "zero_debias", False) or False
-    debiased = {}
-    for stat in (_MEAN, _VARIANCE):
-        shadows = [_join(scope, f"{stat}/{s}") for s in _SHADOWS]
-        present = [s in shapes for s in shadows]
-        if all(present):
-            debiased[stat] = shadows
-        elif any(present):
-            note(f"the checkpoint has only one of {shadows}")
-    wanted = {
-        False: set(),
-        "mean": {_MEAN},
-        "mean_and_variance": {_MEAN, _VARIANCE},
-    }[zero_debias]
-    if set(debiased) != wanted:
+
+class _Context:
+    """One layer matched to one checkpoint scope, problems noted in `notes`."""
+
+    def __init__(self, layer, scope, shapes, reader, notes):
+        self.layer = layer
+        self.scope = scope
+        self.shapes = shapes
+        self.reader = reader
+        self.notes = notes
+        self.channels = tuple(layer.moving_mean.shape)
+
+    def expect(self, name, shape):
+        return _expect(self.shapes, self.reader, name, shape, self.notes)
+
+    def affine(self):
+        """`beta` (if `center`) and `gamma` (if `scale`)."""
+        plan = []
+        for name, present in (("beta", self.layer.center),
+                              ("gamma", self.layer.scale)):
+            full = _join(self.scope, name)
+            if present:
+                value = self.expect(full, self.channels)
+                if value is not None:
+                    plan.append((getattr(self.layer, name), value))
+            elif full in self.shapes:
+                flag = "center" if name == "beta" else "scale"
+                self.notes.append(
+                    f"'{full}' is in the checkpoint but the layer has "
+                    f"{flag}=False; build it with {flag}=True")
+        return plan
+
+    def debiased(self):
+        """`{stat: (biased name, step name)}` of the zero-debiased stats,
+        checked against the layer's `zero_debias`; and the wanted set."""
+        debiased = {}
+        for stat in (_MEAN, _VARIANCE):
+            shadows = [_join(self.scope, f"{stat}/{s}") for s in _SHADOWS]
+            present = [s in self.shapes for s in shadows]
+            if all(present):
+                debiased[stat] = shadows
+            elif any(present):
+                self.notes.append(
+                    f"the checkpoint has only one of {shadows}")
+        zero_debias = getattr(self.layer, "zero_debias", False) or False
+        wanted = {False: set(), "mean": {_MEAN},
+                  "mean_and_variance": {_MEAN, _VARIANCE}}[zero_debias]
+        if set(debiased) != wanted:
+            self.notes.append(self._mode_mismatch(debiased, zero_debias))
+        return debiased, wanted
+
+    def _mode_mismatch(self, debiased, zero_debias):
         have = sorted(debiased) or "none"
-        if isinstance(layer, _kerasbn_batch_norm()):
+        if isinstance(self.layer, BatchNormalization):
             modes = {(): "False", (_MEAN,): "'mean'",
                      (_MEAN, _VARIANCE): "'mean_and_variance'"}
             hint = (f"build the layer with zero_debias="
@@ -213,53 +241,56 @@ def _plan_layer(layer, scope, shapes, reader, problems):
         else:
             hint = ("load it into kerasbn.layers.BatchNormalization("
                     "zero_debias='mean'), which keeps the debias state")
-        note(f"the checkpoint's zero-debiased statistics ({have}) do not "
-             f"match the layer's zero_debias={zero_debias!r}; {hint}")
+        return (f"the checkpoint's zero-debiased statistics ({have}) do not "
+                f"match the layer's zero_debias={zero_debias!r}; {hint}")
 
-    steps = set()
-    for stat in (_MEAN, _VARIANCE):
-        variable = getattr(layer, stat)
-        stored = _expect(shapes, reader, _join(scope, stat), channels, local)
-        if stat not in debiased or stat not in wanted:
-            if stored is not None:
-                plan.append((variable, stored))
-            continue
-        biased = _expect(shapes, reader, debiased[stat][0], channels, local)
-        step = _expect(shapes, reader, debiased[stat][1], (), local)
+    def statistics(self):
+        """`moving_mean`, `moving_variance` and `debias_step`."""
+        debiased, wanted = self.debiased()
+        plan, steps = [], set()
+        for stat in (_MEAN, _VARIANCE):
+            variable = getattr(self.layer, stat)
+            stored = self.expect(_join(self.scope, stat), self.channels)
+            if stat in debiased and stat in wanted:
+                value = self._debiased_value(stat, debiased[stat], stored,
+                                             steps)
+            else:
+                value = stored
+            if value is not None:
+                plan.append((variable, value))
+        if len(steps) > 1:
+            self.notes.append(
+                f"the mean and variance local steps differ ({sorted(steps)}"
+                "); one debias_step cannot hold both")
+        elif steps:
+            plan.append((self.layer.debias_step, np.int64(steps.pop())))
+        return plan
+
+    def _debiased_value(self, stat, shadows, stored, steps):
+        biased = self.expect(shadows[0], self.channels)
+        step = self.expect(shadows[1], ())
         if biased is None or step is None or stored is None:
-            continue
+            return None
         step = float(step)
         if step < 0 or step != round(step):
-            note(f"'{debiased[stat][1]}' is {step}, not a step count")
-            continue
+            self.notes.append(f"'{shadows[1]}' is {step}, not a step count")
+            return None
         step = int(round(step))
         steps.add(step)
         if step == 0:
-            plan.append((variable, stored))
-            continue
+            return stored
         # The debiased value from TF's own definition, in float64.
-        decay = float(layer.momentum)
-        value = biased / -np.expm1(step * np.log(decay))
+        decay = float(self.layer.momentum)
+        factor, _ = _numerics.decay_power(decay, step, "float64")
+        value = biased / ops.convert_to_numpy(factor)
         scale = max(float(np.max(np.abs(stored))), 1e-12)
         if not np.allclose(value, stored, rtol=1e-3, atol=1e-6 * scale):
-            note(f"'{_join(scope, stat)}' is not '{debiased[stat][0]}' / "
-                 f"(1 - momentum**{step}) with the layer's momentum "
-                 f"{decay}; build the layer with TF's decay as momentum")
-            continue
-        plan.append((variable, value))
-    if len(steps) > 1:
-        note(f"the mean and variance local steps differ ({sorted(steps)}); "
-             "one debias_step cannot hold both")
-    elif steps:
-        plan.append((layer.debias_step, np.int64(steps.pop())))
-    problems.extend(f"{label}: {text}" for text in local)
-    return plan
-
-
-def _kerasbn_batch_norm():
-    from kerasbn.layers.batch_normalization import BatchNormalization
-
-    return BatchNormalization
+            self.notes.append(
+                f"'{_join(self.scope, stat)}' is not '{shadows[0]}' / "
+                f"(1 - momentum**{step}) with the layer's momentum {decay}; "
+                "build the layer with TF's decay as momentum")
+            return None
+        return value
 
 
 def load_tf1_batch_norm(model_or_layer, checkpoint, mapping=None):
