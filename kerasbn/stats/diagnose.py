@@ -102,6 +102,10 @@ class LayerDiagnosis:
         steps: Training updates of the averages, or None if unknown.
         steps_source: "layer" (the layer's own counter), "optimizer" (an
             estimate: the optimizer's iteration count), or None.
+        exact: Whether the stored statistics equal the data's population
+            statistics (to 1e-3), as after `kerasbn.recalibrate`: then
+            `initial_weight` says nothing about them, and the table shows
+            "exact" in its place.
         initial_weight: Share of the initial value still in the plain
             moving averages, `momentum**steps`; 0.0 if every average is
             zero-debiased; None if the steps are unknown.
@@ -128,6 +132,7 @@ class LayerDiagnosis:
     steps: Optional[int]
     steps_source: Optional[str]
     initial_weight: Optional[float]
+    exact: bool = False
 
     def to_dict(self):
         values = dataclasses.asdict(self)
@@ -208,7 +213,7 @@ class Diagnosis:
                 number(layer.mean_gap),
                 "-" if ratio is None else f"{ratio[0]:.3g}..{ratio[1]:.3g}",
                 steps,
-                number(layer.initial_weight),
+                "exact" if layer.exact else number(layer.initial_weight),
                 ", ".join(codes) or "ok",
             ))
         widths = [max(len(row[i]) for row in [header, *rows])
@@ -554,6 +559,7 @@ def _layer_report(layer, moments, model):
         steps=steps,
         steps_source=source,
         initial_weight=weight,
+        exact=_is_exact(mean_gap, ratio),
     )
 
 
@@ -603,18 +609,16 @@ def _stale(report, thresholds):
     )
 
 
-def _is_exact(report):
+def _is_exact(mean_gap, ratio):
     """Stored statistics equal to the data's: set from it, e.g. recalibrated."""
-    ratio, gap = report.variance_ratio, report.mean_gap
     return (ratio is not None and abs(ratio[0] - 1.0) <= _EXACT
             and abs(ratio[1] - 1.0) <= _EXACT
-            and (gap is None or gap <= _EXACT))
+            and (mean_gap is None or mean_gap <= _EXACT))
 
 
 def _unconverged(report, thresholds):
     weight = report.initial_weight
-    if weight is None or weight <= thresholds.initial_weight or _is_exact(
-            report):
+    if weight is None or weight <= thresholds.initial_weight or report.exact:
         return None
     where = ("the optimizer's iteration count"
              if report.steps_source == "optimizer"
