@@ -2,7 +2,9 @@
 
 The CPU is split into two logical devices before TensorFlow initializes its
 runtime, so tests can run a real two-replica `tf.distribute.MirroredStrategy`
-on this machine. Every test starts from a fresh Keras session and seed.
+on this machine. Every test starts from a fresh Keras session and seed, and
+every test (the doctests collected from `kerasbn/` included) leaves
+`kerasbn.registry` as it found it.
 """
 
 import os
@@ -20,6 +22,8 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
 )
 
+import kerasbn.registry  # noqa: E402  (after the devices are configured)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_session():
@@ -28,6 +32,15 @@ def _fresh_keras_session():
     policy = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Registrations a test makes end with it: no manual unregister, and
+    no test can depend on another's classes."""
+    state = kerasbn.registry.snapshot()
+    yield
+    kerasbn.registry.restore(state)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ mode (the op TF1's `zero_debias_moving_mean=True` used), and NumPy's
 closed form of the debiased average.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -15,13 +17,15 @@ import tensorflow as tf
 from tensorflow.python.training import moving_averages
 
 from kerasbn.layers import BatchNormalization
-from tests.testing import assert_close_to_scale
-from tests.testing import fit_single_and_mirrored
-from tests.testing import random_batch
-from tests.testing import randomize_bn_weights
-from tests.testing import run_layer_test
-from tests.testing import save_and_reload
-from tests.testing import to_numpy
+from tests.helpers import assert_close_to_scale
+from tests.helpers import assert_weights_close
+from tests.helpers import fit_single_and_mirrored
+from tests.helpers import fit_straight_and_resumed
+from tests.helpers import outputs_and_gradients
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
+from tests.helpers import run_layer_test
+from tests.helpers import to_numpy
 
 
 # --------------------------------------------------------------------------
@@ -60,8 +64,6 @@ def numpy_debiased_average(values, decay):
     t = len(values)
     weights = (1.0 - decay) * decay ** np.arange(t - 1, -1, -1, dtype=np.float64)
     return (weights[:, None] * values).sum(0) / (1.0 - decay**t)
-
-
 
 
 # --------------------------------------------------------------------------
@@ -201,15 +203,6 @@ def _step_inputs(shape, use_mask, step, dtype):
     return keras.ops.cast(x, dtype), mask
 
 
-def _outputs_and_grads(layer, x, mask, upstream):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True, mask=mask)
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-    grads = tape.gradient(loss, [x] + layer.trainable_weights)
-    return to_numpy(y), [to_numpy(g) for g in grads]
-
-
 @pytest.mark.parametrize("zero_debias", [False, "mean", True])
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
 def test_parity_with_keras_layer(case, zero_debias):
@@ -219,7 +212,7 @@ def test_parity_with_keras_layer(case, zero_debias):
     x0, mask0 = _step_inputs(shape, use_mask, 0, dtype)
     reference(x0, mask=mask0)
     ours(x0, mask=mask0)
-    randomize_bn_weights(reference, seed=7)
+    randomize_normalizations(reference, seed=7, gamma=(0.5, 2.0), shift=1.0)
     ours.set_weights(reference.get_weights() + ours.get_weights()[
         len(reference.weights):])
 
@@ -230,8 +223,8 @@ def test_parity_with_keras_layer(case, zero_debias):
     for step in range(4):
         x, mask = _step_inputs(shape, use_mask, step, dtype)
         upstream = random_batch(shape, seed=50 + step)
-        y_ref, g_ref = _outputs_and_grads(reference, x, mask, upstream)
-        y_our, g_our = _outputs_and_grads(ours, x, mask, upstream)
+        y_ref, g_ref = outputs_and_gradients(reference, x, mask, upstream)
+        y_our, g_our = outputs_and_gradients(ours, x, mask, upstream)
         assert y_our.dtype == y_ref.dtype
         assert_close_to_scale(y_our, y_ref, out_rel, f"output, step {step}")
         for i, (a, b) in enumerate(zip(g_our, g_ref)):
@@ -239,9 +232,7 @@ def test_parity_with_keras_layer(case, zero_debias):
                                   f"gradient {i}, step {step}")
         if not zero_debias:
             # Identical statistics after every update: Keras' own maths runs.
-            for w_ref, w_our in zip(reference.weights, ours.weights):
-                assert_close_to_scale(to_numpy(w_our), to_numpy(w_ref), 1e-6,
-                                      f"{w_ref.name}, step {step}")
+            assert_weights_close(ours, reference, 1e-6, f"step {step}")
     if not zero_debias:
         x, _ = _step_inputs(shape, use_mask, 9, dtype)
         assert_close_to_scale(to_numpy(ours(x, training=False)),
@@ -263,7 +254,7 @@ def test_trainable_false_means_inference():
     layer = BatchNormalization(zero_debias=True)
     x = random_batch((8, 3), seed=8, loc=4.0)
     layer(x, training=True)
-    randomize_bn_weights(layer, seed=9)
+    randomize_normalizations(layer, seed=9, gamma=(0.5, 2.0), shift=1.0)
     before = [to_numpy(w).copy() for w in layer.weights]
     layer.trainable = False
     reference = keras.layers.BatchNormalization()
@@ -287,7 +278,8 @@ def test_reads_and_writes_keras_weight_files(tmp_path):
     x = random_batch((4, 6, 6, 3), seed=11, loc=1.0)
     keras_model = build(keras.layers.BatchNormalization)
     keras_model(x, training=True)
-    randomize_bn_weights(keras_model.layers[2], seed=12)
+    randomize_normalizations(keras_model.layers[2], seed=12,
+                             gamma=(0.5, 2.0), shift=1.0)
     path = str(tmp_path / "keras_bn.weights.h5")
     keras_model.save_weights(path)
 
@@ -346,17 +338,12 @@ def test_training_resumes_with_the_right_debias_step(tmp_path, how):
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         return model
 
-    straight = build()
-    straight.fit(x, target, batch_size=batch, shuffle=False, verbose=0)
+    def check_reloaded(model):
+        assert [int(to_numpy(l.debias_step)) for l in model.layers
+                if isinstance(l, BatchNormalization)] == [3, 3]
 
-    first = build()
-    first.fit(x[:3 * batch], target[:3 * batch], batch_size=batch,
-              shuffle=False, verbose=0)
-    resumed = save_and_reload(first, build, how, tmp_path)
-    assert [int(to_numpy(l.debias_step)) for l in resumed.layers
-            if isinstance(l, BatchNormalization)] == [3, 3]
-    resumed.fit(x[3 * batch:], target[3 * batch:], batch_size=batch,
-                shuffle=False, verbose=0)
+    straight, resumed = fit_straight_and_resumed(
+        build, x, target, batch, 3, how, tmp_path, check_reloaded)
 
     # The first BN sees the raw inputs, so its statistics have a NumPy oracle.
     batches = x.astype(np.float64).reshape(5, batch, -1, 2)
@@ -365,8 +352,7 @@ def test_training_resumes_with_the_right_debias_step(tmp_path, how):
                           2e-6)
     # Whole-model agreement with an uninterrupted run: plain SGD carries no
     # state, so any gap comes from a wrong debias step after reload.
-    for a, b in zip(resumed.weights, straight.weights):
-        assert_close_to_scale(to_numpy(a), to_numpy(b), 1e-5, a.path)
+    assert_weights_close(resumed, straight, 1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -375,32 +361,17 @@ def test_training_resumes_with_the_right_debias_step(tmp_path, how):
 
 @pytest.mark.parametrize("zero_debias", [False, "mean", True])
 def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
-    global_batch = 16
-    x = random_batch((3 * global_batch, 6, 6, 2), seed=15, loc=1.0, scale=2.0)
-    target = random_batch((3 * global_batch, 2), seed=16)
-
-    def build():
-        keras.utils.set_random_seed(7)
-        inputs = keras.Input((6, 6, 2))
-        h = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
-        h = BatchNormalization(momentum=0.9, synchronized=True,
-                               zero_debias=zero_debias)(h)
-        h = keras.layers.GlobalAveragePooling2D()(h)
-        outputs = keras.layers.Dense(2)(h)
-        model = keras.Model(inputs, outputs)
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        return model
-
     single, mirrored = fit_single_and_mirrored(
-        build, x, target, global_batch, two_replica_strategy)
+        lambda: BatchNormalization(momentum=0.9, synchronized=True,
+                                   zero_debias=zero_debias),
+        two_replica_strategy, steps=3, global_batch=16)
 
     bn = mirrored.layers[2]
     if zero_debias:
         assert int(to_numpy(bn.debias_step)) == 3
     # Cross-replica sums are added in another order than one device's
     # reduction; 1e-5 of each weight's magnitude bounds that rounding.
-    for a, b in zip(mirrored.weights, single.weights):
-        assert_close_to_scale(to_numpy(a), to_numpy(b), 1e-5, a.path)
+    assert_weights_close(mirrored, single, 1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -422,8 +393,7 @@ def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")
-                       .replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         BatchNormalization(**kwargs)
 
 

@@ -8,6 +8,8 @@ schedule, read back from the layer's outputs inside `model.fit`, and the
 same model on one replica for the two-replica run.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -15,19 +17,19 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn.layers import BatchRenormalization
-from tests._fold_helpers import assert_same_outputs
-from tests._fold_helpers import count_batch_norms
-from tests.testing import assert_close_to_scale
-from tests.testing import fit_single_and_mirrored
-from tests.testing import random_batch
-from tests.testing import randomize_bn_weights
-from tests.testing import run_layer_test
-from tests.testing import to_numpy
+from tests.helpers import assert_close_to_scale
+from tests.helpers import assert_same_outputs
+from tests.helpers import assert_weights_close
+from tests.helpers import count_batch_norms
+from tests.helpers import fit_single_and_mirrored
+from tests.helpers import outputs_and_gradients
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
+from tests.helpers import run_layer_test
+from tests.helpers import to_numpy
 
 STATISTICS = ("moving_mean", "moving_variance", "moving_stddev",
               "renorm_mean", "renorm_stddev")
-
-
 
 
 # --------------------------------------------------------------------------
@@ -111,16 +113,6 @@ class NumpyRenorm:
         return y, [dx, dgamma, dbeta]
 
 
-def outputs_and_grads(layer, x, mask, upstream):
-    x = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True, mask=mask)
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
-    grads = tape.gradient(loss, [x] + layer.trainable_weights)
-    return to_numpy(y), [to_numpy(g) for g in grads]
-
-
 # --------------------------------------------------------------------------
 # Constant schedule: exactly Keras' renorm layer.
 
@@ -157,7 +149,7 @@ def test_constant_schedule_matches_keras_renorm(case):
     dtype = reference.compute_dtype
     reference.build(shape)
     ours.build(shape)
-    randomize_bn_weights(reference, seed=7)
+    randomize_normalizations(reference, seed=7, gamma=(0.5, 2.0), shift=1.0)
     ours.set_weights(reference.get_weights() + [np.int64(0)])
 
     # The same float32 operations run in both layers, so they agree to the
@@ -170,8 +162,8 @@ def test_constant_schedule_matches_keras_renorm(case):
         mask = (np.random.default_rng(step).random(shape[:-1]) > 0.3
                 if use_mask else None)
         upstream = random_batch(shape, seed=50 + step)
-        y_ref, g_ref = outputs_and_grads(reference, x, mask, upstream)
-        y_our, g_our = outputs_and_grads(ours, x, mask, upstream)
+        y_ref, g_ref = outputs_and_gradients(reference, x, mask, upstream)
+        y_our, g_our = outputs_and_gradients(ours, x, mask, upstream)
         assert y_our.dtype == y_ref.dtype
         assert_close_to_scale(y_our, y_ref, out_rel, f"output, step {step}")
         assert len(g_our) == len(g_ref)
@@ -204,7 +196,7 @@ def test_ramping_schedule_matches_numpy_reference(zero_debias, compiled):
                                  epsilon=1e-3, zero_debias=zero_debias,
                                  **schedule)
     layer.build(shape)
-    randomize_bn_weights(layer, seed=3)
+    randomize_normalizations(layer, seed=3, gamma=(0.5, 2.0), shift=1.0)
     reference = NumpyRenorm(layer.get_weights()[:7], 1e-3, 0.8, 0.6,
                             zero_debias, axes)
 
@@ -251,7 +243,7 @@ def test_warmup_is_plain_batch_normalization():
     x = random_batch((16, 5), seed=5, loc=3.0, scale=4.0)
     layer = BatchRenormalization(warmup_steps=3)
     layer.build(x.shape)
-    randomize_bn_weights(layer, seed=6)
+    randomize_normalizations(layer, seed=6, gamma=(0.5, 2.0), shift=1.0)
     gamma, beta = (to_numpy(w) for w in (layer.gamma, layer.beta))
     want = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3) * gamma + beta
     for _ in range(3):
@@ -411,7 +403,7 @@ def test_trainable_false_is_inference_and_does_not_advance():
     x = random_batch((8, 3), seed=8, loc=4.0)
     layer = BatchRenormalization(warmup_steps=0)
     layer.build(x.shape)
-    randomize_bn_weights(layer, seed=9)
+    randomize_normalizations(layer, seed=9, gamma=(0.5, 2.0), shift=1.0)
     before = [to_numpy(w).copy() for w in layer.weights]
     layer.trainable = False
     y = to_numpy(layer(x, training=True))
@@ -443,25 +435,12 @@ def test_folds_after_training():
 
 @pytest.mark.parametrize("zero_debias", [False, True])
 def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
-    global_batch = 16
-    x = random_batch((4 * global_batch, 6, 6, 2), seed=15, loc=1.0, scale=2.0)
-    target = random_batch((4 * global_batch, 2), seed=16)
-
-    def build():
-        keras.utils.set_random_seed(7)
-        inputs = keras.Input((6, 6, 2))
-        h = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
-        h = BatchRenormalization(
+    single, mirrored = fit_single_and_mirrored(
+        lambda: BatchRenormalization(
             momentum=0.9, renorm_momentum=0.5, synchronized=True,
             zero_debias=zero_debias, rmax=1.5, dmax=0.5, warmup_steps=1,
-            rmax_steps=3, dmax_steps=2)(h)
-        h = keras.layers.GlobalAveragePooling2D()(h)
-        model = keras.Model(inputs, keras.layers.Dense(2)(h))
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        return model
-
-    single, mirrored = fit_single_and_mirrored(
-        build, x, target, global_batch, two_replica_strategy)
+            rmax_steps=3, dmax_steps=2),
+        two_replica_strategy, steps=4, global_batch=16)
 
     assert int(to_numpy(mirrored.layers[2].renorm_step)) == 4
     # The synchronized moments are E[x^2] - E[x]^2 over cross-replica sums,
@@ -470,11 +449,7 @@ def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
     # each weight's magnitude, at least 1e-6 for the near-zero betas and
     # biases; unsynchronized statistics of 8 instead of 16 samples are off
     # by 1e-2 or more.
-    for a, b in zip(mirrored.weights, single.weights):
-        b = to_numpy(b).astype(np.float64)
-        np.testing.assert_allclose(
-            to_numpy(a), b, rtol=0,
-            atol=1e-5 * max(float(np.abs(b).max()), 0.1), err_msg=a.path)
+    assert_weights_close(mirrored, single, 1e-5, floor=0.1)
 
 
 @pytest.mark.parametrize(
@@ -534,5 +509,5 @@ def test_is_a_keras_batch_normalization_with_renorm():
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         BatchRenormalization(**kwargs)

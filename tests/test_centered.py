@@ -18,20 +18,19 @@ from kerasbn.layers import CenteredConv2D
 from kerasbn.layers import CenteredConv3D
 from kerasbn.layers import CenteredDense
 from kerasbn.layers import MABN
-from tests.testing import assert_close_to_scale
-from tests.testing import random_batch
-from tests.testing import run_layer_test
-from tests.testing import to_numpy
+from tests.helpers import assert_close_to_scale
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
+from tests.helpers import run_layer_test
+from tests.helpers import to_numpy
 
 L = keras.layers
-
 
 
 def numpy_center(kernel):
     kernel = np.asarray(kernel, np.float64)
     axes = tuple(range(kernel.ndim - 1))
     return kernel - kernel.mean(axis=axes, keepdims=True)
-
 
 
 CASES = {
@@ -171,15 +170,8 @@ def _bn_model(centred_kernels=False):
     h = L.GlobalAveragePooling2D()(L.ReLU()(h))
     outputs = L.Dense(2, name="head")(h)
     model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(0)
+    randomize_normalizations(model, seed=0, gamma=(0.5, 2.0), shift=1.0)
     for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            shape = layer.moving_mean.shape
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
-            layer.beta.assign(rng.normal(size=shape))
-            layer.moving_mean.assign(rng.normal(size=shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
         if centred_kernels and isinstance(layer, L.Conv2D):
             layer.kernel.assign(numpy_center(to_numpy(layer.kernel)))
     return model

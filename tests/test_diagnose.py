@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from testing import random_batch
 
 import kerasbn
+from tests.helpers import random_batch
 
 L = keras.layers
 

@@ -1,4 +1,4 @@
-"""Tests for kerasbn.export.
+"""Tests for kerasbn.export (kerasbn.exporting).
 
 Every artifact is re-opened here in its own runtime (`tf.saved_model.load`,
 ONNX Runtime, `keras.models.load_model`, the TFLite interpreter) and compared
@@ -24,31 +24,18 @@ import tensorflow as tf
 import tf2onnx
 
 import kerasbn
-from kerasbn.export import ExportError
-from kerasbn.export import FORMATS
-from kerasbn.export import VerificationError
-from kerasbn.fold import strip_normalization
-from tests.testing import randomize_bn_weights
+from kerasbn.exporting import ExportError
+from kerasbn.exporting import FORMATS
+from kerasbn.exporting import VerificationError
+from kerasbn.folding import strip_normalization
+from tests.helpers import assert_close_to_scale
+from tests.helpers import randomize_normalizations
 
 # Runtimes' own kernels reorder sums (oneDNN, MLAS, XNNPACK) and the fold
 # rounds float64 weights to float32: ~1e-6 of the output's scale on these
 # small nets, ~1e-5 on MobileNetV2. 1e-4 keeps a margin; a wrong fold or a
 # dropped BN is off by O(1).
 RTOL = 1e-4
-
-
-def _bn_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _bn_layers(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            yield layer
-
-
-def randomize_all_bn(model, seed=0):
-    for i, layer in enumerate(_bn_layers(model)):
-        randomize_bn_weights(layer, seed=seed + i)
-    return model
 
 
 def sequential_model():
@@ -131,11 +118,10 @@ def _output_names(model):
 
 
 def _assert_close(actual, expected, what):
+    assert len(actual) == len(expected), what
     for a, e in zip(actual, expected):
         assert a.shape == e.shape, what
-        scale = float(np.max(np.abs(e)))
-        np.testing.assert_allclose(a, e, rtol=0, atol=RTOL * scale,
-                                   err_msg=what)
+        assert_close_to_scale(a, e, RTOL, what, floor=0.0)
 
 
 def _run_saved_model(path, input_names, output_names, arrays):
@@ -159,7 +145,8 @@ MODELS = {
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_round_trip_in_every_runtime(kind, tmp_path):
-    model = randomize_all_bn(MODELS[kind]())
+    model = randomize_normalizations(
+        MODELS[kind](), gamma=(0.5, 2.0), shift=1.0)
     weights_before = [w.numpy().copy() for w in model.weights]
     out = tmp_path / "export"
     result = kerasbn.export(model, out,
@@ -221,7 +208,8 @@ def test_round_trip_in_every_runtime(kind, tmp_path):
 
 
 def test_tflite_round_trip(tmp_path):
-    model = randomize_all_bn(multi_io_model())
+    model = randomize_normalizations(
+        multi_io_model(), gamma=(0.5, 2.0), shift=1.0)
     result = kerasbn.export(model, tmp_path, formats=["tflite"])
     path = result.artifacts["tflite"]
     assert path == str(tmp_path / "multi.tflite")
@@ -259,7 +247,7 @@ def test_mobilenet_v2_export_has_no_bn_leftovers(tmp_path):
                                            input_shape=(32, 32, 3),
                                            classes=10,
                                            classifier_activation=None)
-    randomize_all_bn(model)
+    randomize_normalizations(model, gamma=(0.5, 2.0), shift=1.0)
     result = kerasbn.export(model, tmp_path, formats=["saved_model", "onnx"])
     assert result.fold_report.normalizations_after == 0
 
@@ -291,7 +279,8 @@ def test_mobilenet_v2_export_has_no_bn_leftovers(tmp_path):
 
 
 def test_saved_model_cli_shows_the_signature(tmp_path):
-    model = randomize_all_bn(functional_model())
+    model = randomize_normalizations(
+        functional_model(), gamma=(0.5, 2.0), shift=1.0)
     result = kerasbn.export(model, tmp_path, formats=["saved_model"],
                             verify=False)
     cli = shutil.which("saved_model_cli",
@@ -309,7 +298,8 @@ def test_saved_model_cli_shows_the_signature(tmp_path):
 
 
 def test_sample_is_used_for_verification(tmp_path):
-    model = randomize_all_bn(multi_io_model())
+    model = randomize_normalizations(
+        multi_io_model(), gamma=(0.5, 2.0), shift=1.0)
     sample = {"image": _inputs(model, 6)[0], "meta": _inputs(model, 6)[1]}
     result = kerasbn.export(model, tmp_path, formats=["keras"],
                             sample=sample)
@@ -336,14 +326,16 @@ def _digest(path):
 
 
 def test_existing_artifacts_are_not_touched_without_overwrite(tmp_path):
-    model = randomize_all_bn(sequential_model())
+    model = randomize_normalizations(
+        sequential_model(), gamma=(0.5, 2.0), shift=1.0)
     kerasbn.export(model, tmp_path, formats=["keras", "onnx"])
     before = _digest(tmp_path)
     with pytest.raises(ExportError, match="overwrite=True"):
         kerasbn.export(model, tmp_path, formats=["keras", "onnx"])
     assert _digest(tmp_path) == before
 
-    other = randomize_all_bn(sequential_model(), seed=50)
+    other = randomize_normalizations(
+        sequential_model(), seed=50, gamma=(0.5, 2.0), shift=1.0)
     kerasbn.export(other, tmp_path, formats=["keras"], overwrite=True)
     reloaded = keras.models.load_model(tmp_path / "seq.keras")
     arrays = _inputs(other, 2)
@@ -352,7 +344,8 @@ def test_existing_artifacts_are_not_touched_without_overwrite(tmp_path):
 
 
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
-    model = randomize_all_bn(functional_model())
+    model = randomize_normalizations(
+        functional_model(), gamma=(0.5, 2.0), shift=1.0)
     out = tmp_path / "new_dir"
     original_run = FORMATS["onnx"].run
 
@@ -368,7 +361,8 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_writer_leaves_existing_files_alone(tmp_path, monkeypatch):
-    model = randomize_all_bn(functional_model())
+    model = randomize_normalizations(
+        functional_model(), gamma=(0.5, 2.0), shift=1.0)
     (tmp_path / "keep.txt").write_text("user data")
 
     def broken(path, model, signature, options):
@@ -383,7 +377,8 @@ def test_failed_writer_leaves_existing_files_alone(tmp_path, monkeypatch):
 
 
 def test_nan_outputs_fail_verification(tmp_path, monkeypatch):
-    model = randomize_all_bn(sequential_model())
+    model = randomize_normalizations(
+        sequential_model(), gamma=(0.5, 2.0), shift=1.0)
 
     def nan_run(path, signature, arrays):
         return [np.full((arrays[0].shape[0], 6), np.nan, "float32")]

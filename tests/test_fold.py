@@ -6,14 +6,14 @@ import json
 import keras
 import numpy as np
 import pytest
-from _fold_helpers import assert_same_outputs
-from _fold_helpers import count_batch_norms
-from _fold_helpers import count_scale_shift
-from _fold_helpers import inputs_for
-from _fold_helpers import randomize_normalizations
-from _fold_helpers import weights_snapshot
 
 import kerasbn
+from tests.helpers import assert_same_outputs
+from tests.helpers import count_batch_norms
+from tests.helpers import count_scale_shift
+from tests.helpers import inputs_for
+from tests.helpers import randomize_normalizations
+from tests.helpers import weights_snapshot
 
 L = keras.layers
 
@@ -81,7 +81,9 @@ def producer_then_bn(producer, bn_kind, use_bias, seed=0):
     inputs = keras.Input(shape)
     x = factory(use_bias)(inputs)
     outputs = BN_KINDS[bn_kind](axis)(x)
-    return randomize_normalizations(keras.Model(inputs, outputs), seed)
+    # Step counters as after some training (fold must not care).
+    return randomize_normalizations(keras.Model(inputs, outputs), seed,
+                                    steps=7)
 
 
 def fold_and_check(model, **options):
@@ -504,35 +506,37 @@ class FrozenAffine(L.Layer):
 
 
 def test_registered_centred_producer_and_new_normalization_kind():
-    from kerasbn.fold import registry
-    from kerasbn.fold import rules
-
-    registry.register_producer(
+    # The conftest fixture restores the registry after the test.
+    kerasbn.registry.register_linear(
         CenteredDense,
         "dense",
-        kernel_transform=lambda kernel, layer: rules.center_kernel(kernel, -1),
+        kernel_transform=lambda kernel, layer: kerasbn.rules.center_kernel(
+            kernel, -1),
         rebuild=lambda layer, config: (L.Dense, config),
     )
-    try:
-        inputs = keras.Input((5,))
-        x = CenteredDense(4, use_bias=False, name="centred")(inputs)
-        x = L.BatchNormalization(name="bn")(x)
-        affine = FrozenAffine(name="affine")
-        x = affine(L.ReLU()(x))
-        x = CenteredDense(3, name="centred_2")(x)
-        model = randomize_normalizations(keras.Model(inputs, x))
-        rng = np.random.default_rng(0)
-        affine.a.assign(rng.uniform(0.5, 2.0, 4))
-        affine.b.assign(rng.normal(size=4))
-        folded, report = fold_and_check(model)
-    finally:
-        registry.unregister(CenteredDense)
+    inputs = keras.Input((5,))
+    x = CenteredDense(4, use_bias=False, name="centred")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    affine = FrozenAffine(name="affine")
+    x = affine(L.ReLU()(x))
+    x = CenteredDense(3, name="centred_2")(x)
+    model = randomize_normalizations(keras.Model(inputs, x))
+    rng = np.random.default_rng(0)
+    affine.a.assign(rng.uniform(0.5, 2.0, 4))
+    affine.b.assign(rng.normal(size=4))
+    folded, report = fold_and_check(model)
     assert [(e.layer, e.direction) for e in report.entries] == [
         ("bn", "backward"), ("affine", "forward")]
     assert [type(layer) for layer in folded.layers[1:]] == [
         L.Dense, L.ReLU, L.Dense]
-    assert registry.find_producer(CenteredDense(2)) is registry.find_producer(
-        L.Dense(2))
+    # Unregistered, the subclass falls back to its parent's rule.
+    kerasbn.registry.unregister(CenteredDense)
+    assert kerasbn.registry.find_linear(
+        CenteredDense(2)) is kerasbn.registry.find_linear(L.Dense(2))
+    # The old names are aliases.
+    assert kerasbn.registry.register_producer is (
+        kerasbn.registry.register_linear)
+    assert kerasbn.registry.find_producer is kerasbn.registry.find_linear
 
 
 # -- precision, saving ---------------------------------------------------

@@ -13,13 +13,13 @@ The expected counts come from the architectures:
 
 import keras
 import pytest
-from _fold_helpers import assert_same_outputs
-from _fold_helpers import count_batch_norms
-from _fold_helpers import count_scale_shift
-from _fold_helpers import inputs_for
-from _fold_helpers import randomize_normalizations
 
 import kerasbn
+from tests.helpers import assert_same_outputs
+from tests.helpers import count_batch_norms
+from tests.helpers import count_scale_shift
+from tests.helpers import inputs_for
+from tests.helpers import randomize_normalizations
 
 APPLICATIONS = {
     # name: (constructor, BNs before, folded, replaced)

@@ -10,16 +10,17 @@ producer before it (backward) nor only exact linear consumers after it
 
 import keras
 import numpy as np
-from _fold_helpers import assert_same_outputs
-from _fold_helpers import count_batch_norms
-from _fold_helpers import inputs_for
-from _fold_helpers import randomize_normalizations
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
 import kerasbn
+from tests.helpers import assert_same_outputs
+from tests.helpers import count_batch_norms
+from tests.helpers import inputs_for
+from tests.helpers import randomize_normalizations
+from tests.helpers import weights_snapshot
 
 L = keras.layers
 LINEAR = (
@@ -137,11 +138,11 @@ def assert_nothing_foldable_left(folded):
 def test_random_graphs_fold_exactly_and_completely(data):
     model = randomize_normalizations(
         build_model(data), seed=data.draw(st.integers(0, 9)))
-    before = [np.array(w) for w in model.get_weights()]
+    before = weights_snapshot(model)
     folded, report = kerasbn.fold(model)
     assert_same_outputs(model, folded, inputs_for(model, batch=2))
     assert all(
-        np.array_equal(a, b) for a, b in zip(before, model.get_weights())
+        np.array_equal(a, b) for a, b in zip(before, weights_snapshot(model))
     )
     assert count_batch_norms(folded) == 0
     assert report.folded + report.replaced == len(report.entries)

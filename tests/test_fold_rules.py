@@ -1,4 +1,4 @@
-"""kerasbn.fold.rules against NumPy convolutions written out loop by loop.
+"""kerasbn.rules against NumPy convolutions written out loop by loop.
 
 Each rule must satisfy, for the layer it rewrites:
     backward: layer'(x) == scale * layer(x) + shift
@@ -10,7 +10,7 @@ kernel layouts, independent of Keras and of the rules.
 import numpy as np
 import pytest
 
-from kerasbn.fold import rules
+from kerasbn import rules
 
 
 def conv1d(x, kernel, bias, groups=1):

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from testing import random_batch
 
 import kerasbn
+from tests.helpers import random_batch
 
 L = keras.layers
 

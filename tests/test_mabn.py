@@ -15,6 +15,7 @@ relative tolerance would fail on them for no fault of the layer.
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -24,14 +25,15 @@ import tensorflow as tf
 import kerasbn
 from kerasbn.layers import MABN
 from kerasbn.layers import MovingAverageBatchNormalization
-from tests.testing import assert_close_to_scale
-from tests.testing import fit_single_and_mirrored
-from tests.testing import random_batch
-from tests.testing import run_layer_test
-from tests.testing import save_and_reload
-from tests.testing import to_numpy
-
-
+from tests.helpers import assert_close_to_scale
+from tests.helpers import assert_weights_close
+from tests.helpers import conv_model
+from tests.helpers import fit_single_and_mirrored
+from tests.helpers import fit_straight_and_resumed
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
+from tests.helpers import run_layer_test
+from tests.helpers import to_numpy
 
 
 # --------------------------------------------------------------------------
@@ -143,12 +145,11 @@ def _make_pair(case, dtype="float32"):
     shape = case.pop("shape")
     layer = MovingAverageBatchNormalization(dtype=dtype, **case)
     layer.build(shape)
-    rng = np.random.default_rng(3)
+    # Random gamma and beta; the statistics stay at their initial values,
+    # where the reference starts.
+    randomize_normalizations(layer, seed=3, gamma=(0.5, 2.0), shift=1.0,
+                             names=("gamma", "beta"))
     channels = shape[case["axis"]]
-    gamma = rng.uniform(0.5, 2.0, channels)
-    beta = rng.normal(size=channels)
-    layer.gamma.assign(gamma.astype(dtype))
-    layer.beta.assign(beta.astype(dtype))
     reference = ReferenceMABN(
         channels, case["axis"], buffer_size=case["buffer_size"],
         warmup_steps=case["warmup_steps"],
@@ -392,31 +393,21 @@ def test_training_resumes_exactly(tmp_path, how):
     target = random_batch((9 * batch, 3), seed=14)
 
     def build():
-        keras.utils.set_random_seed(42)
-        inputs = keras.Input((6, 6, 2))
-        h = kerasbn.layers.CenteredConv2D(4, 3, use_bias=False)(inputs)
-        h = MABN(buffer_size=3, warmup_steps=2, clip_start_step=4,
-                 momentum=0.9)(h)
-        h = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(h))
-        model = keras.Model(inputs, keras.layers.Dense(3)(h))
-        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-        return model
+        return conv_model(
+            lambda: MABN(buffer_size=3, warmup_steps=2, clip_start_step=4,
+                         momentum=0.9),
+            conv=kerasbn.layers.CenteredConv2D, seed=42, units=3,
+            learning_rate=0.05, relu=True)
 
-    straight = build()
-    straight.fit(x, target, batch_size=batch, shuffle=False, verbose=0)
+    def check_reloaded(model):
+        mabn = model.layers[2]
+        assert int(to_numpy(mabn.step)) == 5
+        assert np.any(to_numpy(mabn.buffer_gz) != 0)
 
-    first = build()
-    first.fit(x[:5 * batch], target[:5 * batch], batch_size=batch,
-              shuffle=False, verbose=0)
-    resumed = save_and_reload(first, build, how, tmp_path)
-    mabn = resumed.layers[2]
-    assert int(to_numpy(mabn.step)) == 5
-    assert np.any(to_numpy(mabn.buffer_gz) != 0)
-    resumed.fit(x[5 * batch:], target[5 * batch:], batch_size=batch,
-                shuffle=False, verbose=0)
+    straight, resumed = fit_straight_and_resumed(
+        build, x, target, batch, 5, how, tmp_path, check_reloaded)
     # Plain SGD has no state: any gap would come from the layer's state.
-    for a, b in zip(resumed.weights, straight.weights):
-        assert_close_to_scale(to_numpy(a), to_numpy(b), 1e-6, a.path)
+    assert_weights_close(resumed, straight, 1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -424,31 +415,17 @@ def test_training_resumes_exactly(tmp_path, how):
 
 
 def test_mirrored_two_replicas_match_one_device(two_replica_strategy):
-    global_batch = 8
-    x = random_batch((6 * global_batch, 6, 6, 2), seed=15, loc=0.5,
-                     scale=2.0)
-    target = random_batch((6 * global_batch, 2), seed=16)
-
-    def build():
-        keras.utils.set_random_seed(7)
-        inputs = keras.Input((6, 6, 2))
-        h = kerasbn.layers.CenteredConv2D(4, 3, use_bias=False)(inputs)
-        h = MABN(buffer_size=2, warmup_steps=3, clip_start_step=4,
-                 r_max=1.2, momentum=0.8)(h)
-        h = keras.layers.GlobalAveragePooling2D()(h)
-        model = keras.Model(inputs, keras.layers.Dense(2)(h))
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        return model
-
     single, mirrored = fit_single_and_mirrored(
-        build, x, target, global_batch, two_replica_strategy)
+        lambda: MABN(buffer_size=2, warmup_steps=3, clip_start_step=4,
+                     r_max=1.2, momentum=0.8),
+        two_replica_strategy, steps=6, global_batch=8, loc=0.5,
+        conv=kerasbn.layers.CenteredConv2D)
 
     mabn = mirrored.layers[2]
     assert int(to_numpy(mabn.step)) == 6
     assert np.any(to_numpy(mabn.buffer_gz) != 0)
     # Cross-replica sums are added in another order than one device's.
-    for a, b in zip(mirrored.weights, single.weights):
-        assert_close_to_scale(to_numpy(a), to_numpy(b), 1e-5, a.path)
+    assert_weights_close(mirrored, single, 1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -470,9 +447,7 @@ def test_mirrored_two_replicas_match_one_device(two_replica_strategy):
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
-    pattern = (message.replace("[", r"\[").replace("]", r"\]")
-               .replace(".", r"\."))
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=re.escape(message)):
         MABN(**kwargs)
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits
-from testing import random_batch
-from testing import randomize_bn_weights
 
 import kerasbn
+from tests.helpers import assert_close_to_scale
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
 
 L = keras.layers
 
@@ -32,11 +33,8 @@ def _cnn():
     h = L.DepthwiseConv2D(3)(h)
     h = kerasbn.layers.BatchRenormalization(name="bn_renorm")(h)
     outputs = L.Dense(2)(L.GlobalAveragePooling2D()(h))
-    model = keras.Model(inputs, outputs)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            randomize_bn_weights(layer, seed=len(layer.name))
-    return model
+    return randomize_normalizations(keras.Model(inputs, outputs),
+                                    gamma=(0.5, 2.0), shift=1.0)
 
 
 def _normalizations(model):
@@ -55,13 +53,6 @@ def _numpy_statistics(model, layer, x, positions=None):
         values = values[positions]
     values = values.reshape(-1, values.shape[-1])
     return values.mean(axis=0), values.var(axis=0)
-
-
-def _assert_relative(actual, expected, rel, what):
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                               rtol=0, atol=rel * scale, err_msg=what)
 
 
 def _weights(model):
@@ -90,21 +81,21 @@ def test_matches_numpy_at_two_batch_sizes():
     for result in (small, large):
         for layer in _normalizations(result):
             mean, variance = _numpy_statistics(result, layer, x)
-            _assert_relative(layer.moving_mean.numpy(), mean, 1e-5,
-                             f"{layer.name} mean")
-            _assert_relative(layer.moving_variance.numpy(), variance, 1e-5,
-                             f"{layer.name} variance")
+            assert_close_to_scale(layer.moving_mean.numpy(), mean, 1e-5,
+                                  f"{layer.name} mean")
+            assert_close_to_scale(layer.moving_variance.numpy(), variance,
+                                  1e-5, f"{layer.name} variance")
     for name, values in _statistics(small).items():
         for s, g in zip(values, _statistics(large)[name]):
-            _assert_relative(s, g, 1e-6, name)
+            assert_close_to_scale(s, g, 1e-6, name)
 
     renorm = large.get_layer("bn_renorm")
     stddev = np.sqrt(renorm.moving_variance.numpy().astype(np.float64)
                      + renorm.epsilon)
-    _assert_relative(renorm.moving_stddev.numpy(), stddev, 1e-6, "stddev")
-    _assert_relative(renorm.renorm_stddev.numpy(), stddev, 1e-6, "renorm")
-    _assert_relative(renorm.renorm_mean.numpy(),
-                     renorm.moving_mean.numpy(), 1e-6, "renorm mean")
+    assert_close_to_scale(renorm.moving_stddev.numpy(), stddev, 1e-6, "stddev")
+    assert_close_to_scale(renorm.renorm_stddev.numpy(), stddev, 1e-6, "renorm")
+    assert_close_to_scale(renorm.renorm_mean.numpy(),
+                          renorm.moving_mean.numpy(), 1e-6, "renorm mean")
     # Counters stay: they describe training, not the statistics.
     assert int(renorm.renorm_step.numpy()) == 0
     assert int(large.get_layer("bn_debiased").debias_step.numpy()) == 0
@@ -122,8 +113,8 @@ def test_independent_of_old_statistics_and_inplace():
     x = random_batch((40, 9, 9, 3), seed=4)
     model = _cnn()
     first = kerasbn.recalibrate(model, x, verbose=0)
+    randomize_normalizations(model, seed=99, gamma=(0.5, 2.0), shift=1.0)
     for layer in _normalizations(model):
-        randomize_bn_weights(layer, seed=99)
         # Give back gamma/beta so only the statistics differ.
         layer.gamma.assign(first.get_layer(layer.name).gamma)
         layer.beta.assign(first.get_layer(layer.name).beta)
@@ -131,7 +122,7 @@ def test_independent_of_old_statistics_and_inplace():
     assert returned is model
     for name, values in _statistics(first).items():
         for a, b in zip(values, _statistics(model)[name]):
-            _assert_relative(b, a, 1e-6, name)
+            assert_close_to_scale(b, a, 1e-6, name)
 
 
 def test_masked_positions_are_left_out():
@@ -154,9 +145,10 @@ def test_masked_positions_are_left_out():
         for name in ("bn1", "bn2"):
             layer = result.get_layer(name)
             mean, variance = _numpy_statistics(result, layer, tokens, keep)
-            _assert_relative(layer.moving_mean.numpy(), mean, 1e-5, name)
-            _assert_relative(layer.moving_variance.numpy(), variance, 1e-5,
-                             name)
+            assert_close_to_scale(layer.moving_mean.numpy(), mean, 1e-5,
+                                  name)
+            assert_close_to_scale(layer.moving_variance.numpy(), variance,
+                                  1e-5, name)
             # Padding positions would have pulled the statistics away.
             everything, _ = _numpy_statistics(result, layer, tokens)
             assert np.max(np.abs(everything - mean)) > 1e-3
@@ -172,8 +164,8 @@ def test_mabn_gets_the_population_second_moment():
     result = kerasbn.recalibrate(model, x, batch_size=8, verbose=0)
     layer = result.get_layer("mabn")
     mean, variance = _numpy_statistics(result, layer, x)
-    _assert_relative(layer.moving_variance.numpy(), variance + mean**2, 1e-5,
-                     "second moment")
+    assert_close_to_scale(layer.moving_variance.numpy(), variance + mean**2,
+                          1e-5, "second moment")
     assert int(layer.step.numpy()) == step_before
 
 
@@ -210,7 +202,7 @@ def test_every_data_form_gives_the_same_statistics():
         got = _statistics(kerasbn.recalibrate(model, data, verbose=0))
         for name, values in expected.items():
             for e, g in zip(values, got[name]):
-                _assert_relative(g, e, 1e-6, f"{what}: {name}")
+                assert_close_to_scale(g, e, 1e-6, f"{what}: {name}")
 
 
 def test_steps_limit_the_data_and_infinite_data_needs_steps():
@@ -222,8 +214,8 @@ def test_steps_limit_the_data_and_infinite_data_needs_steps():
     result = kerasbn.recalibrate(model, repeated, steps=2, verbose=0)
     layer = result.get_layer("bn_keras")
     mean, variance = _numpy_statistics(result, layer, x[:20])
-    _assert_relative(layer.moving_mean.numpy(), mean, 1e-5, "mean")
-    _assert_relative(layer.moving_variance.numpy(), variance, 1e-5, "var")
+    assert_close_to_scale(layer.moving_mean.numpy(), mean, 1e-5, "mean")
+    assert_close_to_scale(layer.moving_variance.numpy(), variance, 1e-5, "var")
 
 
 def test_layers_argument_and_errors():
@@ -267,13 +259,15 @@ def test_nested_model_and_progress_bar(capsys):
     assert "Layer 1/2: 'outer_bn'" in printed
     assert "Layer 2/2: 'inner_bn'" in printed
     outer = result.get_layer("outer_bn")
-    _assert_relative(outer.moving_mean.numpy(), x.mean(0), 1e-5, "outer")
+    assert_close_to_scale(outer.moving_mean.numpy(), x.mean(0), 1e-5, "outer")
     bn = result.get_layer("inner").get_layer("inner_bn")
     dense = result.get_layer("inner").get_layer("dense")
     normalized = result.get_layer("outer_bn")(x, training=False)
     h = np.asarray(dense(normalized), np.float64)
-    _assert_relative(bn.moving_mean.numpy(), h.mean(0), 1e-5, "inner mean")
-    _assert_relative(bn.moving_variance.numpy(), h.var(0), 1e-5, "inner var")
+    assert_close_to_scale(bn.moving_mean.numpy(), h.mean(0), 1e-5,
+                          "inner mean")
+    assert_close_to_scale(bn.moving_variance.numpy(), h.var(0), 1e-5,
+                          "inner var")
 
 
 def test_accuracy_recovers_on_shifted_digits():
@@ -337,5 +331,7 @@ def test_subclassed_model_in_place():
         kerasbn.recalibrate(model, x, verbose=0)
     kerasbn.recalibrate(model, x, inplace=True, verbose=0)
     h = np.asarray(model.dense(x), np.float64)
-    _assert_relative(model.bn.moving_mean.numpy(), h.mean(0), 1e-5, "mean")
-    _assert_relative(model.bn.moving_variance.numpy(), h.var(0), 1e-5, "var")
+    assert_close_to_scale(model.bn.moving_mean.numpy(), h.mean(0), 1e-5,
+                          "mean")
+    assert_close_to_scale(model.bn.moving_variance.numpy(), h.var(0), 1e-5,
+                          "var")

@@ -17,6 +17,7 @@ import tensorflow as tf
 from tensorflow.python.training import moving_averages
 
 import kerasbn
+from tests.helpers import assert_close_to_scale
 
 L = keras.layers
 
@@ -94,13 +95,6 @@ def checkpoint(tmp_path_factory):
     return _write_checkpoint(directory, ["conv1/BatchNorm"])
 
 
-def _assert_relative(actual, expected, rel, what):
-    expected = np.asarray(expected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                               rtol=0, atol=rel * scale, err_msg=what)
-
-
 def _layer(channels=CHANNELS, **kwargs):
     options = dict(momentum=DECAY, epsilon=EPSILON, zero_debias="mean")
     options.update(kwargs)
@@ -128,21 +122,21 @@ def test_training_resumes_with_tf_numbers(checkpoint):
     assert used == {layer.name: "conv1/BatchNorm"}
     assert int(layer.debias_step.numpy()) == SAVED_STEPS
     for name in ("beta", "gamma", "moving_variance"):
-        _assert_relative(getattr(layer, name).numpy(),
-                         reader.get_tensor(f"conv1/BatchNorm/{name}"), 1e-6,
-                         name)
-    _assert_relative(layer.moving_mean.numpy(),
-                     reader.get_tensor("conv1/BatchNorm/moving_mean"), 1e-6,
-                     "debiased mean")
+        assert_close_to_scale(getattr(layer, name).numpy(),
+                              reader.get_tensor(f"conv1/BatchNorm/{name}"),
+                              1e-6, name)
+    assert_close_to_scale(layer.moving_mean.numpy(),
+                          reader.get_tensor("conv1/BatchNorm/moving_mean"),
+                          1e-6, "debiased mean")
 
     for k, step in enumerate(range(SAVED_STEPS, SAVED_STEPS + MORE_STEPS)):
         x, _, _ = _batch(step)
         layer(x, training=True)
         tf_mean, tf_variance = history["conv1/BatchNorm"][k]
-        _assert_relative(layer.moving_mean.numpy(), tf_mean, 1e-6,
-                         f"moving_mean after step {step + 1}")
-        _assert_relative(layer.moving_variance.numpy(), tf_variance, 1e-6,
-                         f"moving_variance after step {step + 1}")
+        assert_close_to_scale(layer.moving_mean.numpy(), tf_mean, 1e-6,
+                              f"moving_mean after step {step + 1}")
+        assert_close_to_scale(layer.moving_variance.numpy(), tf_variance, 1e-6,
+                              f"moving_variance after step {step + 1}")
     assert int(layer.debias_step.numpy()) == SAVED_STEPS + MORE_STEPS
 
 
@@ -167,8 +161,8 @@ def test_model_with_default_and_explicit_mapping(tmp_path):
     assert used == {"other": "net/bn_b"}
     x, _, _ = _batch(SAVED_STEPS)
     fresh(x, training=True)
-    _assert_relative(fresh.moving_mean.numpy(), history["net/bn_b"][0][0],
-                     1e-6, "mapped layer")
+    assert_close_to_scale(fresh.moving_mean.numpy(), history["net/bn_b"][0][0],
+                          1e-6, "mapped layer")
 
 
 def test_errors_list_every_problem(checkpoint, tmp_path):
@@ -228,7 +222,7 @@ def test_plain_checkpoint_into_keras_layer(tmp_path):
     kerasbn.load_tf1_batch_norm(layer, prefix)
     x, _, _ = _batch(SAVED_STEPS)
     layer(x, training=True)
-    _assert_relative(layer.moving_mean.numpy(), history["bn"][0][0], 1e-6,
-                     "plain moving mean")
+    assert_close_to_scale(layer.moving_mean.numpy(), history["bn"][0][0], 1e-6,
+                          "plain moving mean")
     with pytest.raises(ValueError, match="zero_debias=False"):
         kerasbn.load_tf1_batch_norm(_layer(name="bn"), prefix)
