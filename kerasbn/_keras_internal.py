@@ -122,6 +122,25 @@ def batch_norm_moments(layer, inputs, mask):
         inputs, mask)
 
 
+def training_moments(layer, inputs, mask):
+    """`(inputs, mean, variance)` as Keras BN's training branch has them.
+
+    The mask's rank is checked as Keras checks it, and float16/bfloat16
+    inputs are upcast to float32 (the statistics are computed in at least
+    float32); the returned `inputs` are the upcast ones.
+    """
+    if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+        raise ValueError(
+            "The mask provided should be one dimension less than the "
+            f"inputs. Received: mask.shape={mask.shape}, "
+            f"inputs.shape={inputs.shape}"
+        )
+    dtype = keras.backend.result_type(inputs.dtype, "float32")
+    inputs = keras.ops.cast(inputs, dtype)
+    mean, variance = batch_norm_moments(layer, inputs, mask)
+    return inputs, mean, variance
+
+
 # -- TensorFlow. -------------------------------------------------------------
 
 

@@ -1,7 +1,6 @@
 """Keras' BatchNormalization plus zero-debiased moving statistics."""
 
 import keras
-from keras import backend
 from keras import ops
 
 from kerasbn import _keras_internal
@@ -28,6 +27,17 @@ def _canonical_zero_debias(value):
         "for TF1's zero_debias_moving_mean=True, True to debias both the "
         "moving mean and the moving variance."
     )
+
+
+def add_step_counter(layer, name):
+    """An int64 training-step counter weight, saved with the layer.
+
+    Every replica computes the same count, so the first replica's write is
+    the write (`aggregation="only_first_replica"`).
+    """
+    return layer.add_weight(
+        shape=(), name=name, initializer="zeros", dtype="int64",
+        trainable=False, autocast=False, aggregation="only_first_replica")
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -131,28 +141,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
         _checks.channels_of(self.axis, input_shape)
         super().build(input_shape)
         if self.zero_debias:
-            self.debias_step = self.add_weight(
-                shape=(),
-                name="debias_step",
-                initializer="zeros",
-                dtype="int64",
-                trainable=False,
-                autocast=False,
-                aggregation="only_first_replica",
-            )
+            self.debias_step = add_step_counter(self, "debias_step")
 
     def call(self, inputs, training=None, mask=None):
         if not (self.zero_debias and training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
-        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
-            raise ValueError(
-                "The mask provided should be one dimension less than the "
-                f"inputs. Received: mask.shape={mask.shape}, "
-                f"inputs.shape={inputs.shape}"
-            )
         # Statistics in at least float32, as Keras does for float16/bfloat16.
-        inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
-        mean, variance = _keras_internal.batch_norm_moments(
+        inputs, mean, variance = _keras_internal.training_moments(
             self, inputs, mask)
         self._update_debiased_statistics(mean, variance)
         gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None

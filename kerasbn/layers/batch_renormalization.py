@@ -4,12 +4,12 @@ import math
 import numbers
 
 import keras
-from keras import backend
 from keras import ops
 
 from kerasbn import _keras_internal
 from kerasbn import _numerics
 from kerasbn.layers.batch_normalization import BatchNormalization
+from kerasbn.layers.batch_normalization import add_step_counter
 from kerasbn import _checks
 
 _SCHEDULE_ARGS = ("rmax", "rmin", "dmax")
@@ -301,15 +301,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
     def build(self, input_shape):
         _checks.channels_of(self.axis, input_shape)
         super().build(input_shape)
-        self.renorm_step = self.add_weight(
-            shape=(),
-            name="renorm_step",
-            initializer="zeros",
-            dtype="int64",
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-        )
+        self.renorm_step = add_step_counter(self, "renorm_step")
 
     # -- schedule ----------------------------------------------------------
 
@@ -370,17 +362,10 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         if not (training and self.trainable):
             # Inference: Keras' batch normalization on the moving statistics.
             return super().call(inputs, training=False, mask=mask)
-        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
-            raise ValueError(
-                "The mask provided should be one dimension less than the "
-                f"inputs. Received: mask.shape={mask.shape}, "
-                f"inputs.shape={inputs.shape}"
-            )
         # Statistics in at least float32, as Keras does for float16/bfloat16.
-        inputs = ops.cast(inputs, backend.result_type(inputs.dtype, "float32"))
-        dtype = inputs.dtype
-        mean, variance = _keras_internal.batch_norm_moments(
+        inputs, mean, variance = _keras_internal.training_moments(
             self, inputs, mask)
+        dtype = inputs.dtype
         stddev = ops.sqrt(variance + self.epsilon)
 
         # Everything the corrections read is read before any update below.

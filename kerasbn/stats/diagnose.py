@@ -549,16 +549,11 @@ def _layer_report(layer, moments, model):
     mean_gap, ratio = _gaps(layer, kind, moments)
     momentum, steps, source, weight = _averages(layer, kind, model)
     return LayerDiagnosis(
-        name=layer.name,
-        kind=type(layer).__name__,
+        name=layer.name, kind=type(layer).__name__,
         channels=int(kind.stored(layer)[1].shape[0]),
         positions=0 if moments is None else int(moments.count),
-        mean_gap=mean_gap,
-        variance_ratio=ratio,
-        momentum=momentum,
-        steps=steps,
-        steps_source=source,
-        initial_weight=weight,
+        mean_gap=mean_gap, variance_ratio=ratio, momentum=momentum,
+        steps=steps, steps_source=source, initial_weight=weight,
         exact=_is_exact(mean_gap, ratio),
     )
 
