@@ -7,19 +7,39 @@
 Prints one progress line per stage and a final table: BN layers folded and
 kept, parameter counts, the max error of every artifact against the
 original model, and Keras inference latency before and after folding.
+
+Every argument is checked before TensorFlow is imported (~4 s), so
+`--help` and a mistyped argument answer at once.
+
 Exit status: 0 on success; 1 when an artifact does not reproduce the model;
-2 for bad input (the reason on one line, no traceback).
+2 for bad input (the reason on one line, no traceback); 130 on SIGINT
+(Ctrl-C) and 143 on SIGTERM (128 + the signal number, as a shell reports
+a process killed by it). An export interrupted before its artifacts are
+in place cleans up and leaves the output directory as it was; the message
+says whether the artifacts had been written.
 """
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
+import secrets
+import signal
 import statistics
 import sys
 import time
 import zipfile
+
+# Light modules only: Keras and TensorFlow load after the arguments pass.
+from kerasbn.exporting import FORMATS
+from kerasbn.exporting import ExportError
+from kerasbn.exporting import VerificationError
+from kerasbn.exporting import _options
+from kerasbn.exporting import _staging
+from kerasbn.exporting import export
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,9 +50,14 @@ class CliError(Exception):
     """A one-line reason for the user; exit status 2."""
 
 
-def _parser():
-    from kerasbn.exporting import DEFAULT_OPSET, DEFAULT_RTOL, FORMATS
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (the signal's name is the message)."""
 
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+
+
+def _parser():
     parser = argparse.ArgumentParser(
         prog="kerasbn-fold",
         description="Fold batch normalization into neighbouring layers and "
@@ -42,11 +67,12 @@ def _parser():
     parser.add_argument("model", help="trained model file (.keras)")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory (created if missing)")
-    parser.add_argument("--format", default="saved_model,onnx",
+    parser.add_argument("--format", default=",".join(_options.DEFAULT_FORMATS),
                         help="comma-separated formats from "
                         f"{','.join(FORMATS)} (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=_options.DEFAULT_OPSET,
+                        help=f"ONNX opset, {_options.MIN_OPSET} to the newest "
+                        "the installed tf2onnx writes (default: %(default)s)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip running the artifacts against the model")
     parser.add_argument("--keep-bn", action="store_true",
@@ -64,7 +90,7 @@ def _parser():
     parser.add_argument("--name", help="artifact name (default: model name)")
     parser.add_argument("--version", type=int, default=1,
                         help="TF Serving version directory (default: 1)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+    parser.add_argument("--rtol", type=float, default=_options.DEFAULT_RTOL,
                         help="allowed error / max|output| (default: "
                         "%(default)g)")
     parser.add_argument("--overwrite", action="store_true",
@@ -72,6 +98,139 @@ def _parser():
     parser.add_argument("--latency-runs", type=int, default=20,
                         help="timed runs for the latency line (0: skip)")
     return parser
+
+
+# -- Checks that need no TensorFlow. ------------------------------------------
+
+
+def _check_arguments(args):
+    """Check every argument that can be checked without TensorFlow.
+
+    Returns the list of formats. Raises `CliError`. Only an ONNX opset
+    above the newest every supported tf2onnx writes makes it import
+    tf2onnx (and TensorFlow) to ask the installed one.
+    """
+    _check_model_file(args.model)
+    try:
+        _staging.check_output_directory(os.path.abspath(args.output))
+    except ExportError as error:
+        raise CliError(str(error)) from None
+    try:
+        formats = _options.parse_formats(args.format)
+    except ValueError:
+        unknown = [f.strip() for f in args.format.split(",")
+                   if f.strip() and f.strip() not in FORMATS]
+        raise CliError(f"unknown format(s) {','.join(unknown) or '(none)'}; "
+                       f"choose from {','.join(FORMATS)}") from None
+    _check_json_target(args.json, args.model)
+    if args.name is not None and not _options.is_safe_name(args.name):
+        raise CliError(f"--name {args.name!r} is not a safe file name: use "
+                       "letters, digits, '_', '.', '-'")
+    if args.version < 1:
+        raise CliError(f"--version must be a positive integer (TF Serving's "
+                       f"version directory); received {args.version}")
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise CliError(f"--rtol must be a positive finite number; received "
+                       f"{args.rtol}")
+    if args.latency_runs < 0:
+        raise CliError(f"--latency-runs must be >= 0; received "
+                       f"{args.latency_runs}")
+    for spec in args.custom_module:
+        if (spec.endswith(".py") or os.sep in spec) and not os.path.isfile(
+                spec):
+            raise CliError(f"--custom-module file not found: {spec}")
+    if "onnx" in formats:
+        _check_opset(args.opset)
+    return formats
+
+
+def _check_model_file(path):
+    if not os.path.exists(path):
+        raise CliError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise CliError(
+            f"{path} is a directory; kerasbn-fold takes a Keras 3 model file "
+            "(.keras). A SavedModel directory cannot be folded: load the "
+            "Keras model that produced it and save it with model.save("
+            "'model.keras')."
+        )
+    if not zipfile.is_zipfile(path):
+        raise CliError(
+            f"{path} is not a Keras model file (.keras is a zip archive); "
+            "save the model with model.save('model.keras')."
+        )
+
+
+def _check_opset(opset):
+    low, high = _options.MIN_OPSET, _options.KNOWN_MAX_OPSET
+    if low <= opset <= high:
+        return
+    if opset > high:
+        from kerasbn.exporting.formats import newest_onnx_opset
+
+        try:
+            high = newest_onnx_opset()  # imports tf2onnx and TensorFlow
+        except ImportError as error:
+            raise CliError(str(error)) from None
+        if opset <= high:
+            return
+    raise CliError(f"--opset {opset} is not supported: choose an ONNX opset "
+                   f"from {low} to {high} (default: {_options.DEFAULT_OPSET})")
+
+
+def _check_json_target(path, model_path):
+    if path is None:
+        return
+    full = os.path.abspath(path)
+    folder = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise CliError(f"--json {path} is a directory; give a file path, e.g. "
+                       f"{os.path.join(path, 'report.json')}")
+    if os.path.exists(full) and os.path.samefile(full, model_path):
+        raise CliError(f"--json {path} is the model file; give another path")
+    if not os.path.isdir(folder):
+        raise CliError(f"cannot write the JSON report to {path}: folder "
+                       f"{folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write the JSON report to {path}: folder "
+                       f"{folder} is not writable")
+
+
+# -- Loading (imports Keras). -------------------------------------------------
+
+
+def _load(args):
+    """The model of `args.model`, after registering the custom layers."""
+    import kerasbn.layers  # noqa: F401  (registers kerasbn's layers)
+
+    for spec in args.custom_module:
+        _import_custom_module(spec)
+    return load_model(args.model)
+
+
+def load_model(path):
+    """Load a `.keras` model file; `CliError` with the reason if it fails."""
+    _check_model_file(path)
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:
+        missing = _missing_class(error)
+        if missing:
+            raise CliError(
+                f"{path} needs the custom object '{missing}', which is not "
+                "registered: pass --custom-module MODULE (a module or .py "
+                "file that defines it with "
+                "@keras.saving.register_keras_serializable)."
+            ) from error
+        raise CliError(
+            f"cannot load {path} as a Keras model: "
+            f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        ) from error
+    if not isinstance(model, keras.Model):
+        raise CliError(f"{path} holds a {type(model).__name__}, not a model")
+    return model
 
 
 def _import_custom_module(spec):
@@ -107,41 +266,26 @@ def _missing_class(error):
     return None
 
 
-def load_model(path):
-    import keras
+# -- Export and report. -------------------------------------------------------
 
-    if not os.path.exists(path):
-        raise CliError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        raise CliError(
-            f"{path} is a directory; kerasbn-fold takes a Keras 3 model file "
-            "(.keras). A SavedModel directory cannot be folded: load the "
-            "Keras model that produced it and save it with model.save("
-            "'model.keras')."
-        )
-    if not zipfile.is_zipfile(path):
-        raise CliError(
-            f"{path} is not a Keras model file (.keras is a zip archive); "
-            "save the model with model.save('model.keras')."
-        )
+
+def _progress(message):
+    print(f"[kerasbn-fold] {message}", flush=True)
+
+
+def _export(args, model, formats, progress):
+    """`kerasbn.export` with the CLI's options; VerificationError passes."""
     try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:
-        missing = _missing_class(error)
-        if missing:
-            raise CliError(
-                f"{path} needs the custom object '{missing}', which is not "
-                "registered: pass --custom-module MODULE (a module or .py "
-                "file that defines it with "
-                "@keras.saving.register_keras_serializable)."
-            ) from error
-        raise CliError(
-            f"cannot load {path} as a Keras model: "
-            f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        ) from error
-    if not isinstance(model, keras.Model):
-        raise CliError(f"{path} holds a {type(model).__name__}, not a model")
-    return model
+        return export(
+            model, args.output, formats, fold=not args.no_fold,
+            keep_bn=args.keep_bn, verify=not args.no_verify,
+            name=args.name, version=args.version, opset=args.opset,
+            rtol=args.rtol, overwrite=args.overwrite, progress=progress,
+        )
+    except VerificationError:
+        raise
+    except (ExportError, ValueError, TypeError, ImportError) as error:
+        raise CliError(str(error).splitlines()[0]) from error
 
 
 def _latencies(original, exported, runs):
@@ -193,49 +337,8 @@ def _summary(original, result, latency):
     return "\n".join(lines)
 
 
-def run(argv=None):
-    parser = _parser()
-    args = parser.parse_args(argv)
-    from kerasbn.exporting import FORMATS
-
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise CliError(f"unknown format(s) {','.join(unknown) or '(none)'}; "
-                       f"choose from {','.join(FORMATS)}")
-    if args.json and not os.access(os.path.dirname(
-            os.path.abspath(args.json)), os.W_OK):
-        raise CliError(f"cannot write the JSON report to {args.json}")
-
-    def progress(message):
-        print(f"[kerasbn-fold] {message}", flush=True)
-
-    progress(f"loading {args.model}")
-    import kerasbn  # registers kerasbn's layers before loading
-
-    for spec in args.custom_module:
-        _import_custom_module(spec)
-    model = load_model(args.model)
-
-    from kerasbn.exporting import ExportError, VerificationError
-
-    try:
-        result = kerasbn.export(
-            model, args.output, formats, fold=not args.no_fold,
-            keep_bn=args.keep_bn, verify=not args.no_verify,
-            name=args.name, version=args.version, opset=args.opset,
-            rtol=args.rtol, overwrite=args.overwrite, progress=progress,
-        )
-    except VerificationError as error:
-        print(str(error), file=sys.stderr)
-        if args.json:
-            _write_json(args.json, error.result.to_dict())
-        print("kerasbn-fold: verification failed; nothing was written",
-              file=sys.stderr)
-        return EXIT_VERIFY
-    except (ExportError, ValueError, TypeError, ImportError) as error:
-        raise CliError(str(error).splitlines()[0]) from error
-
+def _report(args, model, result, progress):
+    """Print the fold report and summary; write the JSON report if asked."""
     latency = None
     if args.latency_runs > 0:
         progress("timing Keras inference before/after folding")
@@ -251,26 +354,149 @@ def run(argv=None):
             report["latency_ms_batch1"] = {"before": latency[0],
                                            "after": latency[1]}
         _write_json(args.json, report)
-    return EXIT_OK
 
 
 def _write_json(path, payload):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write `payload` to `path` atomically: the whole report or nothing.
+
+    The temporary file sits beside `path` (hidden, named after this
+    process) and is removed whatever happens.
+    """
+    full = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}."
+                       f"{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            json.dump(payload, f, indent=2, default=str)
+        os.replace(tmp, full)
+    except OSError as error:
+        raise CliError(f"cannot write the JSON report to {path}: "
+                       f"{error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def run(argv=None, interrupts=None):
+    """Parse, check, load, export, report; returns the exit status.
+
+    Raises `CliError` for bad input and `KeyboardInterrupt` when
+    interrupted; `main` turns both into one message and an exit status.
+    `interrupts` (an `_Interrupts`) learns when the artifacts are written.
+    """
+    interrupts = interrupts or _Interrupts()
+    args = _parser().parse_args(argv)
+    formats = _check_arguments(args)
+
+    def progress(message):
+        interrupts.check()
+        if message.startswith(_options.COMMIT_STAGE):
+            interrupts.defer()
+        _progress(message)
+
+    progress(f"loading {args.model}")
+    model = _load(args)
+    try:
+        result = _export(args, model, formats, progress)
+    except VerificationError as error:
+        print(str(error), file=sys.stderr)
+        if args.json:
+            _write_json(args.json, error.result.to_dict())
+        print("kerasbn-fold: verification failed; nothing was written",
+              file=sys.stderr)
+        return EXIT_VERIFY
+    interrupts.wrote(result.directory)
+    _report(args, model, result, progress)
+    return EXIT_OK
+
+
+# -- Signals. -----------------------------------------------------------------
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM, raised as `Interrupted` in the main thread.
+
+    An exception raised inside TensorFlow's C++ code can come out as
+    another exception, or not at all; so the signal is also recorded:
+    `main` reports any failure after a signal as the interruption, and
+    `check()`, run at every progress line, raises if it was swallowed.
+    While the export moves its verified artifacts into place (`defer()`
+    until `written`), a signal is only recorded, so the message can tell
+    whether they were written.
+
+    Attributes:
+        signum: The signal received, or None.
+        written: The export directory once the artifacts are in place.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.written = None
+        self._deferred = False
+
+    def _handle(self, signum, frame):
+        # A second signal ends the process at once; the next export
+        # removes what it leaves (see kerasbn.exporting._staging).
+        signal.signal(signum, signal.SIG_DFL)
+        self.signum = signum
+        if not self._deferred:
+            raise Interrupted(signum)
+
+    def defer(self):
+        """Record signals without raising until `wrote()`."""
+        self._deferred = True
+
+    def wrote(self, directory):
+        """The artifacts are in `directory`; raise a deferred signal now."""
+        self.written = directory
+        self._deferred = False
+        self.check()
+
+    def check(self):
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {}
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def report(self):
+        """Print what the interruption left; returns the exit status."""
+        print("kerasbn-fold: interrupted; " + (
+            f"the artifacts were already written to {self.written}, the "
+            "report is incomplete" if self.written else "nothing was written"),
+            file=sys.stderr)
+        return 128 + (self.signum or signal.SIGINT)
 
 
 def main(argv=None):
-    try:
-        return run(argv)
-    except CliError as error:
-        print(f"kerasbn-fold: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("kerasbn-fold: interrupted; nothing was written",
-              file=sys.stderr)
-        return 130
+    interrupts = _Interrupts()
+    with interrupts.installed():
+        try:
+            status = run(argv, interrupts)
+        except CliError as error:
+            if interrupts.signum is None:
+                print(f"kerasbn-fold: error: {error}", file=sys.stderr)
+                return EXIT_USAGE
+        except KeyboardInterrupt:
+            pass
+        except Exception:
+            if interrupts.signum is None:
+                raise
+        else:
+            if interrupts.signum is None:
+                return status
+        return interrupts.report()
 
 
 if __name__ == "__main__":

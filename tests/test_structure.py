@@ -17,6 +17,7 @@ import ast
 import importlib.util
 import inspect
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -189,3 +190,39 @@ def test_fold_and_export_are_plain_functions_of_plain_packages():
             "plain module")
     assert kerasbn.fold is kerasbn.folding.fold
     assert kerasbn.export is kerasbn.exporting.export
+
+
+_REGISTRATION = """
+import sys, tempfile, os
+{first}
+import keras
+light = "tensorflow" not in sys.modules or {keras_first}
+path = os.path.join(tempfile.mkdtemp(), "m.keras")
+bn = keras.saving.get_registered_object("kerasbn>BatchNormalization")
+assert bn is not None, "kerasbn's layers are not registered with Keras"
+model = keras.Sequential([keras.Input((3,)), bn(zero_debias=True)])
+model.save(path)
+""" + """
+reloaded = keras.models.load_model(path)
+assert type(reloaded.layers[0]) is bn, type(reloaded.layers[0])
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("keras_first", [False, True])
+def test_import_kerasbn_registers_layers_in_either_import_order(keras_first):
+    # `import kerasbn` is lazy (the CLI answers --help without TensorFlow),
+    # but it must still register kerasbn's layers with Keras, whether Keras
+    # was imported before it or after it.
+    first = "import keras\nimport kerasbn" if keras_first else "import kerasbn"
+    code = _REGISTRATION.format(first=first, keras_first=keras_first)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_import_kerasbn_alone_does_not_load_tensorflow():
+    code = "import sys, kerasbn; print('tensorflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

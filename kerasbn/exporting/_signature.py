@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _keras_internal
+
 _NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -42,9 +44,23 @@ def _structure(model, attribute, flat):
 
 
 def _producer_name(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    operation = getattr(history, "operation", None)
+    operation = _keras_internal.producing_operation(tensor)
     return getattr(operation, "name", None) or tensor.name
+
+
+def _no_inputs_error(model):
+    if isinstance(model, keras.Sequential):
+        how = ("start its layer list with `keras.Input(shape)`, or call "
+               "`model.build((None, *shape))`")
+    else:
+        how = ("a subclassed model keeps no symbolic inputs, even after "
+               "`model(keras.Input(shape))`. Wrap it in a Functional model "
+               "and export the wrapper: `inputs = keras.Input(shape); "
+               "wrapper = keras.Model(inputs, model(inputs))`")
+    return ValueError(
+        f"Model {model.name!r} has no known inputs, so its serving "
+        f"signature (input names, shapes, dtypes) is unknown: {how}."
+    )
 
 
 class ServingSignature:
@@ -59,12 +75,7 @@ class ServingSignature:
     def __init__(self, model):
         inputs = getattr(model, "inputs", None)
         if not inputs:
-            raise ValueError(
-                f"Model {model.name!r} has no known inputs: it was never "
-                "built on symbolic inputs. Build it first, e.g. "
-                "`model(keras.Input(shape))` for a subclassed model, or give "
-                "a Sequential model an `keras.Input` layer."
-            )
+            raise _no_inputs_error(model)
         self._input_struct = _structure(model, "input", inputs)
         self.input_names = _unique(
             [_sanitize(t.name, f"input_{i}") for i, t in enumerate(inputs)]
@@ -83,7 +94,6 @@ class ServingSignature:
         self.output_names = _unique(
             [_sanitize(n, f"output_{i}") for i, n in enumerate(names)]
         )
-        self.output_shapes = [tuple(t.shape) for t in outputs]
 
     def pack(self, flat_inputs):
         """Flat inputs -> the structure the model's `call` expects."""
@@ -159,7 +169,9 @@ class ServingSignature:
             )
         arrays = []
         for value, spec in zip(flat, self.input_specs):
-            value = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                # Out-of-range values become inf; export reports them.
+                value = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
             if value.ndim != len(spec.shape) or any(
                 d is not None and d != v
                 for d, v in zip(spec.shape[1:], value.shape[1:])

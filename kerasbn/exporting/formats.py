@@ -169,6 +169,20 @@ FORMATS = collections.OrderedDict(
 )
 
 
+def newest_onnx_opset():
+    """The newest ONNX opset the installed tool chain can write.
+
+    The newest that both tf2onnx (its `constants.OPSET_TO_IR_VERSION`
+    table) and the installed onnx package (`onnx.defs.onnx_opset_version()`)
+    know. Imports tf2onnx, and with it TensorFlow.
+    """
+    _require("tf2onnx")
+    onnx = _require("onnx")
+    constants = importlib.import_module("tf2onnx.constants")
+    return min(max(constants.OPSET_TO_IR_VERSION),
+               onnx.defs.onnx_opset_version())
+
+
 def onnx_op_census(path):
     """Counts of each ONNX op type in the model at `path`."""
     onnx = _require("onnx")

@@ -1,0 +1,207 @@
+"""The steps of `export`: check, fold, write, verify.
+
+`kerasbn.exporting.export` runs them in order; this module imports Keras
+and TensorFlow, so it is imported on the first export only.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from kerasbn import _checks
+from kerasbn.exporting import _options
+from kerasbn.exporting._result import ExportError
+from kerasbn.exporting.formats import FORMATS
+from kerasbn.exporting.formats import newest_onnx_opset
+from kerasbn.exporting.formats import onnx_op_census
+
+WHERE = "kerasbn.export"
+
+
+def check_arguments(model, directory, formats, name, version, opset, rtol,
+                    batch_sizes):
+    """Check `export`'s arguments; returns `(formats, name)`, resolved."""
+    _checks.check_model(model, WHERE)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise _checks.argument_error(
+            "directory", "a path (str or os.PathLike)", directory, WHERE,
+            error=TypeError)
+    try:
+        formats = _options.parse_formats(formats)
+    except ValueError as error:
+        raise ValueError(f"{WHERE}: {error}") from None
+    name = model.name if name is None else str(name)
+    if not _options.is_safe_name(name):
+        raise ValueError(
+            f"{WHERE}: Artifact name {name!r} is not a safe file name: use "
+            "letters, digits, '_', '.', '-' (pass `name=`)."
+        )
+    _checks.check_int("version", version, 1, WHERE,
+                      hint="It names TF Serving's version directory.")
+    _checks.check_number("rtol", rtol, 0.0, where=WHERE, low_open=True,
+                         hint="It bounds max abs error / max |output|; "
+                         f"the default is {_options.DEFAULT_RTOL:g}.")
+    for size in batch_sizes:
+        _checks.check_int("batch_sizes", size, 1, WHERE)
+    if "onnx" in formats:
+        check_opset(opset)
+    return formats, name
+
+
+def check_opset(opset):
+    """`opset` must be None (tf2onnx's default) or one tf2onnx can write."""
+    if opset is None:
+        return
+    if not _checks.is_integer(opset):
+        raise _checks.argument_error("opset", "an integer", opset, WHERE,
+                                     error=TypeError)
+    lowest, highest = _options.MIN_OPSET, newest_onnx_opset()
+    if not lowest <= opset <= highest:
+        raise _checks.argument_error(
+            "opset", f"an ONNX opset from {lowest} to {highest}", opset,
+            WHERE, hint=f"The default is {_options.DEFAULT_OPSET}; "
+            f"{highest} is the newest the installed tf2onnx and onnx write.")
+
+
+def verification_inputs(signature, sample, batch_sizes, verify):
+    """The flat inputs of each verification batch (none if not `verify`).
+
+    A given `sample` is checked even without `verify`: it must fit the
+    model's inputs and hold only finite values.
+    """
+    if sample is None:
+        return ([signature.generate_inputs(b, seed=b) for b in batch_sizes]
+                if verify else [])
+    flat = signature.flatten_sample(sample)
+    _check_finite(signature, flat)
+    n = flat[0].shape[0]
+    if n < 1:
+        raise ValueError(f"{WHERE}: `sample` has an empty batch dimension.")
+    if not verify:
+        return []
+    small = [a[:1] for a in flat]
+    if n == 1:
+        return [small, [np.concatenate([a] * 3, axis=0) for a in flat]]
+    return [small, flat]
+
+
+def _check_finite(signature, flat):
+    for name, array in zip(signature.input_names, flat):
+        if not np.issubdtype(array.dtype, np.inexact):
+            continue
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"{WHERE}: Argument `sample` must hold finite values. Input "
+                f"{name!r} has {bad} non-finite value(s) (NaN or +-inf, "
+                f"after casting to {array.dtype}) out of {array.size}. "
+                "Outputs on them cannot be compared: replace them (e.g. "
+                "np.nan_to_num) or leave `sample` out to verify on random "
+                "inputs."
+            )
+
+
+def reference_outputs(model, signature, arrays):
+    """The original model's flat outputs in inference mode."""
+    outputs = model(signature.pack([keras.ops.convert_to_tensor(a)
+                                    for a in arrays]), training=False)
+    return [np.asarray(keras.ops.convert_to_numpy(t))
+            for t in keras.tree.flatten(outputs)]
+
+
+def fold_for_export(model, fold, keep_bn, progress):
+    """`(deployable model, fold report or None)`."""
+    if not fold:
+        return model, None
+    from kerasbn.folding import fold as fold_model
+
+    progress("folding batch normalization")
+    return fold_model(model, keep_unfolded=keep_bn)
+
+
+def write_artifacts(staging, targets, model, signature, opset, progress):
+    """Write each format into `staging`; returns `{format: staged path}`."""
+    staged = {}
+    for fmt, relpath in targets.items():
+        path = staging.new(relpath)
+        progress(f"writing {fmt}")
+        try:
+            FORMATS[fmt].write(path, model, signature, {"opset": opset})
+        except ImportError:
+            raise
+        except Exception as error:
+            raise ExportError(
+                f"Writing the {fmt} artifact failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        staged[fmt] = path
+    return staged
+
+
+def verify_artifacts(staged, signature, inputs, references, rtol, progress):
+    """Run each staged artifact on each input batch; returns the checks."""
+    if inputs:
+        progress("verifying " + ", ".join(staged) + " at batch sizes "
+                 + ", ".join(str(int(a[0].shape[0])) for a in inputs))
+    checks = []
+    for arrays, reference in zip(inputs, references):
+        batch = int(arrays[0].shape[0]) if arrays else 0
+        for fmt, path in staged.items():
+            max_abs, rel = compare(reference,
+                                   _run(fmt, path, signature, arrays))
+            checks.append({
+                "format": fmt, "batch": batch, "max_abs_error": max_abs,
+                "rel_error": rel, "rtol": rtol, "passed": rel <= rtol,
+            })
+    return checks
+
+
+def _run(fmt, path, signature, arrays):
+    try:
+        return FORMATS[fmt].run(path, signature, arrays)
+    except ImportError:
+        raise
+    except Exception as error:
+        hint = (" A subclassed model inside must be registered with "
+                "@keras.saving.register_keras_serializable to load."
+                if fmt == "keras" else "")
+        raise ExportError(
+            f"Running the written {fmt} artifact failed: "
+            f"{type(error).__name__}: {_first_line(error)}{hint}"
+        ) from error
+
+
+def _first_line(error):
+    lines = str(error).splitlines()
+    return lines[0] if lines else ""
+
+
+def onnx_ops(staged):
+    """`{op_type: count}` of the staged ONNX graph, or None without one."""
+    return onnx_op_census(staged["onnx"]) if "onnx" in staged else None
+
+
+def compare(reference, outputs):
+    """Max abs error and max abs error / max |reference| over all outputs.
+
+    A shape mismatch, or a NaN/inf where the reference is finite, is an
+    infinite error (NumPy's max would silently skip NaNs in a comparison).
+    """
+    max_abs, scale = 0.0, 0.0
+    if len(reference) != len(outputs):
+        return float("inf"), float("inf")
+    for ref, out in zip(reference, outputs):
+        ref = np.asarray(ref, np.float64)
+        out = np.asarray(out, np.float64)
+        if ref.shape != out.shape:
+            return float("inf"), float("inf")
+        if not ref.size:
+            continue
+        diff = np.abs(out - ref)
+        if not np.isfinite(diff).all():
+            return float("inf"), float("inf")
+        max_abs = max(max_abs, float(diff.max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    rel = max_abs / scale if scale > 0 else max_abs
+    return max_abs, rel

@@ -1,0 +1,129 @@
+"""What `export` returns and raises.
+
+Kept apart from the export pipeline (which imports Keras and TensorFlow) so
+that `kerasbn.exporting` and the CLI load without TensorFlow.
+"""
+
+import json
+
+
+class ExportError(RuntimeError):
+    """The export could not be done; nothing was written.
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)],
+    ...                          name="net")
+    >>> directory = tempfile.mkdtemp()
+    >>> open(os.path.join(directory, "net.keras"), "w").close()
+    >>> try:  # doctest: +ELLIPSIS
+    ...     kerasbn.export(model, directory, formats=["keras"])
+    ... except kerasbn.ExportError as error:
+    ...     print(error)
+    Refusing to overwrite existing artifact(s) ['.../net.keras']. Pass
+    overwrite=True (CLI: --overwrite) or choose another directory.
+    """
+
+
+class VerificationError(ExportError):
+    """An artifact's outputs differ from the original model past tolerance.
+
+    Attributes:
+        result: The `ExportResult` with every check, for inspection.
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)), keras.layers.Dense(2),
+    ...     keras.layers.BatchNormalization(),
+    ... ])
+    >>> _ = model.layers[1].moving_mean.assign([3.0, -1.0])
+    >>> directory = tempfile.mkdtemp()
+    >>> try:  # a tolerance below float32 rounding: folding cannot meet it
+    ...     kerasbn.export(model, directory, formats=["keras"], rtol=1e-12)
+    ... except kerasbn.VerificationError as error:
+    ...     print(error.result.passed, os.listdir(directory))
+    False []
+    """
+
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
+
+
+class ExportResult:
+    """What `export` wrote and how well each artifact matched.
+
+    Attributes:
+        directory: The export directory.
+        artifacts: `{format: path}` of the artifacts written.
+        fold_report: The `kerasbn.fold` report, or None with `fold=False`.
+        checks: One dict per (artifact, batch size): `format`, `batch`,
+            `max_abs_error`, `rel_error` (max abs error / max |reference|),
+            `rtol`, `passed`.
+        onnx_ops: `{op_type: count}` of the ONNX graph, when ONNX was written.
+        model: The Keras model that was exported (the folded one with
+            `fold=True`), in memory.
+        passed: Whether every check passed (always True for a returned
+            result with `verify=True`: failures raise).
+
+    >>> import keras, kerasbn, os, tempfile
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)),
+    ...     keras.layers.Dense(2, use_bias=False),
+    ...     keras.layers.BatchNormalization(),
+    ... ], name="net")
+    >>> result = kerasbn.export(model, tempfile.mkdtemp(), formats=["keras"])
+    >>> os.path.basename(result.artifacts["keras"]), result.fold_report.folded
+    ('net.keras', 1)
+    >>> [(c["format"], c["batch"], c["passed"]) for c in result.checks]
+    [('keras', 1, True), ('keras', 4, True)]
+    >>> max_abs_error, rel_error = result.max_errors()["keras"]
+    >>> rel_error < 1e-4
+    True
+    """
+
+    def __init__(self, directory, artifacts, fold_report, checks, onnx_ops,
+                 model=None):
+        self.model = model
+        self.directory = directory
+        self.artifacts = artifacts
+        self.fold_report = fold_report
+        self.checks = checks
+        self.onnx_ops = onnx_ops
+
+    @property
+    def passed(self):
+        return all(c["passed"] for c in self.checks)
+
+    def max_errors(self):
+        """`{format: (max abs error, max rel error)}` over the batch sizes."""
+        worst = {}
+        for c in self.checks:
+            a, r = worst.get(c["format"], (0.0, 0.0))
+            worst[c["format"]] = (max(a, c["max_abs_error"]),
+                                  max(r, c["rel_error"]))
+        return worst
+
+    def to_dict(self):
+        return {
+            "directory": self.directory,
+            "artifacts": dict(self.artifacts),
+            "fold": self.fold_report.to_dict() if self.fold_report else None,
+            "checks": list(self.checks),
+            "onnx_ops": self.onnx_ops,
+            "passed": self.passed,
+        }
+
+    def to_json(self, **kwargs):
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self):
+        lines = ["artifact     batch  max abs error  rel error  status"]
+        for c in self.checks:
+            status = "ok" if c["passed"] else f"FAIL (rtol {c['rtol']:g})"
+            lines.append(
+                f"{c['format']:<12} {c['batch']:>5}  {c['max_abs_error']:>13.3g}"
+                f"  {c['rel_error']:>9.3g}  {status}"
+            )
+        for fmt, path in self.artifacts.items():
+            lines.append(f"{fmt}: {path}")
+        return "\n".join(lines)
