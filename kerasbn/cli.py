@@ -216,17 +216,18 @@ def load_model(path):
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
-        missing = _missing_class(error)
+        missing = _missing_object(error)
         if missing:
+            kind, name = missing
             raise CliError(
-                f"{path} needs the custom object '{missing}', which is not "
+                f"{path} needs the custom {kind} '{name}', which is not "
                 "registered: pass --custom-module MODULE (a module or .py "
-                "file that defines it with "
+                f"file that defines it with "
                 "@keras.saving.register_keras_serializable)."
             ) from error
         raise CliError(
             f"cannot load {path} as a Keras model: "
-            f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            f"{type(error).__name__}: {_root_cause(error)}"
         ) from error
     if not isinstance(model, keras.Model):
         raise CliError(f"{path} holds a {type(model).__name__}, not a model")
@@ -254,16 +255,28 @@ def _import_custom_module(spec):
         ) from error
 
 
-def _missing_class(error):
-    """The class name in Keras' 'Could not locate class' errors, if any."""
+def _missing_object(error):
+    """`(kind, name)` from Keras' "Could not locate class/function 'X'" or
+    "Unknown layer: 'X'" errors, wherever they are nested; else None."""
     text = str(error)
-    marker = "Could not locate class '"
-    if marker in text:
-        return text.split(marker, 1)[1].split("'", 1)[0]
-    marker = "Unknown layer: '"
-    if marker in text:
-        return text.split(marker, 1)[1].split("'", 1)[0]
+    for marker, kind in (("Could not locate class '", "class"),
+                         ("Could not locate function '", "function"),
+                         ("Unknown layer: '", "class")):
+        if marker in text:
+            return kind, text.rsplit(marker, 1)[1].split("'", 1)[0]
     return None
+
+
+def _root_cause(error):
+    """The innermost cause of a nested Keras deserialization error.
+
+    Keras wraps each failing level as "... could not be deserialized
+    properly ... Exception encountered: <inner error>"; the last inner error
+    is the one that says what is wrong.
+    """
+    text = str(error).rsplit("Exception encountered: ", 1)[-1]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first[:300] + ("..." if len(first) > 300 else "")
 
 
 # -- Export and report. -------------------------------------------------------

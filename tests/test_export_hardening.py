@@ -336,3 +336,27 @@ def test_non_finite_sample_is_refused_up_front(dtype, tmp_path):
         kerasbn.export(tiny_model(), tmp_path, formats=["keras"],
                        sample=sample)
     assert os.listdir(tmp_path) == []
+
+
+_MARKER = []
+
+
+def evil(x):
+    # Would record that it ran; loading must never call it (safe mode).
+    _MARKER.append("ran")
+    return x * 2
+
+
+def test_lambda_with_unregistered_function_names_the_cause(tmp_path, capsys):
+    path = tmp_path / "lambda.keras"
+    keras.Sequential([keras.Input((3,)), keras.layers.Lambda(evil)]).save(
+        path)
+    _MARKER.clear()
+    code = cli.main([str(path), "-o", str(tmp_path / "out"), "--format",
+                     "keras", "--latency-runs", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert "custom function 'evil'" in err[0], err[0]
+    assert "--custom-module" in err[0]
+    assert _MARKER == [] and not (tmp_path / "out").exists()

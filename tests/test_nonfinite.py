@@ -83,3 +83,19 @@ def test_diagnose_reports_corrupt_statistics():
     assert "corrupt_statistics" not in {
         code for code, _ in kerasbn.diagnose(healthy, _data(0.0),
                                              verbose=0).codes()}
+
+
+@pytest.mark.parametrize("corrupt", ["variance", "kernel"])
+def test_export_refuses_a_model_that_outputs_nan(tmp_path, corrupt):
+    model = _model()
+    if corrupt == "variance":
+        model.get_layer("bn").moving_variance.assign([1.0, -5.0, 2.0])
+        pattern = r"'bn'.*channel\(s\) \[1\]"
+    else:
+        kernel = model.get_layer("dense").kernel.numpy()
+        kernel[0, 0] = np.nan
+        model.get_layer("dense").kernel.assign(kernel)
+        pattern = r"itself outputs .* NaN.*dense/kernel"
+    with pytest.raises(ValueError, match=pattern):
+        kerasbn.export(model, tmp_path / "out", formats=["keras"])
+    assert not (tmp_path / "out").exists()

@@ -10,11 +10,13 @@ import keras
 import numpy as np
 
 from kerasbn import _checks
+from kerasbn import registry
 from kerasbn.exporting import _options
 from kerasbn.exporting._result import ExportError
 from kerasbn.exporting.formats import FORMATS
 from kerasbn.exporting.formats import newest_onnx_opset
 from kerasbn.exporting.formats import onnx_op_census
+from kerasbn.folding.plan import check_finite
 
 WHERE = "kerasbn.export"
 
@@ -103,11 +105,44 @@ def _check_finite(signature, flat):
 
 
 def reference_outputs(model, signature, arrays):
-    """The original model's flat outputs in inference mode."""
+    """The original model's flat outputs in inference mode, all finite.
+
+    A model that itself outputs NaN or inf on finite inputs (NaN weights,
+    corrupt statistics, an overflow) has nothing an artifact could be
+    verified against: that is refused here as bad input, naming the
+    weights that are not finite, rather than reported later as an artifact
+    that "does not reproduce the model".
+    """
     outputs = model(signature.pack([keras.ops.convert_to_tensor(a)
                                     for a in arrays]), training=False)
-    return [np.asarray(keras.ops.convert_to_numpy(t))
+    flat = [np.asarray(keras.ops.convert_to_numpy(t))
             for t in keras.tree.flatten(outputs)]
+    bad = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in flat
+              if np.issubdtype(a.dtype, np.inexact))
+    if bad:
+        _check_normalizations(model)  # Names corrupt statistics, if any.
+        weights = [w.path for w in model.weights
+                   if np.issubdtype(np.dtype(w.dtype), np.inexact)
+                   and not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
+        cause = (f"these weights hold NaN or inf: {weights[:5]}"
+                 + (" ..." if len(weights) > 5 else "") if weights else
+                 "every weight is finite, so a layer overflows; check the "
+                 "model on real data")
+        raise ValueError(
+            f"{WHERE}: model '{model.name}' itself outputs {bad} NaN or "
+            f"infinite value(s) on finite inputs, so no artifact can be "
+            f"verified against it; {cause}. Fix the model (for corrupt "
+            "normalization statistics: kerasbn.recalibrate) and export "
+            "again."
+        )
+    return flat
+
+
+def _check_normalizations(model):
+    for layer in registry.normalization_layers(model, statistics=False):
+        scale, shift = registry.find_normalization(layer).scale_shift(layer)
+        check_finite(layer, np.asarray(scale, np.float64).reshape(-1),
+                     np.asarray(shift, np.float64).reshape(-1))
 
 
 def fold_for_export(model, fold, keep_bn, progress):
