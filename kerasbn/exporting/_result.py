@@ -4,7 +4,9 @@ Kept apart from the export pipeline (which imports Keras and TensorFlow) so
 that `kerasbn.exporting` and the CLI load without TensorFlow.
 """
 
+import dataclasses
 import json
+from typing import Optional
 
 
 class ExportError(RuntimeError):
@@ -49,6 +51,7 @@ class VerificationError(ExportError):
         self.result = result
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class ExportResult:
     """What `export` wrote and how well each artifact matched.
 
@@ -81,14 +84,12 @@ class ExportResult:
     True
     """
 
-    def __init__(self, directory, artifacts, fold_report, checks, onnx_ops,
-                 model=None):
-        self.model = model
-        self.directory = directory
-        self.artifacts = artifacts
-        self.fold_report = fold_report
-        self.checks = checks
-        self.onnx_ops = onnx_ops
+    directory: str
+    artifacts: dict
+    fold_report: Optional[object]
+    checks: list
+    onnx_ops: Optional[dict]
+    model: Optional[object] = None
 
     @property
     def passed(self):

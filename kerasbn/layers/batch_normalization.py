@@ -153,14 +153,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, inputs.dtype) if self.scale else None
         beta = ops.cast(self.beta, inputs.dtype) if self.center else None
         outputs = ops.batch_normalization(
-            x=inputs,
-            mean=mean,
-            variance=variance,
-            axis=self.axis,
-            offset=beta,
-            scale=gamma,
-            epsilon=self.epsilon,
-        )
+            inputs, mean, variance, axis=self.axis, offset=beta,
+            scale=gamma, epsilon=self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
 
     def _update_debiased_statistics(self, mean, variance):

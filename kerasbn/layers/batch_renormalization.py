@@ -386,14 +386,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         beta = ops.cast(self.beta, dtype) if self.center else None
         scale, offset = compose_scale_offset(r, d, gamma, beta)
         outputs = ops.batch_normalization(
-            x=inputs,
-            mean=mean,
-            variance=variance,
-            axis=self.axis,
-            offset=offset,
-            scale=scale,
-            epsilon=self.epsilon,
-        )
+            inputs, mean, variance, axis=self.axis, offset=offset,
+            scale=scale, epsilon=self.epsilon)
 
         self._update_statistics(mean, stddev, renorm_mean, renorm_stddev,
                                 step)
