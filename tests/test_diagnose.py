@@ -166,6 +166,9 @@ def test_unconverged_moving_averages():
     report = kerasbn.diagnose(model, x, verbose=0)
     assert report.layers[0].initial_weight == pytest.approx(0.99**5)
     assert "unconverged_statistics" not in {c for c, _ in report.codes()}
+    # ... and the table says so instead of a stale "Init weight" number.
+    assert report.layers[0].exact
+    assert " exact " in str(report).splitlines()[3]
 
     # Fully debiased averages are never biased towards their start.
     debiased = keras.Sequential([

@@ -99,3 +99,9 @@ def test_export_refuses_a_model_that_outputs_nan(tmp_path, corrupt):
     with pytest.raises(ValueError, match=pattern):
         kerasbn.export(model, tmp_path / "out", formats=["keras"])
     assert not (tmp_path / "out").exists()
+
+
+def test_diagnose_refuses_nonfinite_data_instead_of_reporting_ok():
+    with pytest.raises(ValueError, match=r"kerasbn.diagnose: batch 0 .*"
+                       r"non-finite"):
+        kerasbn.diagnose(_model(), _data(np.nan), verbose=0)
