@@ -6,7 +6,9 @@ to list a layer's nested sublayers, or to compute BatchNormalization's
 to freeze a function's variables into constants (what TFLite needs for
 Keras 3's resource variables). kerasbn needs all four, so it reads them
 here and nowhere else: a Keras release that moves one of them breaks this
-module only, and `check_layout()` says which piece moved.
+module only, and each accessor raises `KerasLayoutError` naming the piece
+that moved where it is read (`check_layout()` probes them all at once; the
+test suite runs it).
 
 Checked against: Keras 3.15 (TensorFlow 2.21). `pyproject.toml` asks for
 keras>=3.14, whose layout is the same for everything read here.
@@ -63,7 +65,7 @@ def is_graph_model(layer):
 
 def sequential_graph(model):
     """The Functional graph a built Sequential model keeps, or None."""
-    return getattr(model, "_functional", None)
+    return _get(model, "_functional", "a Sequential model's graph")
 
 
 def nodes_by_depth(functional):
@@ -81,13 +83,12 @@ def output_structure(functional):
 
 def producing_operation(tensor):
     """The layer or operation that produced a symbolic `KerasTensor`."""
-    history = getattr(tensor, "_keras_history", None)
-    return getattr(history, "operation", None)
+    return _get(tensor, "_keras_history", "a tensor's producer").operation
 
 
 def call_number(operation, node):
     """Index of `node` among `operation`'s calls (0 if it is not found)."""
-    nodes = getattr(operation, "_inbound_nodes", None) or []
+    nodes = _get(operation, "_inbound_nodes", "a layer's calls")
     return next((k for k, n in enumerate(nodes) if n is node), 0)
 
 
@@ -164,11 +165,16 @@ def check_layout():
     >>> check_layout() == keras.__version__
     True
     """
-    inputs = keras.Input((3,))
-    hidden = keras.layers.Dense(2)(inputs)
-    bn = keras.layers.BatchNormalization()
-    model = keras.Model(inputs, bn(hidden))
-    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    # Explicit names: auto-named layers would advance the user's name
+    # counters (their next Dense would be "dense_1").
+    inputs = keras.Input((3,), name="kerasbn_probe_input")
+    hidden = keras.layers.Dense(2, name="kerasbn_probe_dense")(inputs)
+    bn = keras.layers.BatchNormalization(name="kerasbn_probe_bn")
+    model = keras.Model(inputs, bn(hidden), name="kerasbn_probe")
+    sequential = keras.Sequential(
+        [keras.Input((3,), name="kerasbn_probe_input"),
+         keras.layers.Dense(2, name="kerasbn_probe_dense")],
+        name="kerasbn_probe_sequential")
     if not is_functional(model) or sequential_graph(sequential) is None:
         raise _missing("a Sequential model's graph", sequential,
                        "_functional")
@@ -186,13 +192,3 @@ def check_layout():
     if tuple(mean.shape) != (2,):
         raise _missing("BatchNormalization's batch moments", bn, "_moments")
     return keras.__version__
-
-
-_CHECKED = []
-
-
-def check_layout_once():
-    """`check_layout()` the first time it is called in this process."""
-    if not _CHECKED:
-        check_layout()
-        _CHECKED.append(keras.__version__)

@@ -237,8 +237,7 @@ def load_model(path):
 def _import_custom_module(spec):
     try:
         if spec.endswith(".py") or os.sep in spec:
-            if not os.path.isfile(spec):
-                raise CliError(f"--custom-module file not found: {spec}")
+            # `_check_arguments` made sure the file exists.
             name = os.path.splitext(os.path.basename(spec))[0]
             module_spec = importlib.util.spec_from_file_location(name, spec)
             module = importlib.util.module_from_spec(module_spec)

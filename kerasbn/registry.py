@@ -273,7 +273,7 @@ def channel_axis(layer, rank):
     >>> channel_axis(keras.layers.BatchNormalization(axis=1), 4)
     1
     """
-    kind = find_normalization(layer) or NormalizationKind()
+    kind = _lookup(_NORMALIZATIONS, layer) or NormalizationKind()
     axis = kind.axis(layer)
     if isinstance(axis, (list, tuple)):
         if len(axis) != 1:

@@ -93,7 +93,6 @@ def check_foldable(model, where):
     """`model` must be a Functional or built Sequential keras.Model."""
     _checks.check_model(model, where, built=False)
     functional_of(model)  # Raises for subclassed or unbuilt models.
-    _keras_internal.check_layout_once()
 
 
 def read_graph(model):

@@ -97,6 +97,15 @@ def check_finite(layer, scale, shift):
     )
 
 
+def inference_affine(layer):
+    """A normalization's float64 `(scale, shift)` vectors, checked finite."""
+    scale, shift = registry.find_normalization(layer).scale_shift(layer)
+    scale = np.asarray(scale, np.float64).reshape(-1)
+    shift = np.asarray(shift, np.float64).reshape(-1)
+    check_finite(layer, scale, shift)
+    return scale, shift
+
+
 class Planner:
     """Decides, per normalization call, what happens to it."""
 
@@ -127,12 +136,7 @@ class Planner:
         """Float64 `(scale, shift)` of a normalization, computed once."""
         key = id(layer)
         if key not in self._affine:
-            scale, shift = registry.find_normalization(layer).scale_shift(
-                layer)
-            scale = np.asarray(scale, np.float64).reshape(-1)
-            shift = np.asarray(shift, np.float64).reshape(-1)
-            check_finite(layer, scale, shift)
-            self._affine[key] = (scale, shift)
+            self._affine[key] = inference_affine(layer)
         return self._affine[key]
 
     def current_weights(self, layer, rule):

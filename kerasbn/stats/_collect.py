@@ -210,9 +210,11 @@ class Batches:
             finite = tf.math.is_finite(tensor)
             rows = tf.reduce_all(tf.reshape(finite, [tf.shape(tensor)[0], -1]),
                                  axis=1)
-            bad = int(tf.size(finite)) - int(tf.reduce_sum(
-                tf.cast(finite, tf.int64)))
-            if bad and not self.skip_nonfinite:
+            if bool(tf.reduce_all(rows)):
+                continue  # The usual case: one check, nothing to count.
+            if not self.skip_nonfinite:
+                bad = int(tf.reduce_sum(tf.cast(tf.logical_not(finite),
+                                                tf.int64)))
                 raise ValueError(
                     f"{self.what}: batch {index} of the data holds {bad} "
                     f"non-finite value(s) (NaN or inf) in {name}; statistics "
