@@ -145,10 +145,18 @@ def training_moments(layer, inputs, mask):
 # -- TensorFlow. -------------------------------------------------------------
 
 
-def freeze_concrete_function(concrete_function):
-    """The function with its variables turned into constants (for TFLite)."""
+def freeze_concrete_function(concrete_function, inline=False):
+    """The function with its variables turned into constants (for TFLite).
+
+    `inline=True` also inlines the functions it calls where TensorFlow can
+    (for converters that cannot follow function calls).
+    """
     from tensorflow.python.framework import convert_to_constants
 
+    if inline:
+        return convert_to_constants.convert_variables_to_constants_v2(
+            concrete_function, lower_control_flow=False,
+            aggressive_inlining=True)
     return convert_to_constants.convert_variables_to_constants_v2(
         concrete_function)
 

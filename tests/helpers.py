@@ -197,6 +197,16 @@ def assert_same_outputs(original, folded, inputs, rtol=1e-5):
         assert_close_to_scale(a, e, rtol, f"output {k}", floor=1e-6)
 
 
+def fold_and_check(model, **options):
+    """`kerasbn.fold(model)`, checked: same outputs, input model untouched."""
+    before = weights_snapshot(model)
+    result = kerasbn.fold(model, **options)
+    assert_same_outputs(model, result.model, inputs_for(model))
+    after = weights_snapshot(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    return result
+
+
 def outputs_and_gradients(layer, x, mask, upstream):
     """A training-mode call of `layer` and the gradients of
     `sum(y * upstream)` with respect to `x` and its trainable weights."""

@@ -11,6 +11,7 @@ import kerasbn
 from tests.helpers import assert_same_outputs
 from tests.helpers import count_batch_norms
 from tests.helpers import count_scale_shift
+from tests.helpers import fold_and_check
 from tests.helpers import inputs_for
 from tests.helpers import randomize_normalizations
 from tests.helpers import weights_snapshot
@@ -84,15 +85,6 @@ def producer_then_bn(producer, bn_kind, use_bias, seed=0):
     # Step counters as after some training (fold must not care).
     return randomize_normalizations(keras.Model(inputs, outputs), seed,
                                     steps=7)
-
-
-def fold_and_check(model, **options):
-    before = weights_snapshot(model)
-    result = kerasbn.fold(model, **options)
-    assert_same_outputs(model, result.model, inputs_for(model))
-    after = weights_snapshot(model)
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    return result
 
 
 @pytest.mark.parametrize("bn_kind", sorted(BN_KINDS))
@@ -646,17 +638,19 @@ class Block(keras.Model):
         return {**super().get_config(), "units": self.units}
 
 
-def test_subclassed_model_inside_functional_is_copied_as_is():
+def test_subclassed_model_inside_functional_is_traced():
+    # Its call is traced: the inner BN folds into its Dense, and the outer
+    # BN (now right after that Dense) too.
     inputs = keras.Input((4,))
     x = Block(name="block")(inputs)
     x = L.BatchNormalization(name="outer_bn")(x)
     model = randomize_normalizations(keras.Model(inputs, x))
     folded, report = fold_and_check(model)
     entries = {e.layer: e for e in report.entries}
-    assert entries["block/inner_bn"].codes == ("inside_layer",)
-    assert entries["block/inner_bn"].action == "kept"
-    assert entries["outer_bn"].codes[0] == "after_nested_model"
-    assert report.normalizations_after == 1
+    assert entries["block/inner_bn"].action == "folded"
+    assert entries["outer_bn"].action == "folded"
+    assert entries["outer_bn"].into == entries["block/inner_bn"].into
+    assert report.normalizations_after == 0
 
 
 def test_unbuilt_sequential():

@@ -119,13 +119,14 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     deployable, fold_report = steps.fold_for_export(model, fold, keep_bn,
                                                     progress)
     with _staging.StagingArea(directory) as staging:
-        staged = steps.write_artifacts(staging, targets, deployable,
-                                       signature, opset, progress)
+        staged, notes = steps.write_artifacts(staging, targets, deployable,
+                                              signature, opset, progress)
         checks = steps.verify_artifacts(staged, signature, inputs, references,
                                         rtol, progress)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
         result = ExportResult(directory, final, fold_report, checks,
-                              steps.onnx_ops(staged), model=deployable)
+                              steps.onnx_ops(staged), model=deployable,
+                              notes=notes)
         if not result.passed:
             raise VerificationError(
                 "Exported artifacts do not reproduce the original model; "

@@ -154,13 +154,19 @@ def fold_for_export(model, fold, keep_bn, progress):
 
 
 def write_artifacts(staging, targets, model, signature, opset, progress):
-    """Write each format into `staging`; returns `{format: staged path}`."""
-    staged = {}
+    """Write each format into `staging`.
+
+    Returns `({format: staged path}, {format: [notes]})`; a note says what
+    a writer changed in the artifact to make it run right (e.g. a runtime
+    hazard it guarded against).
+    """
+    staged, notes = {}, {}
     for fmt, relpath in targets.items():
         path = staging.new(relpath)
         progress(f"writing {fmt}")
         try:
-            FORMATS[fmt].write(path, model, signature, {"opset": opset})
+            said = FORMATS[fmt].write(path, model, signature,
+                                      {"opset": opset})
         except ImportError:
             raise
         except Exception as error:
@@ -169,7 +175,9 @@ def write_artifacts(staging, targets, model, signature, opset, progress):
                 f"{type(error).__name__}: {error}"
             ) from error
         staged[fmt] = path
-    return staged
+        if said:
+            notes[fmt] = list(said)
+    return staged, notes
 
 
 def verify_artifacts(staged, signature, inputs, references, rtol, progress):

@@ -65,6 +65,9 @@ class ExportResult:
         onnx_ops: `{op_type: count}` of the ONNX graph, when ONNX was written.
         model: The Keras model that was exported (the folded one with
             `fold=True`), in memory.
+        notes: `{format: [note]}`: what a writer changed to make its
+            artifact run right, e.g. a zero pad before a MaxPool guarded
+            against ONNX Runtime's pad fusion, or function calls inlined.
         passed: Whether every check passed (always True for a returned
             result with `verify=True`: failures raise).
 
@@ -90,6 +93,7 @@ class ExportResult:
     checks: list
     onnx_ops: Optional[dict]
     model: Optional[object] = None
+    notes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self):
@@ -111,6 +115,7 @@ class ExportResult:
             "fold": self.fold_report.to_dict() if self.fold_report else None,
             "checks": list(self.checks),
             "onnx_ops": self.onnx_ops,
+            "notes": {k: list(v) for k, v in self.notes.items()},
             "passed": self.passed,
         }
 
@@ -127,4 +132,6 @@ class ExportResult:
             )
         for fmt, path in self.artifacts.items():
             lines.append(f"{fmt}: {path}")
+        for fmt, said in self.notes.items():
+            lines.extend(f"note ({fmt}): {note}" for note in said)
         return "\n".join(lines)

@@ -70,13 +70,14 @@ class OnnxFormat:
         return f"{name}.onnx"
 
     def write(self, path, model, signature, options):
-        tf2onnx = _require("tf2onnx")
+        _require("tf2onnx")
         onnx = _require("onnx")
-        proto, _ = tf2onnx.convert.from_function(
-            signature.serving_function(model),
-            input_signature=signature.input_specs,
-            opset=options.get("opset"),
-        )
+        from kerasbn.exporting import _onnx_graph
+
+        proto, notes = _onnx_graph.convert(
+            signature.serving_function(model), signature.input_specs,
+            options.get("opset"))
+        notes += _onnx_graph.guard_pad_max_pool(proto)
         # tf2onnx lists a dict's outputs sorted by name; list them in the
         # model's own output order, as the SavedModel and Keras files do.
         order = {n: i for i, n in enumerate(signature.output_names)}
@@ -87,6 +88,7 @@ class OnnxFormat:
         onnx.checker.check_model(proto, full_check=True)
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
+        return notes
 
     def run(self, path, signature, arrays):
         ort = _require("onnxruntime")

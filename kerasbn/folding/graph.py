@@ -15,6 +15,7 @@ import keras
 
 from kerasbn import _checks
 from kerasbn import _keras_internal
+from kerasbn.folding import trace as trace_lib
 
 OUTPUT = -1
 
@@ -26,6 +27,8 @@ class Call:
     node: object
     input_ids: list
     output_ids: list
+    scope: str = ""  # "layer/inner/" for calls traced inside custom layers.
+    alias: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def args(self):
@@ -39,12 +42,27 @@ class Call:
         """Id of the first positional argument if it is a tensor, else None."""
         args = self.args
         if args and isinstance(args[0], keras.KerasTensor):
-            return id(args[0])
+            return resolve(self.alias, id(args[0]))
         return None
+
+
+def resolve(alias, tensor_id):
+    """The id a tensor is known by in the graph (after splicing)."""
+    while tensor_id in alias:
+        tensor_id = alias[tensor_id]
+    return tensor_id
 
 
 @dataclasses.dataclass
 class Graph:
+    """A model's calls in topological order, custom layers traced inside.
+
+    `alias` maps the ids of tensors that stand for others (a traced layer's
+    inputs and outputs) to the ids the calls use; `renames` gives new names
+    to layers from traced custom layers whose names clash; `tracer` holds
+    the traced layers and the refusals.
+    """
+
     model: object
     functional: object
     calls: list
@@ -52,10 +70,17 @@ class Graph:
     uses: dict
     call_count: collections.Counter
     tensors: dict
+    alias: dict = dataclasses.field(default_factory=dict)
+    renames: dict = dataclasses.field(default_factory=dict)
+    tracer: object = None
 
     @property
     def is_sequential(self):
-        return isinstance(self.model, keras.Sequential)
+        return isinstance(self.model, keras.Sequential) and not any(
+            call.scope for call in self.calls)
+
+    def resolve(self, tensor_id):
+        return resolve(self.alias, tensor_id)
 
 
 def graph_kind_error(model):
@@ -95,38 +120,74 @@ def check_foldable(model, where):
     functional_of(model)  # Raises for subclassed or unbuilt models.
 
 
-def read_graph(model):
+def read_graph(model, tracer=None):
+    """The calls of `model`, with traceable custom layers seen inside."""
     functional = functional_of(model)
-    calls = []
-    producer = {}
-    uses = collections.defaultdict(list)
-    call_count = collections.Counter()
-    tensors = {}
+    tracer = tracer or trace_lib.Tracer()
+    graph = Graph(model, functional, [], {}, collections.defaultdict(list),
+                  collections.Counter(), {}, tracer=tracer)
     for x in functional.inputs:
-        tensors[id(x)] = x
+        graph.tensors[id(x)] = x
+    _read(graph, functional, "")
+    for x in functional.outputs:
+        graph.uses[graph.resolve(id(x))].append(OUTPUT)
+    _unique_names(graph)
+    return graph
+
+
+def _read(graph, functional, scope):
     nodes_by_depth = _keras_internal.nodes_by_depth(functional)
     for depth in sorted(nodes_by_depth, reverse=True):
         for node in nodes_by_depth[depth]:
             if node.operation is None or node.is_input:
                 continue
-            input_ids = [id(x) for x in node.input_tensors]
-            if any(i not in tensors for i in input_ids):
+            input_ids = [graph.resolve(id(x)) for x in node.input_tensors]
+            if any(i not in graph.tensors for i in input_ids):
                 continue  # Not reachable from the model's inputs.
-            call = Call(
-                index=len(calls),
-                operation=node.operation,
-                node=node,
-                input_ids=input_ids,
-                output_ids=[id(x) for x in node.outputs],
-            )
-            calls.append(call)
-            call_count[id(node.operation)] += 1
+            traced = (graph.tracer.trace(node)
+                      if graph.tracer.wants(node.operation) else None)
+            if traced is not None:
+                _splice(graph, node, traced, scope)
+                continue
+            call = Call(index=len(graph.calls), operation=node.operation,
+                        node=node, input_ids=input_ids,
+                        output_ids=[id(x) for x in node.outputs],
+                        scope=scope, alias=graph.alias)
+            graph.calls.append(call)
+            graph.call_count[id(node.operation)] += 1
             for i in input_ids:
-                uses[i].append(call.index)
+                graph.uses[i].append(call.index)
             for x in node.outputs:
-                tensors[id(x)] = x
-                producer[id(x)] = call.index
-    for x in functional.outputs:
-        uses[id(x)].append(OUTPUT)
-    return Graph(model, functional, calls, producer, uses, call_count,
-                 tensors)
+                graph.tensors[id(x)] = x
+                graph.producer[id(x)] = call.index
+
+
+def _splice(graph, node, traced, scope):
+    """Put a traced layer's calls in place of its call."""
+    sub = traced.functional
+    for inner, outer in zip(sub.inputs, traced.tensors):
+        graph.alias[id(inner)] = graph.resolve(id(outer))
+    _read(graph, sub, f"{scope}{node.operation.name}/")
+    for outer, inner in zip(node.outputs, sub.outputs):
+        graph.alias[id(outer)] = graph.resolve(id(inner))
+
+
+def _unique_names(graph):
+    """New names for traced layers whose names clash with another layer's."""
+    layers = [call for call in graph.calls
+              if isinstance(call.operation, keras.layers.Layer)]
+    owner = {}
+    for call in sorted(layers, key=lambda c: bool(c.scope)):
+        owner.setdefault(call.operation.name, id(call.operation))
+    taken = set(owner)
+    for call in layers:
+        operation = call.operation
+        if owner[operation.name] == id(operation) or (
+                id(operation) in graph.renames):
+            continue
+        base = call.scope.replace("/", "_") + operation.name
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        graph.renames[id(operation)] = name

@@ -16,6 +16,7 @@ from kerasbn import registry
 from kerasbn.folding import graph as graph_lib
 from kerasbn.folding import plan as plan_lib
 from kerasbn.folding import report as report_lib
+from kerasbn.folding import trace as trace_lib
 from kerasbn.layers.scale_shift import ScaleShift
 
 
@@ -29,20 +30,45 @@ def _write_folded(source, target, weights):
             variable.assign(sources[variable.name].value)
 
 
-def _clone_layer(layer):
+def _clone_layer(layer, ours=False):
+    """A copy of `layer` from its config.
+
+    `ours`: the layer belongs to fold's own traced copy of a custom layer,
+    so when its config does not round-trip it may be used as it is.
+    """
     if not isinstance(layer, keras.layers.Layer):
         return layer  # A stateless keras.ops operation: reuse it.
     try:
         return type(layer).from_config(layer.get_config())
     except Exception as error:  # noqa: BLE001 - re-raised with advice.
         if not layer.weights:
-            return layer  # Stateless; sharing it cannot mutate anything.
+            return _stateless_copy(layer)
+        if ours:
+            return layer
         raise TypeError(
             f"kerasbn.fold could not recreate layer '{layer.name}' "
             f"({type(layer).__name__}) from its config: {error}. Give the "
             "layer a get_config/from_config pair that round-trips (and "
             "register it with keras.saving.register_keras_serializable)."
         ) from error
+
+
+def _stateless_copy(layer):
+    """A serializable copy of a weightless layer whose config fails, or it.
+
+    Keras' automatic config fails for a layer made with a non-serializable
+    argument, e.g. `keras.layers.Identity(dtype=a_policy_object)` inside a
+    custom layer; once fold has traced the custom layer the Identity is in
+    the model's own graph, and saving would fail. A layer that takes only
+    the base arguments is made again from those; any other is shared as it
+    is (sharing a stateless layer mutates nothing).
+    """
+    try:
+        copy = type(layer)(name=layer.name, dtype=layer.dtype_policy.name)
+        copy.get_config()
+    except Exception:  # noqa: BLE001 - no such copy; share the layer.
+        return layer
+    return copy
 
 
 class _CheapInitializers:
@@ -74,6 +100,20 @@ class _CheapInitializers:
         return False
 
 
+class _Tensors(dict):
+    """New tensors by old tensor id, reading through the graph's aliases."""
+
+    def __init__(self, alias):
+        super().__init__()
+        self._alias = alias
+
+    def __getitem__(self, key):
+        return super().__getitem__(graph_lib.resolve(self._alias, key))
+
+    def get(self, key, default=None):
+        return super().get(graph_lib.resolve(self._alias, key), default)
+
+
 class Folder:
     """Folds a model and every model nested in it, once each."""
 
@@ -84,11 +124,12 @@ class Folder:
         self.keep_unfolded = keep_unfolded
         self.entries = []
         self._models = {}
+        self.tracer = trace_lib.Tracer()
 
     def fold_model(self, model, prefix=""):
         key = id(model)
         if key not in self._models:
-            graph = graph_lib.read_graph(model)
+            graph = graph_lib.read_graph(model, self.tracer)
             plan = plan_lib.Planner(graph, **self.options).run(
                 self.keep_unfolded)
             self._models[key] = _Builder(self, graph, plan, prefix).build()
@@ -129,6 +170,10 @@ class _Builder:
             if (new is not operation and isinstance(new, keras.layers.Layer)
                     and not isinstance(new, keras.Model) and not new.built):
                 self.initializers.swap(new)
+            rename = self.graph.renames.get(id(operation))
+            if rename and (new is not operation
+                           or self.folder.tracer.owns(operation)):
+                new.name = rename
             self.new_ops[key] = new
         return self.new_ops[key]
 
@@ -149,7 +194,7 @@ class _Builder:
 
     def _clone(self, operation):
         self._report_hidden(operation)
-        new = _clone_layer(operation)
+        new = _clone_layer(operation, self.folder.tracer.owns(operation))
         if new is not operation and isinstance(operation, keras.layers.Layer):
             self.pending.append(
                 (lambda s, t, d: _models.copy_weights(s, t, "kerasbn.fold"),
@@ -158,15 +203,16 @@ class _Builder:
 
     def _report_hidden(self, operation):
         """Entries for normalizations inside a layer fold cannot read."""
+        why = self.graph.tracer.refused.get(id(operation))
         for inner in _keras_internal.sublayers(operation):
             if registry.find_normalization(inner) is None:
                 continue
             self.folder.entries.append(report_lib.FoldEntry(
                 layer=f"{self.prefix}{operation.name}/{inner.name}",
                 kind=type(inner).__name__, call=0, action=report_lib.KEPT,
-                reason=(f"it is inside {plan_lib.describe(operation)}, a "
-                        "layer or subclassed model whose graph fold cannot "
-                        "read"),
+                reason=(f"it is inside {plan_lib.describe(operation)}, whose "
+                        "call fold could not trace: "
+                        f"{why or 'it was not traced'}"),
                 codes=("inside_layer",)))
 
     def record(self, call):
@@ -175,7 +221,7 @@ class _Builder:
             number = _keras_internal.call_number(call.operation, call.node)
             self.folder.entries.append(plan_lib.complete(
                 self.plan.outcomes[call.index],
-                self.prefix + call.operation.name, number))
+                self.prefix + call.scope + call.operation.name, number))
 
     def removed(self, call):
         outcome = self.plan.outcomes.get(call.index)
@@ -211,8 +257,9 @@ class _Builder:
 
     def _functional(self, new_inputs):
         functional = self.graph.functional
-        tensors = {id(x): layer.output
-                   for x, layer in zip(functional.inputs, new_inputs)}
+        tensors = _Tensors(self.graph.alias)
+        for x, layer in zip(functional.inputs, new_inputs):
+            tensors[id(x)] = layer.output
         for call in self.graph.calls:
             self.record(call)
             if self.removed(call):

@@ -1,0 +1,259 @@
+"""The ONNX artifact's graph: converting it, guarding it, counting it.
+
+- `convert`: tf2onnx's `from_function` on the serving function. Keras'
+  TensorFlow backend runs grouped convolutions (`Conv2D(groups=g)`, as
+  keras-hub's depthwise blocks use) as an XLA-compiled function marked not
+  to be inlined; tf2onnx then leaves a `StatefulPartitionedCall` node that
+  no ONNX runtime knows. When that happens the function is frozen, the
+  marks removed, and the graph converted again with the calls inlined, so
+  the grouped convolution becomes an ONNX `Conv` with `group`.
+- `guard_pad_max_pool`: ONNX Runtime's default graph rewrites fuse a zero
+  `Pad` into the `MaxPool` after it, but MaxPool pads with -inf: a window
+  holding only negative values and padding then gives its negative maximum
+  instead of 0 (ResNetV2's stem, `ZeroPadding2D -> MaxPooling2D`). The guard
+  takes the max of the pool's output with a constant floor, 0 where a
+  window covers padding and -inf elsewhere, which is exact whether or not
+  a runtime fuses the pad.
+- `normalization_census`: BatchNormalization nodes, and Mul/Add/Sub by a
+  constant straight after a Conv, ConvTranspose, Gemm or MatMul: what a
+  folded export should not contain.
+"""
+
+import numpy as np
+
+# Function attributes that stop TensorFlow's graph optimizer from inlining.
+_NO_INLINE = ("_noinline", "_XlaMustCompile")
+_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+_LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+def convert(function, input_specs, opset):
+    """`(ModelProto, notes)` for a `tf.function` with a fixed signature."""
+    import tf2onnx
+
+    proto, _ = tf2onnx.convert.from_function(
+        function, input_signature=input_specs, opset=opset)
+    calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
+    if not calls:
+        return proto, []
+    proto = _convert_inlined(function.get_concrete_function(*input_specs),
+                             opset)
+    left = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
+    if left:
+        raise ValueError(
+            f"tf2onnx left {len(left)} TensorFlow function call(s) in the "
+            f"ONNX graph even with calls inlined (first: {left[0]}); no ONNX "
+            "runtime can run them")
+    return proto, [
+        f"{len(calls)} TensorFlow function call(s) that tf2onnx cannot "
+        "convert (Keras runs grouped convolutions as XLA functions) were "
+        "inlined before conversion"]
+
+
+def _convert_inlined(concrete, opset):
+    import tensorflow as tf
+    import tf2onnx
+
+    from kerasbn import _keras_internal
+
+    input_names = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    output_names = [t.name for t in concrete.outputs
+                    if t.dtype != tf.resource]
+    renames = tf2onnx.convert.tensor_names_from_structed(
+        concrete, input_names, output_names)
+    frozen = _keras_internal.freeze_concrete_function(concrete, inline=True)
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    for holder in list(graph_def.library.function) + list(graph_def.node):
+        for attribute in _NO_INLINE:
+            if attribute in holder.attr:
+                del holder.attr[attribute]
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def, name=concrete.name, input_names=input_names,
+        output_names=output_names, opset=opset, tensors_to_rename=renames)
+    return proto
+
+
+# -- Pad -> MaxPool. ---------------------------------------------------------
+
+
+def _constants(proto):
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            attribute = node.attribute[0]
+            if attribute.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(attribute.t)
+    return values
+
+
+def _attribute(node, name, default):
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _zero_spatial_pads(node, constants, rank):
+    """`(begin, end)` spatial pads of a zero constant Pad, else None."""
+    if _attribute(node, "mode", b"constant") not in (b"constant", "constant"):
+        return None
+    if len(node.input) < 2 or node.input[1] not in constants:
+        return None
+    if len(node.input) > 2 and node.input[2]:
+        value = constants.get(node.input[2])
+        if value is None or np.any(np.asarray(value) != 0):
+            return None
+    if len(node.input) > 3 and node.input[3]:
+        return None  # Pads on chosen axes only: not what tf2onnx writes.
+    pads = np.asarray(constants[node.input[1]]).reshape(-1).tolist()
+    if len(pads) != 2 * rank or any(pads[:2]) or any(pads[rank:rank + 2]):
+        return None
+    return pads[2:rank], pads[rank + 2:]
+
+
+def _floor(sizes, begin, end, pool):
+    """0 where a pooling window covers padding, -inf elsewhere."""
+    kernel, strides, dilations, pool_pads = pool
+    n = len(sizes)
+    floor = np.full([1, 1] + list(_out_sizes(sizes, begin, end, pool)),
+                    -np.inf, np.float32)
+    for axis in range(n):
+        padded = sizes[axis] + begin[axis] + end[axis]
+        out = floor.shape[2 + axis]
+        touches = np.zeros(out, bool)
+        for o in range(out):
+            start = o * strides[axis] - pool_pads[axis]
+            taps = start + dilations[axis] * np.arange(kernel[axis])
+            inside = taps[(taps >= 0) & (taps < padded)]
+            touches[o] = np.any((inside < begin[axis])
+                                | (inside >= begin[axis] + sizes[axis]))
+        index = [0, 0] + [slice(None)] * n
+        index[2 + axis] = touches
+        floor[tuple(index)] = 0.0
+    return floor
+
+
+def _out_sizes(sizes, begin, end, pool):
+    kernel, strides, dilations, pool_pads = pool
+    n = len(sizes)
+    return [(sizes[a] + begin[a] + end[a] + pool_pads[a] + pool_pads[n + a]
+             - dilations[a] * (kernel[a] - 1) - 1) // strides[a] + 1
+            for a in range(n)]
+
+
+def guard_pad_max_pool(proto):
+    """Make every zero `Pad -> MaxPool` exact under pad fusion; notes."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {}
+    for info in (list(inferred.graph.value_info) + list(inferred.graph.input)
+                 + list(inferred.graph.output)):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                             for d in dims]
+    constants = _constants(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    consumers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    notes, new_nodes = [], {}
+    for node in proto.graph.node:
+        if node.op_type != "Pad":
+            continue
+        problem = _guard_one(node, proto, shapes, constants, producers,
+                             consumers, new_nodes)
+        if problem:
+            notes.append(problem)
+    if new_nodes:
+        ordered = []
+        for node in proto.graph.node:
+            ordered.append(node)
+            ordered.extend(new_nodes.get(id(node), []))
+        del proto.graph.node[:]
+        proto.graph.node.extend(ordered)
+    return notes
+
+
+def _guard_one(pad, proto, shapes, constants, producers, consumers,
+               new_nodes):
+    import onnx
+
+    shape = shapes.get(pad.input[0])
+    if not shape:
+        return None
+    pads = _zero_spatial_pads(pad, constants, len(shape))
+    pools = [n for n in consumers.get(pad.output[0], [])
+             if n.op_type == "MaxPool"]
+    if pads is None or not pools:
+        return None
+    source = producers.get(pad.input[0])
+    if source is not None and source.op_type == "Relu":
+        return None  # Non-negative input: a -inf pad gives the same max.
+    sizes = shape[2:]
+    if any(s is None for s in sizes):
+        return (f"zero Pad '{pad.name}' before MaxPool with unknown spatial "
+                "size: left as it is (ONNX Runtime may pad it with -inf)")
+    for pool in pools:
+        n = len(sizes)
+        settings = (list(_attribute(pool, "kernel_shape", [])),
+                    list(_attribute(pool, "strides", [1] * n)),
+                    list(_attribute(pool, "dilations", [1] * n)),
+                    list(_attribute(pool, "pads", [0] * 2 * n)))
+        if (_attribute(pool, "ceil_mode", 0) or len(pool.output) > 1
+                or _attribute(pool, "auto_pad", b"NOTSET")
+                not in (b"NOTSET", "NOTSET")):
+            return (f"MaxPool '{pool.name}' after zero Pad '{pad.name}' uses "
+                    "ceil_mode, indices or auto_pad: left as it is")
+        floor = _floor(sizes, *pads, settings)
+        floor_name = f"{pool.name}__kerasbn_pad_floor"
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(floor, floor_name))
+        # The pool now writes `raw`; the Max writes the pool's old output,
+        # so every consumer (graph outputs included) reads the floored one.
+        pooled = pool.output[0]
+        raw = f"{pooled}__kerasbn_unfloored"
+        pool.output[0] = raw
+        new_nodes.setdefault(id(pool), []).append(onnx.helper.make_node(
+            "Max", [raw, floor_name], [pooled],
+            name=f"{pool.name}__kerasbn_pad_floor_max"))
+    return (f"zero Pad '{pad.name}' before MaxPool: ONNX Runtime's pad "
+            "fusion would pad with -inf; added an exact floor "
+            "(max with 0 on windows that cover padding)")
+
+
+# -- Census. -----------------------------------------------------------------
+
+
+def normalization_census(proto):
+    """`{"BatchNormalization": n, "affine_after_linear": m}` of a graph.
+
+    `affine_after_linear` counts Mul/Add/Sub/Div nodes whose other input is
+    a constant and whose data input comes straight from a Conv,
+    ConvTranspose, Gemm or MatMul (through a bias Add of the same kind
+    only once): the traces an unfolded normalization leaves.
+    """
+    constants = _constants(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    batch_norm = sum(n.op_type == "BatchNormalization"
+                     for n in proto.graph.node)
+    affine = 0
+    for node in proto.graph.node:
+        if node.op_type not in _AFFINE_OPS or len(node.input) != 2:
+            continue
+        data = [name for name in node.input if name not in constants]
+        if len(data) != 1:
+            continue
+        source = producers.get(data[0])
+        if source is not None and source.op_type in _LINEAR_OPS:
+            # A MatMul -> Add(bias) is how tf2onnx writes Dense: not BN.
+            if node.op_type == "Add" and source.op_type == "MatMul":
+                continue
+            affine += 1
+    return {"BatchNormalization": batch_norm, "affine_after_linear": affine}
