@@ -344,12 +344,85 @@ def bench_export(quick):
     return rows
 
 
+# --------------------------------------------------------------------------
+# Issue 13: models nobody here wrote (keras-hub blocks, ResNetV2's stem).
+
+
+def _census(path):
+    import onnx
+
+    from kerasbn.exporting import _onnx_graph
+
+    census = _onnx_graph.normalization_census(onnx.load(path))
+    return f"BN {census['BatchNormalization']}, " \
+        f"Mul/Add after linear {census['affine_after_linear']}"
+
+
+def _zoo_model(arch):
+    from tests import helpers
+    from tests import zoo
+
+    if arch == "HGNetV2":
+        model = zoo.hgnetv2(size=224)
+    else:
+        model = getattr(keras.applications, arch)(
+            weights=None, input_shape=(224, 224, 3))
+    return helpers.randomize_normalizations(model, seed=0)
+
+
+def bench_zoo_export(quick):
+    """ORT batch-1 latency of kerasbn's verified export / tf2onnx's
+    `from_function` of the unfolded model (goal <= 1.0), with the
+    BN-derived node census of both. Where tf2onnx's own graph cannot run
+    (HGNetV2: Keras' grouped convolutions stay TensorFlow calls), the
+    denominator is kerasbn's export without folding, as the note says."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    rows = []
+    repeats = 10 if quick else 40
+    for arch in ("HGNetV2", "ResNet50V2"):
+        model = _zoo_model(arch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = kerasbn.export(model, os.path.join(tmp, "ours"), ["onnx"],
+                                  name="m").artifacts["onnx"]
+            other = os.path.join(tmp, "direct.onnx")
+            _tf2onnx_direct(model, other)
+            ops = {n.op_type for n in onnx.load(other).graph.node}
+            label = "tf2onnx direct"
+            if ops & {"StatefulPartitionedCall", "PartitionedCall"}:
+                other = kerasbn.export(
+                    model, os.path.join(tmp, "unfolded"), ["onnx"],
+                    fold=False, name="m").artifacts["onnx"]
+                label = ("kerasbn unfolded (tf2onnx direct leaves "
+                         "StatefulPartitionedCall: ORT cannot load it)")
+            sessions = {k: ort.InferenceSession(
+                p, providers=["CPUExecutionProvider"])
+                for k, p in (("ours", ours), ("other", other))}
+            x = np.random.default_rng(1).standard_normal(
+                (1, 224, 224, 3)).astype("float32")
+            feeds = {k: {s.get_inputs()[0].name: x}
+                     for k, s in sessions.items()}
+            times = interleaved_medians(
+                {k: (lambda k=k: sessions[k].run(None, feeds[k]))
+                 for k in sessions}, repeats)
+            rows.append(row(
+                f"ONNX Runtime: kerasbn export / {label}", arch, 1,
+                times["ours"], times["other"], "<= 1.0",
+                f"kerasbn: {_census(ours)}; other: {_census(other)}"))
+        keras.backend.clear_session()
+    return rows
+
+
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
     "mabn": bench_mabn,
     "fold": bench_fold,
     "export": bench_export,
+    "zoo_export": bench_zoo_export,
 }
 
 

@@ -1,12 +1,14 @@
 """The ONNX artifact's graph: converting it, guarding it, counting it.
 
-- `convert`: tf2onnx's `from_function` on the serving function. Keras'
-  TensorFlow backend runs grouped convolutions (`Conv2D(groups=g)`, as
-  keras-hub's depthwise blocks use) as an XLA-compiled function marked not
-  to be inlined; tf2onnx then leaves a `StatefulPartitionedCall` node that
-  no ONNX runtime knows. When that happens the function is frozen, the
-  marks removed, and the graph converted again with the calls inlined, so
-  the grouped convolution becomes an ONNX `Conv` with `group`.
+- `convert`: tf2onnx's `from_function` on the serving function. Two
+  things it gets wrong are redone on the frozen function: Keras' TensorFlow
+  backend runs grouped convolutions (`Conv2D(groups=g)`, as keras-hub's
+  depthwise blocks use) as an XLA-compiled function marked not to be
+  inlined, which tf2onnx leaves as a `StatefulPartitionedCall` node that no
+  ONNX runtime knows (the marks are removed and the calls inlined, so the
+  grouped convolution becomes an ONNX `Conv` with `group`); and tensors
+  the model captured as constants (keras.applications.EfficientNet's
+  `Normalization` mean and variance) become extra graph inputs.
 - `guard_pad_max_pool`: ONNX Runtime's default graph rewrites fuse a zero
   `Pad` into the `MaxPool` after it, but MaxPool pads with -inf: a window
   holding only negative values and padding then gives its negative maximum
@@ -35,31 +37,41 @@ def convert(function, input_specs, opset):
     proto, _ = tf2onnx.convert.from_function(
         function, input_signature=input_specs, opset=opset)
     calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
-    if not calls:
+    names = [spec.name for spec in input_specs]
+    captured = [i.name for i in proto.graph.input if i.name not in names]
+    if not calls and not captured:
         return proto, []
-    proto = _convert_inlined(function.get_concrete_function(*input_specs),
-                             opset)
+    proto = _convert_frozen(function.get_concrete_function(*input_specs),
+                            len(input_specs), opset)
     left = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
     if left:
         raise ValueError(
             f"tf2onnx left {len(left)} TensorFlow function call(s) in the "
             f"ONNX graph even with calls inlined (first: {left[0]}); no ONNX "
             "runtime can run them")
-    return proto, [
-        f"{len(calls)} TensorFlow function call(s) that tf2onnx cannot "
-        "convert (Keras runs grouped convolutions as XLA functions) were "
-        "inlined before conversion"]
+    notes = []
+    if calls:
+        notes.append(
+            f"{len(calls)} TensorFlow function call(s) that tf2onnx cannot "
+            "convert (Keras runs grouped convolutions as XLA functions) "
+            "were inlined before conversion")
+    if captured:
+        notes.append(
+            f"{len(captured)} constant(s) the model holds as tensors (e.g. "
+            "a Normalization layer's mean and variance), which tf2onnx "
+            "would have made graph inputs, were frozen into the graph")
+    return proto, notes
 
 
-def _convert_inlined(concrete, opset):
-    import tensorflow as tf
+def _convert_frozen(concrete, n_inputs, opset):
+    """Convert with variables and captured tensors frozen, calls inlined."""
     import tf2onnx
 
     from kerasbn import _keras_internal
 
-    input_names = [t.name for t in concrete.inputs if t.dtype != tf.resource]
-    output_names = [t.name for t in concrete.outputs
-                    if t.dtype != tf.resource]
+    # The signature's own inputs come first; captured tensors after them.
+    input_names = [t.name for t in concrete.inputs[:n_inputs]]
+    output_names = [t.name for t in concrete.outputs]
     renames = tf2onnx.convert.tensor_names_from_structed(
         concrete, input_names, output_names)
     frozen = _keras_internal.freeze_concrete_function(concrete, inline=True)
