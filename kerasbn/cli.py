@@ -342,6 +342,8 @@ def _summary(original, result, latency):
     if not result.checks:
         for fmt, path in result.artifacts.items():
             lines.append(f"{fmt:<{width}}  {'not verified':>24}  {path}")
+    for fmt, notes in result.notes.items():
+        lines.extend(f"note ({fmt}): {note}" for note in notes)
     if latency:
         before, after = latency
         lines.append(f"Keras latency, batch 1: {before:.2f} ms before, "

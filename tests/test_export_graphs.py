@@ -174,3 +174,13 @@ def test_census_counts_what_unfolded_normalizations_leave():
         initializer=const)
     census = _onnx_graph.normalization_census(h.make_model(graph))
     assert census == {"BatchNormalization": 1, "affine_after_linear": 1}
+
+
+def test_cli_prints_the_note(tmp_path):
+    from tests.test_cli import run_cli
+
+    path = tmp_path / "stem.keras"
+    _pad_then_pool_model().save(path)
+    done = run_cli(path, "--output", tmp_path / "out", "--format", "onnx")
+    assert done.returncode == 0, done.stderr
+    assert "note (onnx): zero Pad" in done.stdout

@@ -120,10 +120,14 @@ def check_foldable(model, where):
     functional_of(model)  # Raises for subclassed or unbuilt models.
 
 
-def read_graph(model, tracer=None):
-    """The calls of `model`, with traceable custom layers seen inside."""
+def read_graph(model, tracer=None, trace=True):
+    """The calls of `model`, with traceable custom layers seen inside.
+
+    With `trace=False` a custom layer stays one call (the graph then holds
+    only the user's own layers, for tools that act on them).
+    """
     functional = functional_of(model)
-    tracer = tracer or trace_lib.Tracer()
+    tracer = tracer or trace_lib.Tracer(enabled=trace)
     graph = Graph(model, functional, [], {}, collections.defaultdict(list),
                   collections.Counter(), {}, tracer=tracer)
     for x in functional.inputs:

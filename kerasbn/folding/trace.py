@@ -88,7 +88,8 @@ def round_trips(layer):
 class Tracer:
     """Traces custom layer calls, one copy per layer, refusals remembered."""
 
-    def __init__(self):
+    def __init__(self, enabled=True):
+        self.enabled = enabled
         self._copies = {}  # id(layer) -> traceable copy of it.
         self._owned = set()  # ids of the copies' sublayers.
         self.refused = {}  # id(layer) -> why it was not traced.
@@ -105,9 +106,9 @@ class Tracer:
         """Whether to trace `operation`: it hides a normalization, or it is
         part of a traced copy and its config does not round-trip (traced,
         the folded model holds its sublayers instead, which do)."""
-        return wants_trace(operation) or (
+        return self.enabled and (wants_trace(operation) or (
             self.owns(operation) and _custom(operation)
-            and not round_trips(operation))
+            and not round_trips(operation)))
 
     def trace(self, node):
         """`Traced` for a call of a custom layer, or None if refused."""

@@ -361,7 +361,7 @@ def _output_normalizations(model):
     """Normalization layers whose output is an output of `model`."""
     if not graph_lib.is_graph_model(model):
         return []
-    graph = graph_lib.read_graph(model)
+    graph = graph_lib.read_graph(model, trace=False)
     found = []
     for tensor in graph.functional.outputs:
         index = graph.producer.get(id(tensor))
@@ -379,7 +379,7 @@ def _redundant_biases(model):
     """`(producer, normalization)` pairs where the bias cancels out."""
     pairs = []
     for graph_model in _graph_models(model):
-        graph = graph_lib.read_graph(graph_model)
+        graph = graph_lib.read_graph(graph_model, trace=False)
         for call in graph.calls:
             kind = registry.find_statistics(call.operation)
             if kind is None or not kind.subtracts_mean:
