@@ -31,18 +31,25 @@ _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 
 
 def convert(function, input_specs, opset):
-    """`(ModelProto, notes)` for a `tf.function` with a fixed signature."""
+    """`(ModelProto, notes)` for a `tf.function` with a fixed signature.
+
+    Whether the frozen route is needed is read off the TensorFlow graph
+    first, so a model converts once; should tf2onnx's plain route still
+    leave a call or an extra graph input, the frozen route is taken then.
+    """
     import tf2onnx
 
-    proto, _ = tf2onnx.convert.from_function(
-        function, input_signature=input_specs, opset=opset)
-    calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
-    names = [spec.name for spec in input_specs]
-    captured = [i.name for i in proto.graph.input if i.name not in names]
+    concrete = function.get_concrete_function(*input_specs)
+    calls, captured = _uninlinable_calls(concrete), _captured(concrete)
     if not calls and not captured:
-        return proto, []
-    proto = _convert_frozen(function.get_concrete_function(*input_specs),
-                            len(input_specs), opset)
+        proto, _ = tf2onnx.convert.from_function(
+            function, input_signature=input_specs, opset=opset)
+        names = [spec.name for spec in input_specs]
+        calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
+        captured = [i.name for i in proto.graph.input if i.name not in names]
+        if not calls and not captured:
+            return proto, []
+    proto = _convert_frozen(concrete, len(input_specs), opset)
     left = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
     if left:
         raise ValueError(
@@ -61,6 +68,22 @@ def convert(function, input_specs, opset):
             "a Normalization layer's mean and variance), which tf2onnx "
             "would have made graph inputs, were frozen into the graph")
     return proto, notes
+
+
+def _uninlinable_calls(concrete):
+    """Names of the function's call nodes that TensorFlow will not inline."""
+    graph_def = concrete.graph.as_graph_def()
+    blocked = {f.signature.name for f in graph_def.library.function
+               if any(f.attr[a].b for a in _NO_INLINE if a in f.attr)}
+    return [n.name for n in graph_def.node
+            if n.op in _CALL_OPS and n.attr["f"].func.name in blocked]
+
+
+def _captured(concrete):
+    """The non-variable tensors the function captured (as constants)."""
+    import tensorflow as tf
+
+    return [t for t in concrete.captured_inputs if t.dtype != tf.resource]
 
 
 def _convert_frozen(concrete, n_inputs, opset):
@@ -248,8 +271,9 @@ def normalization_census(proto):
 
     `affine_after_linear` counts Mul/Add/Sub/Div nodes whose other input is
     a constant and whose data input comes straight from a Conv,
-    ConvTranspose, Gemm or MatMul (through a bias Add of the same kind
-    only once): the traces an unfolded normalization leaves.
+    ConvTranspose, Gemm or MatMul: the traces an unfolded normalization
+    leaves. A MatMul's Add of a constant is not counted: that is how
+    tf2onnx writes a Dense layer's bias.
     """
     constants = _constants(proto)
     producers = {o: n for n in proto.graph.node for o in n.output}

@@ -93,7 +93,6 @@ class Tracer:
         self._copies = {}  # id(layer) -> traceable copy of it.
         self._owned = set()  # ids of the copies' sublayers.
         self.refused = {}  # id(layer) -> why it was not traced.
-        self.traced = []  # Layers traced, in order.
 
     def owns(self, operation):
         """Whether `operation` is part of one of the tracer's own copies.
@@ -116,13 +115,10 @@ class Tracer:
         if id(layer) in self.refused:
             return None
         try:
-            traced = self._trace(layer, node)
+            return self._trace(layer, node)
         except TraceRefused as refusal:
             self.refused[id(layer)] = str(refusal)
             return None
-        if not any(known is layer for known in self.traced):
-            self.traced.append(layer)
-        return traced
 
     def _trace(self, layer, node):
         if node.arguments.kwargs.get("training") is True:
