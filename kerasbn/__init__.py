@@ -8,6 +8,8 @@
 - `kerasbn.export(model, directory)`: fold, export to SavedModel / ONNX /
   Keras / TFLite, verify each artifact in its own runtime
   (`kerasbn.exporting`).
+- `kerasbn.fold_saved_model(path, directory)`: the same from a SavedModel
+  directory or frozen GraphDef, without the Keras code (graph-level fold).
 - `kerasbn.recalibrate`, `freeze`, `unfreeze`, `diagnose`,
   `load_tf1_batch_norm`: statistics tools (`kerasbn.stats`).
 - `kerasbn.convert_to_mabn(model)`: BN model -> MABN + centred convolutions.
@@ -39,6 +41,7 @@ _LAZY = {
     "diagnose": "kerasbn.stats",
     "export": "kerasbn.exporting",
     "fold": "kerasbn.folding",
+    "fold_saved_model": "kerasbn.exporting",
     "freeze": "kerasbn.stats",
     "layers": "kerasbn.layers",
     "load_tf1_batch_norm": "kerasbn.stats",

@@ -1,8 +1,16 @@
-"""`kerasbn-fold`: fold a trained Keras model's BN away and export it, verified.
+"""`kerasbn-fold`: fold a trained model's BN away and export it, verified.
 
-    kerasbn-fold MODEL.keras -o OUT_DIR [--format saved_model,onnx,keras]
+    kerasbn-fold MODEL -o OUT_DIR [--format saved_model,onnx,keras]
                  [--opset N] [--no-verify] [--keep-bn] [--json REPORT.json]
-                 [--custom-module PY_MODULE] [--overwrite]
+                 [--custom-module PY_MODULE] [--sample FILE.npz]
+                 [--signature NAME] [--overwrite]
+
+MODEL is a Keras 3 `.keras` file, a Keras 2 (tf.keras) `.h5` file, a
+SavedModel directory (Keras 2 `model.save(dir)`, Keras 3
+`model.export(dir)`) or a TF1 frozen `.pb` GraphDef (`kerasbn.sources`).
+Keras files are folded layer by layer (`kerasbn.fold`); SavedModels and
+GraphDefs, which have no Keras code, at TensorFlow graph level
+(`kerasbn.fold_saved_model`).
 
 Prints one progress line per stage and a final table: BN layers folded and
 kept, parameter counts, the max error of every artifact against the
@@ -40,6 +48,8 @@ from kerasbn.exporting import VerificationError
 from kerasbn.exporting import _options
 from kerasbn.exporting import _staging
 from kerasbn.exporting import export
+from kerasbn.exporting import fold_saved_model
+from kerasbn import sources
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,7 +74,8 @@ def _parser():
         "export the model to SavedModel/ONNX/Keras/TFLite, verified against "
         "the original.",
     )
-    parser.add_argument("model", help="trained model file (.keras)")
+    parser.add_argument("model", help="trained model: .keras, Keras 2 .h5, "
+                        "SavedModel directory, or TF1 frozen .pb")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory (created if missing)")
     parser.add_argument("--format", default=",".join(_options.DEFAULT_FORMATS),
@@ -97,6 +108,12 @@ def _parser():
                         help="replace existing artifacts")
     parser.add_argument("--latency-runs", type=int, default=20,
                         help="timed runs for the latency line (0: skip)")
+    parser.add_argument("--sample", metavar="FILE.npz",
+                        help="verify on these inputs: one array per input "
+                        "name (or a single array for a one-input model)")
+    parser.add_argument("--signature", default=None, metavar="NAME",
+                        help="SavedModel signature to fold (default: "
+                        "serving_default)")
     return parser
 
 
@@ -110,7 +127,8 @@ def _check_arguments(args):
     above the newest every supported tf2onnx writes makes it import
     tf2onnx (and TensorFlow) to ask the installed one.
     """
-    _check_model_file(args.model)
+    args.kind = _check_model_file(args.model)
+    _check_source_options(args)
     try:
         _staging.check_output_directory(os.path.abspath(args.output))
     except ExportError as error:
@@ -141,24 +159,33 @@ def _check_arguments(args):
             raise CliError(f"--custom-module file not found: {spec}")
     if "onnx" in formats:
         _check_opset(args.opset)
+    if "keras" in formats and args.kind in _GRAPH_KINDS:
+        raise CliError(f"--format keras needs a Keras model, and {args.model}"
+                       " is a TensorFlow graph; choose from saved_model, "
+                       "onnx, tflite")
     return formats
 
 
+_GRAPH_KINDS = (sources.SAVED_MODEL, sources.GRAPH_DEF)
+
+
 def _check_model_file(path):
-    if not os.path.exists(path):
-        raise CliError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        raise CliError(
-            f"{path} is a directory; kerasbn-fold takes a Keras 3 model file "
-            "(.keras). A SavedModel directory cannot be folded: load the "
-            "Keras model that produced it and save it with model.save("
-            "'model.keras')."
-        )
-    if not zipfile.is_zipfile(path):
-        raise CliError(
-            f"{path} is not a Keras model file (.keras is a zip archive); "
-            "save the model with model.save('model.keras')."
-        )
+    """The kind of model at `path` (`kerasbn.sources.detect`)."""
+    try:
+        return sources.detect(path)
+    except sources.UnknownSource as error:
+        raise CliError(str(error)) from None
+
+
+def _check_source_options(args):
+    if args.signature is not None and args.kind != sources.SAVED_MODEL:
+        raise CliError(f"--signature applies to SavedModel directories; "
+                       f"{args.model} is a {args.kind} file")
+    if args.sample is not None and not os.path.isfile(args.sample):
+        raise CliError(f"--sample file not found: {args.sample}")
+    if args.sample is not None and not zipfile.is_zipfile(args.sample):
+        raise CliError(f"--sample {args.sample} is not a .npz file: save the "
+                       "inputs with numpy.savez(path, input_name=array)")
 
 
 def _check_opset(opset):
@@ -200,17 +227,54 @@ def _check_json_target(path, model_path):
 
 
 def _load(args):
-    """The model of `args.model`, after registering the custom layers."""
+    """`(model or GraphSource, notes)` of `args.model`, after registering
+    the custom layers; `notes` say what reading it changed."""
     import kerasbn.layers  # noqa: F401  (registers kerasbn's layers)
 
     for spec in args.custom_module:
         _import_custom_module(spec)
-    return load_model(args.model)
+    if args.kind == sources.H5:
+        return _load_h5(args.model)
+    if args.kind in _GRAPH_KINDS:
+        from kerasbn.exporting import _graph
+
+        try:
+            source, _ = _graph.read_source(
+                args.model, args.signature or "serving_default")
+        except ValueError as error:
+            raise CliError(str(error)) from None
+        return source, source.notes
+    return load_model(args.model), []
+
+
+def _load_h5(path):
+    from kerasbn.sources import keras2
+
+    try:
+        return keras2.load_h5(path)
+    except keras2.Keras2Error as error:
+        raise CliError(str(error)) from None
+
+
+def _load_sample(path):
+    """The arrays of a .npz file: a dict by name, or the one array."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as error:
+        raise CliError(f"cannot read --sample {path}: "
+                       f"{type(error).__name__}: {error}") from None
+    if not arrays:
+        raise CliError(f"--sample {path} holds no arrays")
+    return next(iter(arrays.values())) if len(arrays) == 1 else arrays
 
 
 def load_model(path):
     """Load a `.keras` model file; `CliError` with the reason if it fails."""
-    _check_model_file(path)
+    if _check_model_file(path) != sources.KERAS:
+        raise CliError(f"{path} is not a Keras 3 .keras file")
     import keras
 
     try:
@@ -286,14 +350,18 @@ def _progress(message):
 
 
 def _export(args, model, formats, progress):
-    """`kerasbn.export` with the CLI's options; VerificationError passes."""
+    """`kerasbn.export` (or `fold_saved_model` for a graph) with the CLI's
+    options; VerificationError passes."""
+    sample = None if args.sample is None else _load_sample(args.sample)
+    common = dict(verify=not args.no_verify, name=args.name,
+                  version=args.version, opset=args.opset, rtol=args.rtol,
+                  overwrite=args.overwrite, progress=progress, sample=sample)
     try:
-        return export(
-            model, args.output, formats, fold=not args.no_fold,
-            keep_bn=args.keep_bn, verify=not args.no_verify,
-            name=args.name, version=args.version, opset=args.opset,
-            rtol=args.rtol, overwrite=args.overwrite, progress=progress,
-        )
+        if args.kind in _GRAPH_KINDS:
+            return fold_saved_model(model, args.output, formats,
+                                    fold=not args.no_fold, **common)
+        return export(model, args.output, formats, fold=not args.no_fold,
+                      keep_bn=args.keep_bn, **common)
     except VerificationError:
         raise
     except (ExportError, ValueError, TypeError, ImportError) as error:
@@ -301,15 +369,31 @@ def _export(args, model, formats, progress):
 
 
 def _latencies(original, exported, runs):
-    """Median ms per batch-1 call of each model, rounds interleaved."""
+    """Median ms per batch-1 call of each model, rounds interleaved.
+
+    For a graph source both are its frozen graph, before and after folding.
+    """
     import tensorflow as tf
 
+    from kerasbn.exporting._signature import GraphSignature
     from kerasbn.exporting._signature import ServingSignature
 
-    signature = ServingSignature(original)
+    if hasattr(original, "graph_def"):  # A GraphSource.
+        from kerasbn.sources.saved_model import FrozenGraph
+
+        signature = GraphSignature(original)
+        unfolded = FrozenGraph(original.graph_def, original.input_tensors,
+                               original.output_tensors, "unfolded")
+        fns = [signature.serving_function(m, named_outputs=False)
+               for m in (unfolded, exported)]
+    else:
+        signature = ServingSignature(original)
+        fns = [tf.function(lambda *xs, m=m: m(signature.pack(xs),
+                                              training=False))
+               for m in (original, exported)]
+    if any(d is None for s in signature.input_specs for d in s.shape[1:]):
+        return None  # Unknown sizes: nothing meaningful to time.
     arrays = [tf.constant(a) for a in signature.generate_inputs(1, seed=3)]
-    fns = [tf.function(lambda *xs, m=m: m(signature.pack(xs), training=False))
-           for m in (original, exported)]
     for fn in fns:
         for _ in range(3):
             fn(*arrays)
@@ -332,8 +416,12 @@ def _summary(original, result, latency):
             f"{report.folded_forward} forward), {report.replaced} replaced "
             f"by ScaleShift, {report.kept} kept"
         )
-    lines.append(f"parameters: {original.count_params():,} before, "
-                 f"{result.model.count_params():,} after")
+    if hasattr(original, "count_params"):
+        lines.append(f"parameters: {original.count_params():,} before, "
+                     f"{result.model.count_params():,} after")
+    else:
+        lines.append(f"TensorFlow graph nodes: {len(original.graph_def.node)}"
+                     f" before, {len(result.model.graph_def.node)} after")
     width = max(len(f) for f in result.artifacts)
     lines.append(f"{'artifact':<{width}}  max abs error  rel error  path")
     for fmt, (abs_err, rel_err) in result.max_errors().items():
@@ -346,7 +434,8 @@ def _summary(original, result, latency):
         lines.extend(f"note ({fmt}): {note}" for note in notes)
     if latency:
         before, after = latency
-        lines.append(f"Keras latency, batch 1: {before:.2f} ms before, "
+        what = "Keras" if hasattr(original, "count_params") else "TensorFlow"
+        lines.append(f"{what} latency, batch 1: {before:.2f} ms before, "
                      f"{after:.2f} ms after ({after / before:.2f}x)")
     return "\n".join(lines)
 
@@ -355,15 +444,17 @@ def _report(args, model, result, progress):
     """Print the fold report and summary; write the JSON report if asked."""
     latency = None
     if args.latency_runs > 0:
-        progress("timing Keras inference before/after folding")
+        progress("timing inference before/after folding")
         latency = _latencies(model, result.model, args.latency_runs)
     if result.fold_report is not None:
         print(result.fold_report)
     print(_summary(model, result, latency))
     if args.json:
         report = result.to_dict()
-        report["parameters"] = {"before": model.count_params(),
-                                "after": result.model.count_params()}
+        report["source"] = {"path": args.model, "kind": args.kind}
+        if hasattr(model, "count_params"):
+            report["parameters"] = {"before": model.count_params(),
+                                    "after": result.model.count_params()}
         if latency:
             report["latency_ms_batch1"] = {"before": latency[0],
                                            "after": latency[1]}
@@ -409,10 +500,12 @@ def run(argv=None, interrupts=None):
         _progress(message)
 
     progress(f"loading {args.model}")
-    model = _load(args)
+    model, notes = _load(args)
     try:
         result = _export(args, model, formats, progress)
     except VerificationError as error:
+        if notes:
+            error.result.notes.setdefault("source", list(notes))
         print(str(error), file=sys.stderr)
         if args.json:
             _write_json(args.json, error.result.to_dict())
@@ -420,6 +513,8 @@ def run(argv=None, interrupts=None):
               file=sys.stderr)
         return EXIT_VERIFY
     interrupts.wrote(result.directory)
+    if notes:
+        result.notes.setdefault("source", list(notes))
     _report(args, model, result, progress)
     return EXIT_OK
 

@@ -42,8 +42,10 @@ from kerasbn.exporting._result import ExportResult
 from kerasbn.exporting._result import VerificationError
 from kerasbn.exporting.formats import FORMATS
 
-__all__ = ["export", "ExportResult", "ExportError", "VerificationError",
-           "FORMATS"]
+__all__ = ["export", "fold_saved_model", "ExportResult", "ExportError",
+           "VerificationError", "FORMATS"]
+
+GRAPH_FORMATS = ("saved_model", "onnx")
 
 
 def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
@@ -118,15 +120,93 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
                   for arrays in inputs]
     deployable, fold_report = steps.fold_for_export(model, fold, keep_bn,
                                                     progress)
+    return _write_verified(directory, targets, deployable, signature, inputs,
+                           references, fold_report, opset, rtol, progress,
+                           overwrite, {})
+
+
+def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
+                     signature="serving_default", fold=True, sample=None,
+                     verify=True, name=None, version=1, opset=DEFAULT_OPSET,
+                     rtol=DEFAULT_RTOL, batch_sizes=(1, 4), overwrite=False,
+                     progress=None):
+    """Fold a SavedModel's batch normalization without its Keras code.
+
+    For models that exist only as a SavedModel directory (Keras 2's
+    `model.save(dir)`, Keras 3's `model.export(dir)`, `tf.saved_model.save`)
+    or a TF1 frozen GraphDef (`.pb`): the signature is frozen into
+    constants, every batch normalization right after a Conv / Depthwise /
+    transposed Conv / MatMul is folded into it at graph level
+    (`kerasbn.folding.tfgraph`), and the artifacts are written and verified
+    against the SOURCE as TensorFlow loads it, exactly as `export` does for
+    a Keras model.
+
+    The SavedModel keeps the source's signature key, input and output
+    names, dtypes and dynamic batch; its weights are constants in the
+    graph. The Keras format is not available (there is no Keras model).
+
+    Args:
+        source: SavedModel directory, frozen GraphDef file, or a
+            `kerasbn.sources.saved_model.GraphSource` already read.
+        directory: Export directory; created if missing.
+        formats: From "saved_model", "onnx", "tflite".
+        signature: The SavedModel signature to fold and serve.
+        fold: Fold (False: re-export as it is, verified).
+        sample: Inputs to verify on (array, list, or dict by input name).
+            Needed when an input has unknown non-batch dimensions.
+        verify, name, version, opset, rtol, batch_sizes, overwrite,
+        progress: As for `export`; `name` defaults to the source's
+            directory or file name.
+
+    Returns:
+        `ExportResult`, whose `fold_report` names each normalization node
+        (folded into which node, or kept and why) and whose `model` is the
+        folded graph (`kerasbn.sources.saved_model.FrozenGraph`).
+
+    Raises:
+        ValueError: not a SavedModel / GraphDef, no such signature, unknown
+            dimensions without `sample`, or a bad argument.
+        ExportError, VerificationError: as for `export` (nothing written).
+    """
+    from kerasbn.exporting import _graph
+    from kerasbn.exporting import _pipeline as steps
+
+    progress = progress or _quiet
+    source, graph_signature = _graph.read_source(source, signature)
+    if "keras" in (formats.split(",") if isinstance(formats, str) else
+                   formats):
+        raise ValueError(f"{_graph.WHERE}: the keras format needs a Keras "
+                         "model; a SavedModel or GraphDef has none. Choose "
+                         "from saved_model, onnx, tflite.")
+    formats, name = steps.check_options(
+        directory, formats, source.name if name is None else name, version,
+        opset, rtol, batch_sizes, where=_graph.WHERE)
+    directory = os.path.abspath(os.fspath(directory))
+    inputs = _graph.verification_inputs(graph_signature, sample, batch_sizes,
+                                        verify)
+    targets = _plan_targets(directory, formats, name, version, overwrite)
+    references = [_graph.reference_outputs(source, a) for a in inputs]
+    model, fold_report = _graph.fold(source, name, fold, progress)
+    return _write_verified(directory, targets, model, graph_signature,
+                           inputs, references, fold_report, opset, rtol,
+                           progress, overwrite,
+                           {"source": source.notes} if source.notes else {})
+
+
+def _write_verified(directory, targets, model, signature, inputs, references,
+                    fold_report, opset, rtol, progress, overwrite, notes):
+    """Stage, write, verify and commit the artifacts; the `ExportResult`."""
+    from kerasbn.exporting import _pipeline as steps
+
     with _staging.StagingArea(directory) as staging:
-        staged, notes = steps.write_artifacts(staging, targets, deployable,
-                                              signature, opset, progress)
+        staged, said = steps.write_artifacts(staging, targets, model,
+                                             signature, opset, progress)
         checks = steps.verify_artifacts(staged, signature, inputs, references,
                                         rtol, progress)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
         result = ExportResult(directory, final, fold_report, checks,
-                              steps.onnx_ops(staged), model=deployable,
-                              notes=notes)
+                              steps.onnx_ops(staged), model=model,
+                              notes={**notes, **said})
         if not result.passed:
             raise VerificationError(
                 "Exported artifacts do not reproduce the original model; "

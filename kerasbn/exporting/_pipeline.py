@@ -25,44 +25,51 @@ def check_arguments(model, directory, formats, name, version, opset, rtol,
                     batch_sizes):
     """Check `export`'s arguments; returns `(formats, name)`, resolved."""
     _checks.check_model(model, WHERE)
+    return check_options(directory, formats, model.name if name is None
+                         else name, version, opset, rtol, batch_sizes)
+
+
+def check_options(directory, formats, name, version, opset, rtol,
+                  batch_sizes, where=WHERE):
+    """Check the options every export takes; returns `(formats, name)`."""
     if not isinstance(directory, (str, os.PathLike)):
         raise _checks.argument_error(
-            "directory", "a path (str or os.PathLike)", directory, WHERE,
+            "directory", "a path (str or os.PathLike)", directory, where,
             error=TypeError)
     try:
         formats = _options.parse_formats(formats)
     except ValueError as error:
-        raise ValueError(f"{WHERE}: {error}") from None
-    name = model.name if name is None else str(name)
+        raise ValueError(f"{where}: {error}") from None
+    name = str(name)
     if not _options.is_safe_name(name):
         raise ValueError(
-            f"{WHERE}: Artifact name {name!r} is not a safe file name: use "
+            f"{where}: Artifact name {name!r} is not a safe file name: use "
             "letters, digits, '_', '.', '-' (pass `name=`)."
         )
-    _checks.check_int("version", version, 1, WHERE,
+    _checks.check_int("version", version, 1, where,
                       hint="It names TF Serving's version directory.")
-    _checks.check_number("rtol", rtol, 0.0, where=WHERE, low_open=True,
+    _checks.check_number("rtol", rtol, 0.0, where=where, low_open=True,
                          hint="It bounds max abs error / max |output|; "
                          f"the default is {_options.DEFAULT_RTOL:g}.")
     for size in batch_sizes:
-        _checks.check_int("batch_sizes", size, 1, WHERE)
+        _checks.check_int("batch_sizes", size, 1, where)
     if "onnx" in formats:
-        check_opset(opset)
+        check_opset(opset, where)
     return formats, name
 
 
-def check_opset(opset):
+def check_opset(opset, where=WHERE):
     """`opset` must be None (tf2onnx's default) or one tf2onnx can write."""
     if opset is None:
         return
     if not _checks.is_integer(opset):
-        raise _checks.argument_error("opset", "an integer", opset, WHERE,
+        raise _checks.argument_error("opset", "an integer", opset, where,
                                      error=TypeError)
     lowest, highest = _options.MIN_OPSET, newest_onnx_opset()
     if not lowest <= opset <= highest:
         raise _checks.argument_error(
             "opset", f"an ONNX opset from {lowest} to {highest}", opset,
-            WHERE, hint=f"The default is {_options.DEFAULT_OPSET}; "
+            where, hint=f"The default is {_options.DEFAULT_OPSET}; "
             f"{highest} is the newest the installed tf2onnx and onnx write.")
 
 

@@ -64,7 +64,8 @@ class ExportResult:
             `rtol`, `passed`.
         onnx_ops: `{op_type: count}` of the ONNX graph, when ONNX was written.
         model: The Keras model that was exported (the folded one with
-            `fold=True`), in memory.
+            `fold=True`), in memory; for `fold_saved_model`, the folded
+            graph (`kerasbn.sources.saved_model.FrozenGraph`).
         notes: `{format: [note]}`: what a writer changed to make its
             artifact run right, e.g. a zero pad before a MaxPool guarded
             against ONNX Runtime's pad fusion, or function calls inlined.

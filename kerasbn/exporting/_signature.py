@@ -70,7 +70,10 @@ class ServingSignature:
         input_names: One name per flat model input.
         input_specs: `tf.TensorSpec`s with a dynamic batch dimension.
         output_names: One name per flat model output.
+        signature_key: The SavedModel signature the artifacts expose.
     """
+
+    signature_key = "serving_default"
 
     def __init__(self, model):
         inputs = getattr(model, "inputs", None)
@@ -183,3 +186,41 @@ class ServingSignature:
                 )
             arrays.append(value)
         return arrays
+
+
+class GraphSignature(ServingSignature):
+    """The signature of a `kerasbn.sources.saved_model.GraphSource`.
+
+    The names, specs and signature key are the source's own (a server
+    keeps talking to the folded model as it did to the original); the
+    "model" the writers trace is a callable of the flat inputs returning
+    the flat outputs (`FrozenGraph`).
+    """
+
+    def __init__(self, source):
+        self.input_names = list(source.input_names)
+        self.input_specs = list(source.input_specs)
+        self.output_names = list(source.output_names)
+        self.signature_key = source.signature_key
+        self._output_shapes = source.output_shapes
+
+    def pack(self, flat_inputs):
+        return list(flat_inputs)
+
+    def serving_function(self, model, named_outputs=True):
+        names = self.output_names
+
+        def serve(*flat_inputs):
+            flat = model(*flat_inputs)
+            for tensor, shape in zip(flat, self._output_shapes or ()):
+                tensor.set_shape(shape)  # What the source declares.
+            return dict(zip(names, flat)) if named_outputs else tuple(flat)
+
+        return tf.function(serve, input_signature=self.input_specs,
+                           autograph=False)
+
+    def unknown_dimensions(self):
+        """`{input: shape}` of inputs whose non-batch dims are unknown."""
+        return {s.name: s.shape for s in self.input_specs
+                if s.shape.rank is None
+                or any(d is None for d in s.shape[1:])}

@@ -33,7 +33,8 @@ def _require(module, extra="onnx"):
 
 
 class SavedModelFormat:
-    """TF Serving layout: `saved_model/<name>/<version>/`, `serving_default`."""
+    """TF Serving layout: `saved_model/<name>/<version>/`, one signature
+    (`serving_default`, or a graph source's own signature key)."""
 
     name = "saved_model"
 
@@ -48,14 +49,15 @@ class SavedModelFormat:
         module.serve = signature.serving_function(model)
         tf.saved_model.save(
             module, path,
-            signatures={"serving_default": module.serve.get_concrete_function()},
+            signatures={signature.signature_key:
+                        module.serve.get_concrete_function()},
         )
 
     def run(self, path, signature, arrays):
         import tensorflow as tf
 
         loaded = tf.saved_model.load(path)
-        fn = loaded.signatures["serving_default"]
+        fn = loaded.signatures[signature.signature_key]
         outputs = fn(**{n: tf.constant(a)
                         for n, a in zip(signature.input_names, arrays)})
         return [outputs[n].numpy() for n in signature.output_names]

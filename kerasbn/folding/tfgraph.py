@@ -1,0 +1,547 @@
+"""Fold batch normalization in a frozen TensorFlow graph (no Keras code).
+
+`fold_graph_def(graph_def, outputs)` is `kerasbn.fold` for a model that
+exists only as a TensorFlow graph: a SavedModel's serving signature frozen
+into constants (`kerasbn.sources.saved_model`), or a TF1 frozen GraphDef.
+It finds the two forms an inference-mode batch normalization takes in
+TensorFlow graphs:
+
+- `FusedBatchNorm`, `FusedBatchNormV2`, `FusedBatchNormV3` with
+  `is_training=False` (tf.keras / Keras 2 with `fused=True`, TF1
+  `tf.layers`), channels last;
+- the chain `tf.nn.batch_normalization` writes: `x * s + t` as
+  `AddV2(Mul(x, s), t)` or `Sub(Mul(x, s), t)`, with `s` and `t` constant
+  and `s` computed from an `Rsqrt` (Keras 3's TensorFlow backend, Keras 2
+  with `fused=False` or `renorm=True`). A constant `Mul`/`Add` that does
+  not come from an `Rsqrt` is not a normalization and is left alone.
+
+and folds each into the linear op that produced its input: `Conv2D`,
+`Conv3D`, `DepthwiseConv2dNative`, `Conv2DBackpropInput` /
+`Conv3DBackpropInputV2` (transposed convolutions), `MatMul` and
+`BatchMatMul` with a constant right-hand side (Dense), through the bias
+add(s) after it and through `Reshape`/`Identity` ops that keep the channel
+(last) dimension (Keras' Dense on a rank-3+ input is MatMul, Reshape,
+BiasAdd). The maths are `kerasbn.fold`'s: the inference map's float64
+`(scale, shift)` from `kerasbn._numerics.bn_scale_shift` (for the fused op)
+and the kernel rewrites of `kerasbn.rules`, computed in float64 and cast
+once to the graph's dtype.
+
+The rewrite: the linear op reads a new constant kernel; the normalization
+node becomes a `BiasAdd` of the folded bias under the SAME node name, so
+every consumer and every graph output that read it still does; the old
+bias adds are bypassed and the statistics pruned with whatever else no
+output needs. A normalization is kept (and reported with its reason) when
+its input is not a foldable linear op's output, when that output (or a
+step between) has another consumer or is a graph output, when its
+statistics are not constant, or when the layout is channels first.
+Normalizations BEFORE a linear op (pre-activation networks) are not
+folded at graph level; `kerasbn.fold` on the Keras model does that.
+
+Anchor: TensorFlow's `optimize_for_inference` folds only TF1 frozen
+GraphDefs with a `FusedBatchNorm` straight after a `Conv2D` or `MatMul`
+with no bias in between; it does not fold V3 ops, depthwise or transposed
+convolutions, biased layers, or the Mul/Add chain.
+"""
+
+import collections
+import re
+
+import numpy as np
+
+from kerasbn import rules
+from kerasbn._numerics import bn_scale_shift
+from kerasbn.folding.report import BACKWARD
+from kerasbn.folding.report import FOLDED
+from kerasbn.folding.report import KEPT
+from kerasbn.folding.report import FoldEntry
+from kerasbn.folding.report import FoldReport
+
+FUSED_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+CHAIN_KIND = "batch_normalization (Mul/Add)"
+# Ops whose output is a pure function of their inputs: a subgraph of these
+# over constants is a constant.
+_PURE_OPS = frozenset((
+    "Const", "Identity", "Cast", "Reshape", "Squeeze", "ExpandDims", "Rsqrt",
+    "Sqrt", "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "Neg",
+    "Reciprocal", "Maximum", "Minimum", "Square", "Pack", "ConcatV2", "Fill",
+    "Shape", "StridedSlice", "Transpose", "Relu", "Tile", "BroadcastTo",
+))
+_CHANNELS_LAST = (b"NHWC", b"NDHWC", b"")
+_PASS_THROUGH = ("Reshape", "Identity")
+_BIAS_OPS = ("BiasAdd", "Add", "AddV2")
+_CALL_PREFIX = re.compile(r"^(Func/)?((Stateful)?PartitionedCall(_\d+)?/)+")
+
+
+def readable(node_name):
+    """A node's name without the function-call scopes freezing added."""
+    return _CALL_PREFIX.sub("", node_name) or node_name
+
+
+def _split(tensor):
+    """`(node name, output index)` of a GraphDef input string."""
+    name, _, index = tensor.lstrip("^").partition(":")
+    return name, int(index or 0)
+
+
+class _Graph:
+    """A GraphDef's nodes, consumers, static shapes and constant values."""
+
+    def __init__(self, graph_def, outputs):
+        import tensorflow as tf
+
+        self.graph_def = graph_def
+        self.nodes = {n.name: n for n in graph_def.node}
+        self.outputs = [_split(t) for t in outputs]
+        self.consumers = collections.defaultdict(list)
+        for node in graph_def.node:
+            for index, tensor in enumerate(node.input):
+                if not tensor.startswith("^"):
+                    self.consumers[_split(tensor)].append((node.name, index))
+        self.tf_graph = tf.Graph()
+        with self.tf_graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+        self._constant = {}
+
+    def node_of(self, tensor):
+        return self.nodes[_split(tensor)[0]]
+
+    def uses(self, name, index=0):
+        """How many times output `index` of `name` is read (outputs too)."""
+        return (len(self.consumers[(name, index)])
+                + self.outputs.count((name, index)))
+
+    def other_outputs_used(self, name, index=0):
+        return any(self.uses(name, i) for i in range(8) if i != index)
+
+    def shape(self, tensor):
+        name, index = _split(tensor)
+        return self.tf_graph.get_operation_by_name(name).outputs[index].shape
+
+    def is_constant(self, tensor):
+        """Whether `tensor` depends on constants only (no input, variable,
+        random or stateful op on any path)."""
+        name = _split(tensor)[0]
+        if name not in self._constant:
+            self._constant[name] = False  # Breaks cycles (none expected).
+            node = self.nodes[name]
+            self._constant[name] = node.op in _PURE_OPS and all(
+                self.is_constant(t) for t in node.input
+                if not t.startswith("^"))
+        return self._constant[name]
+
+    def has_ancestor(self, tensor, op):
+        seen, stack = set(), [_split(tensor)[0]]
+        while stack:
+            node = self.nodes[stack.pop()]
+            if node.op == op:
+                return True
+            for t in node.input:
+                parent = _split(t)[0]
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+        return False
+
+    def values(self, tensors):
+        """`{tensor: array}` of constant tensors, in one graph run."""
+        import tensorflow as tf
+
+        names = sorted({"%s:%d" % _split(t) for t in tensors})
+        if not names:
+            return {}
+        with tf.compat.v1.Session(graph=self.tf_graph) as session:
+            arrays = session.run(names)
+        found = dict(zip(names, arrays))
+        return {t: np.asarray(found["%s:%d" % _split(t)]) for t in tensors}
+
+
+# -- Finding normalizations and the linear op before each. -------------------
+
+
+_LINEAR = {
+    # op: (kernel input index, kernel layout in kerasbn.rules' terms)
+    "Conv2D": (1, "dense"),
+    "Conv3D": (1, "dense"),
+    "DepthwiseConv2dNative": (1, "depthwise"),
+    "Conv2DBackpropInput": (1, "transpose"),
+    "Conv3DBackpropInputV2": (1, "transpose"),
+    "MatMul": (1, "dense"),
+    "BatchMatMul": (1, "dense"),
+    "BatchMatMulV2": (1, "dense"),
+    "BatchMatMulV3": (1, "dense"),
+}
+_BACKWARD = {"dense": rules.backward_dense,
+             "depthwise": rules.backward_depthwise,
+             "transpose": rules.backward_transpose}
+
+
+class Kept(Exception):
+    """This normalization stays: `code` and `reason` say why."""
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+
+
+class _Match:
+    """One normalization node and what folding it needs.
+
+    Attributes:
+        node: The normalization's output node (FusedBatchNorm*, or the
+            Add/Sub ending the Mul/Add chain).
+        kind: Its op, or `CHAIN_KIND`.
+        data: The tensor it normalizes.
+        statistics: `{role: tensor}` of the constant inputs it reads.
+        epsilon: The fused op's epsilon (None for the chain).
+        shift_sign: -1 when the chain ends in `Sub(x * s, t)`.
+        steps: `[(node, bias tensor or None)]` from its input down to the
+            linear op: bias adds and channel-keeping reshapes.
+        linear: The linear op's node name, `layout` its kernel layout and
+            `kernel` its kernel tensor.
+    """
+
+    def __init__(self, node, kind, data, statistics, epsilon=None,
+                 shift_sign=1.0):
+        self.node, self.kind, self.data = node, kind, data
+        self.statistics, self.epsilon = statistics, epsilon
+        self.shift_sign = shift_sign
+        self.steps, self.linear, self.layout, self.kernel = [], None, None, None
+
+
+def _channels_last(node):
+    attr = node.attr.get("data_format")
+    return attr is None or attr.s in _CHANNELS_LAST
+
+
+def _match_fused(graph, node):
+    match = _Match(node.name, node.op, node.input[0], dict(zip(
+        ("gamma", "beta", "mean", "variance"), node.input[1:5])),
+        epsilon=node.attr["epsilon"].f)
+    if node.attr["is_training"].b:
+        raise Kept("training_mode", "is_training=True: it normalizes with "
+                   "batch statistics, not constants")
+    if not _channels_last(node):
+        raise Kept("axis_mismatch", "data_format "
+                   f"{node.attr['data_format'].s.decode()}: only channels-"
+                   "last graphs are folded")
+    if graph.other_outputs_used(node.name):
+        raise Kept("unusual_call", "its batch-statistics outputs are read")
+    if not all(graph.is_constant(t) for t in match.statistics.values()):
+        raise Kept("shape", "its statistics are not constants")
+    return match
+
+
+def _chain_parts(graph, node):
+    """`(mul node, data, scale tensor, shift tensor, sign)` or None."""
+    first, second = (t for t in node.input[:2])
+    candidates = [(first, second, 1.0)]
+    if node.op == "Sub":
+        candidates = [(first, second, -1.0)]
+    else:
+        candidates.append((second, first, 1.0))
+    for product, shift, sign in candidates:
+        mul = graph.node_of(product)
+        if (mul.op != "Mul" or graph.is_constant(product)
+                or not graph.is_constant(shift)):
+            continue
+        for data, scale in (mul.input[:2], reversed(mul.input[:2])):
+            if (graph.is_constant(scale) and not graph.is_constant(data)
+                    and graph.has_ancestor(scale, "Rsqrt")):
+                return mul, data, scale, shift, sign
+    return None
+
+
+def _match_chain(graph, node):
+    """A `_Match` for `x * s + t` (s from an Rsqrt), or None."""
+    parts = _chain_parts(graph, node)
+    if parts is None:
+        return None
+    mul, data, scale, shift, sign = parts
+    match = _Match(node.name, CHAIN_KIND, data,
+                   {"scale": scale, "shift": shift}, shift_sign=sign)
+    match.mul = mul.name
+    return match
+
+
+def _find_linear(graph, match):
+    """Walk from the normalization's input down to its linear op."""
+    tensor = match.data
+    for _ in range(8):
+        name, index = _split(tensor)
+        node = graph.nodes[name]
+        what = f"{node.op} '{readable(name)}'"
+        if index != 0 or graph.uses(name) != 1 or graph.other_outputs_used(
+                name):
+            raise Kept("producer_output_shared",
+                       f"the output of {what} is also read elsewhere")
+        if node.op in _LINEAR:
+            return _check_linear(graph, match, node)
+        if node.op == "Placeholder":
+            raise Kept("after_model_input", "it normalizes a graph input")
+        bias = _bias_of(graph, node)
+        if bias is not None:
+            match.steps.append((name, bias))
+            tensor = node.input[0] if node.input[1] == bias else node.input[1]
+        elif node.op in _PASS_THROUGH and _keeps_channels(graph, node):
+            match.steps.append((name, None))
+            tensor = node.input[0]
+        else:
+            raise Kept("after_nonlinear_layer",
+                       f"its input comes from {what}, not a linear op")
+    raise Kept("producer_unsupported", "no linear op within 8 steps")
+
+
+def _bias_of(graph, node):
+    """The constant added by a bias-add node, or None."""
+    if node.op not in _BIAS_OPS or not _channels_last(node):
+        return None
+    first, second = node.input[:2]
+    if graph.is_constant(second) and not graph.is_constant(first):
+        return second
+    if node.op != "BiasAdd" and graph.is_constant(first) and (
+            not graph.is_constant(second)):
+        return first
+    return None
+
+
+def _keeps_channels(graph, node):
+    if node.op == "Identity":
+        return True
+    before, after = graph.shape(node.input[0]), graph.shape(node.name)
+    return (before.rank and after.rank and before[-1] is not None
+            and before[-1] == after[-1])
+
+
+def _check_linear(graph, match, node):
+    index, layout = _LINEAR[node.op]
+    what = f"{node.op} '{readable(node.name)}'"
+    if not _channels_last(node):
+        raise Kept("axis_mismatch", f"{what} is channels first")
+    kernel = node.input[index]
+    if not graph.is_constant(kernel) or graph.is_constant(node.input[0]):
+        raise Kept("producer_unsupported",
+                   f"{what} does not multiply by a constant kernel")
+    transposed = node.attr.get("transpose_b") or node.attr.get("adj_y")
+    if transposed is not None and transposed.b:
+        layout = "transpose"
+    if node.op.startswith("BatchMatMul") and graph.shape(kernel).rank != 2:
+        raise Kept("producer_unsupported", f"{what} has a batched kernel")
+    match.linear, match.layout, match.kernel = node.name, layout, kernel
+    return match
+
+
+# -- The folded values. ------------------------------------------------------
+
+
+def _per_channel(array, channels, what, match):
+    """`array` as a `(channels,)` float64 vector if it only varies along
+    the last axis (or is a scalar); else `Kept`."""
+    array = np.asarray(array, np.float64)
+    if array.ndim and any(d != 1 for d in array.shape[:-1]):
+        raise Kept("axis_mismatch", f"its {what} of shape {array.shape} "
+                   "varies along more than the channel axis")
+    flat = array.reshape(-1)
+    if flat.size == 1:
+        return np.full((channels,), flat[0])
+    if flat.size != channels:
+        raise Kept("axis_mismatch", f"its {what} has {flat.size} values "
+                   f"for {channels} channels")
+    return flat
+
+
+def _out_channels(kernel, layout):
+    if layout == "depthwise":
+        return kernel.shape[-2] * kernel.shape[-1]
+    return kernel.shape[-2] if layout == "transpose" else kernel.shape[-1]
+
+
+def _affine(match, values, channels):
+    """The normalization's float64 `(scale, shift)`, checked finite."""
+    stats = {role: values[t] for role, t in match.statistics.items()}
+    if match.kind == CHAIN_KIND:
+        scale = _per_channel(stats["scale"], channels, "scale", match)
+        shift = match.shift_sign * _per_channel(stats["shift"], channels,
+                                                "shift", match)
+    else:
+        scale, shift = bn_scale_shift(
+            *(_per_channel(stats[r], channels, r, match)
+              for r in ("gamma", "beta", "mean", "variance")),
+            match.epsilon)
+    bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(shift)))
+    if bad.size:
+        raise ValueError(
+            f"kerasbn: normalization node '{readable(match.node)}' has a NaN "
+            f"or infinite inference scale or shift in {bad.size} channel(s) "
+            f"{bad[:8].tolist()}: its statistics are corrupt (variance + "
+            "epsilon not positive, or NaN/inf in gamma, beta or the mean). "
+            "Fix the model's statistics before folding."
+        )
+    return scale, shift
+
+
+def _folded_weights(match, values):
+    """`(kernel, bias)` of the linear op with the normalization folded in,
+    cast to the kernel's dtype."""
+    kernel = values[match.kernel]
+    channels = _out_channels(kernel, match.layout)
+    scale, shift = _affine(match, values, channels)
+    bias = np.zeros((channels,))
+    for step, tensor in match.steps:
+        if tensor is not None:
+            bias = bias + _per_channel(values[tensor], channels, "bias",
+                                       match)
+    new_kernel, new_bias = _BACKWARD[match.layout](kernel, bias, scale, shift)
+    return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+# -- Rewriting the graph. ----------------------------------------------------
+
+
+def _const(name, array):
+    import tensorflow as tf
+
+    node = tf.compat.v1.NodeDef(name=name, op="Const")
+    node.attr["dtype"].type = tf.as_dtype(array.dtype).as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array))
+    return node
+
+
+def _unique_name(nodes, base):
+    name, k = base, 0
+    while name in nodes:
+        k += 1
+        name = f"{base}_{k}"
+    nodes[name] = None
+    return name
+
+
+def _rewrite(nodes, match, kernel, bias):
+    """Fold `match` into `nodes` ({name: NodeDef}, edited in place)."""
+    import tensorflow as tf
+
+    kernel_name = _unique_name(nodes, f"{match.linear}/kerasbn_folded_kernel")
+    bias_name = _unique_name(nodes, f"{match.node}/kerasbn_folded_bias")
+    nodes[kernel_name] = _const(kernel_name, kernel)
+    nodes[bias_name] = _const(bias_name, bias)
+    linear = nodes[match.linear]
+    linear.input[_LINEAR[linear.op][0]] = kernel_name
+    current = match.linear
+    for step, tensor in reversed(match.steps):
+        if tensor is None:  # A reshape: it now reads the unbiased output.
+            nodes[step].input[0] = current
+            current = step
+    old = nodes[match.node]
+    new = tf.compat.v1.NodeDef(name=match.node, op="BiasAdd")
+    new.input.extend([current, bias_name])
+    new.input.extend(t for t in old.input if t.startswith("^"))
+    new.attr["T"].type = tf.as_dtype(bias.dtype).as_datatype_enum
+    new.attr["data_format"].s = b"NHWC"
+    if "_output_shapes" in old.attr:
+        new.attr["_output_shapes"].CopyFrom(old.attr["_output_shapes"])
+    nodes[match.node] = new
+
+
+def _candidates(graph):
+    """`(node, _Match or Kept)` for each normalization node, graph order."""
+    found = []
+    for node in graph.graph_def.node:
+        try:
+            if node.op in FUSED_OPS:
+                match = _match_fused(graph, node)
+            elif node.op in ("Add", "AddV2", "Sub"):
+                match = _match_chain(graph, node)
+                if match is None:
+                    continue
+            else:
+                continue
+            found.append((node, _find_linear(graph, match)))
+        except Kept as kept:
+            found.append((node, kept))
+    return found
+
+
+def _entry(node, outcome):
+    kind = node.op if node.op in FUSED_OPS else CHAIN_KIND
+    if isinstance(outcome, Kept):
+        return FoldEntry(readable(node.name), kind, 0, KEPT,
+                         reason=f"backward: {outcome}", codes=(outcome.code,))
+    return FoldEntry(readable(node.name), kind, 0, FOLDED, BACKWARD,
+                     into=(readable(outcome.linear),))
+
+
+def fold_graph_def(graph_def, outputs, name="graph"):
+    """Fold every foldable batch normalization of a frozen GraphDef.
+
+    Args:
+        graph_def: A `tf.compat.v1.GraphDef` with constants for weights
+            (frozen) and no function calls around the normalizations.
+            Not modified.
+        outputs: The graph's output tensor names ("node:0"): they and
+            every node name are kept.
+        name: The model's name, for the report.
+
+    Returns:
+        `(graph_def, FoldReport)`: the folded GraphDef (pruned to what
+        `outputs` need) and one `FoldEntry` per normalization node, folded
+        (`into` the linear node) or kept with its reason and code.
+
+    Raises:
+        ValueError: a normalization with NaN or infinite statistics.
+    """
+    graph = _Graph(graph_def, outputs)
+    found = _candidates(graph)
+    matches = [m for _, m in found if isinstance(m, _Match)]
+    wanted = [m.kernel for m in matches]
+    wanted += [t for m in matches for t in m.statistics.values()]
+    wanted += [t for m in matches for _, t in m.steps if t is not None]
+    values = graph.values(wanted)
+    nodes = collections.OrderedDict((n.name, n) for n in
+                                    _copy(graph_def).node)
+    outcomes = []
+    for node, match in found:
+        if isinstance(match, _Match):
+            try:
+                _rewrite(nodes, match, *_folded_weights(match, values))
+            except Kept as kept:
+                match = kept
+        outcomes.append(_entry(node, match))
+    folded = _copy(graph_def, _needed(nodes, outputs))
+    kept = sum(e.action == KEPT for e in outcomes)
+    return folded, FoldReport(name, tuple(outcomes), len(outcomes), kept, 0,
+                              forward=False)
+
+
+def _needed(nodes, outputs):
+    """The nodes `outputs` read, directly or not (control inputs too), in
+    their original order."""
+    keep, stack = set(), [_split(t)[0] for t in outputs]
+    while stack:
+        name = stack.pop()
+        if name not in keep:
+            keep.add(name)
+            stack.extend(_split(t)[0] for t in nodes[name].input)
+    return [node for name, node in nodes.items() if name in keep]
+
+
+def _copy(graph_def, nodes=None):
+    import tensorflow as tf
+
+    copy = tf.compat.v1.GraphDef()
+    copy.CopyFrom(graph_def)
+    if nodes is not None:
+        del copy.node[:]
+        copy.node.extend(nodes)
+    return copy
+
+
+def census(graph_def):
+    """`{op: count}` of the normalization ops left in a GraphDef: fused
+    batch norms and Rsqrt-based Mul/Add chains (what folding removes)."""
+    graph = _Graph(graph_def, [])
+    counts = collections.Counter()
+    for node in graph_def.node:
+        if node.op in FUSED_OPS:
+            counts[node.op] += 1
+        elif node.op in ("Add", "AddV2", "Sub") and _chain_parts(graph, node):
+            counts[CHAIN_KIND] += 1
+    return dict(counts)

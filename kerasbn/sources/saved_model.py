@@ -1,0 +1,198 @@
+"""Models that exist only as TensorFlow graphs: SavedModels, frozen .pb.
+
+A SavedModel directory (written by Keras 2's `model.save(dir)`, Keras 3's
+`model.export(dir)`, `tf.saved_model.save`, or the TF Serving layout's
+`<name>/<version>/`) is read through one of its signatures
+(`serving_default` unless told otherwise), frozen into constants and
+flattened (function calls inlined), so `kerasbn.folding.tfgraph` can fold
+its batch normalization without the Python code that built it. A TF1 frozen
+GraphDef (`.pb`) is read directly: its `Placeholder`s are the inputs and
+the nodes nothing reads are the outputs.
+
+`GraphSource` holds what the export pipeline needs: the input and output
+names a server sees, their specs, a reference function to verify against
+(the SavedModel's own signature, as loaded by `tf.saved_model.load`) and
+the frozen GraphDef. `FrozenGraph` is the folded graph as a callable,
+which the artifact writers trace like a Keras model.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from kerasbn import _keras_internal
+from kerasbn.sources import is_saved_model
+from kerasbn.sources import saved_model_hint
+
+_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+# Nodes that are never a frozen graph's outputs.
+_NOT_OUTPUTS = ("Const", "NoOp", "Placeholder", "Assert", "SaveV2",
+                "RestoreV2")
+
+
+class SourceError(ValueError):
+    """The file or directory cannot be read as a TensorFlow graph; the
+    message is one line saying why and what to do."""
+
+
+class FrozenGraph:
+    """A frozen GraphDef as a function of its input tensors.
+
+    Calling it with the flat inputs (in `GraphSource.input_names` order)
+    returns the flat outputs. It holds no variables: the weights are
+    constants in the graph.
+    """
+
+    def __init__(self, graph_def, input_tensors, output_tensors, name):
+        self.graph_def = graph_def
+        self.name = name
+        self.input_tensors = list(input_tensors)
+        self.output_tensors = list(output_tensors)
+
+        def imported():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(imported, [])
+        graph = wrapped.graph
+        self._function = wrapped.prune(
+            feeds=[graph.as_graph_element(t) for t in self.input_tensors],
+            fetches=[graph.as_graph_element(t) for t in self.output_tensors])
+
+    def __call__(self, *flat_inputs):
+        return list(self._function(*flat_inputs))
+
+
+class GraphSource:
+    """A model read from a SavedModel signature or a frozen GraphDef.
+
+    Attributes:
+        path: Where it was read from.
+        signature_key: The signature folded (and written back).
+        input_names, output_names: The names a server sees (the
+            signature's keys), in flat order.
+        input_specs: `tf.TensorSpec`s named after the inputs.
+        graph_def: The frozen, flattened GraphDef.
+        input_tensors, output_tensors: Their tensors in `graph_def`.
+        reference: Callable, flat inputs -> flat outputs, of the source as
+            loaded (the verification reference).
+        output_shapes: The outputs' static shapes as the source declares
+            them (the folded function keeps them), or None.
+        notes: What a user should know about the reading.
+    """
+
+    def __init__(self, path, signature_key, input_specs, output_names,
+                 graph_def, input_tensors, output_tensors, reference,
+                 notes=(), output_shapes=None):
+        self.path = path
+        self.output_shapes = output_shapes
+        self.signature_key = signature_key
+        self.input_specs = list(input_specs)
+        self.input_names = [s.name for s in self.input_specs]
+        self.output_names = list(output_names)
+        self.graph_def = graph_def
+        self.input_tensors = list(input_tensors)
+        self.output_tensors = list(output_tensors)
+        self.reference = reference
+        self.notes = list(notes)
+
+    @property
+    def name(self):
+        base = os.path.basename(os.path.normpath(self.path))
+        if base.isdigit():  # TF Serving's <name>/<version>/
+            base = os.path.basename(os.path.dirname(os.path.normpath(
+                self.path)))
+        return os.path.splitext(base)[0] or "model"
+
+
+def load_saved_model(path, signature_key="serving_default"):
+    """`GraphSource` of one signature of the SavedModel at `path`."""
+    if not is_saved_model(path):
+        raise SourceError(saved_model_hint(path))
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as error:
+        raise SourceError(f"cannot load the SavedModel {path}: "
+                          f"{type(error).__name__}: {_first_line(error)}")
+    signatures = dict(loaded.signatures)
+    if signature_key not in signatures:
+        raise SourceError(
+            f"the SavedModel {path} has no signature {signature_key!r}; its "
+            f"signatures are {sorted(signatures) or 'none'}: pass one with "
+            "--signature (API: signature=)")
+    function = signatures[signature_key]
+    specs = tf.nest.flatten(function.structured_input_signature)
+    output_names = sorted(function.structured_outputs)
+    frozen = _keras_internal.freeze_concrete_function(function, inline=True)
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    inputs = [t.name for t in frozen.inputs[:len(specs)]]
+    outputs = [t.name for t in frozen.outputs]
+    input_specs = [tf.TensorSpec(s.shape, s.dtype, name=name)
+                   for s, name in zip(specs, _input_keys(function, specs))]
+
+    def reference(*flat):
+        result = function(**{s.name: tf.constant(a)
+                             for s, a in zip(input_specs, flat)})
+        return [result[n].numpy() for n in output_names]
+
+    shapes = [function.structured_outputs[n].shape for n in output_names]
+    return GraphSource(path, signature_key, input_specs, output_names,
+                       graph_def, inputs, outputs, reference,
+                       _call_notes(graph_def), shapes)
+
+
+def _input_keys(function, specs):
+    """The signature's input keys in flat (sorted-key) order."""
+    keyword = function.structured_input_signature[1]
+    keys = sorted(keyword) if keyword else [s.name for s in specs]
+    return keys
+
+
+def _call_notes(graph_def):
+    calls = [n.name for n in graph_def.node if n.op in _CALL_OPS]
+    if not calls:
+        return []
+    return [f"{len(calls)} function call(s) stayed after freezing (first: "
+            f"{calls[0]}); normalizations inside them are not folded"]
+
+
+def load_frozen_graph(path):
+    """`GraphSource` of a TF1 frozen GraphDef file (`.pb`)."""
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        with open(path, "rb") as f:
+            graph_def.ParseFromString(f.read())
+    except Exception as error:
+        raise SourceError(f"{path} is not a TensorFlow GraphDef (.pb): "
+                          f"{type(error).__name__}: {_first_line(error)}")
+    if any(n.op in ("VariableV2", "VarHandleOp") for n in graph_def.node):
+        raise SourceError(
+            f"{path} holds variables, so it is not frozen: freeze it "
+            "(tf.compat.v1.graph_util.convert_variables_to_constants) or "
+            "pass the SavedModel directory")
+    placeholders = [n for n in graph_def.node if n.op == "Placeholder"]
+    if not placeholders:
+        raise SourceError(f"{path} has no Placeholder input")
+    read = {i.lstrip("^").split(":")[0] for n in graph_def.node
+            for i in n.input}
+    outputs = [n.name for n in graph_def.node
+               if n.name not in read and n.op not in _NOT_OUTPUTS]
+    specs = [_placeholder_spec(n) for n in placeholders]
+    inputs = [f"{n.name}:0" for n in placeholders]
+    tensors = [f"{n}:0" for n in outputs]
+    reference = FrozenGraph(graph_def, inputs, tensors, "reference")
+    return GraphSource(path, "serving_default", specs, outputs, graph_def,
+                       inputs, tensors,
+                       lambda *flat: [np.asarray(t) for t in reference(*flat)])
+
+
+def _placeholder_spec(node):
+    shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in (
+        node.attr) else tf.TensorShape(None)
+    return tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
+                         name=node.name)
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
