@@ -185,8 +185,10 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
     inputs = _graph.verification_inputs(graph_signature, sample, batch_sizes,
                                         verify)
     targets = _plan_targets(directory, formats, name, version, overwrite)
-    references = [_graph.reference_outputs(source, a) for a in inputs]
+    # Folding first: it names a normalization with corrupt statistics,
+    # which would otherwise surface as a source that outputs NaN.
     model, fold_report = _graph.fold(source, name, fold, progress)
+    references = [_graph.reference_outputs(source, a) for a in inputs]
     return _write_verified(directory, targets, model, graph_signature,
                            inputs, references, fold_report, opset, rtol,
                            progress, overwrite,

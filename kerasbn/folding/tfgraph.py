@@ -113,6 +113,13 @@ class _Graph:
     def other_outputs_used(self, name, index=0):
         return any(self.uses(name, i) for i in range(8) if i != index)
 
+    def origin(self, tensor):
+        """The node `tensor` comes from, looking through Identity ops."""
+        node = self.node_of(tensor)
+        while node.op == "Identity":
+            node = self.node_of(node.input[0])
+        return node
+
     def shape(self, tensor):
         name, index = _split(tensor)
         return self.tf_graph.get_operation_by_name(name).outputs[index].shape
@@ -270,14 +277,14 @@ def _find_linear(graph, match):
         name, index = _split(tensor)
         node = graph.nodes[name]
         what = f"{node.op} '{readable(name)}'"
+        if graph.origin(tensor).op == "Placeholder":
+            raise Kept("after_model_input", "it normalizes a graph input")
         if index != 0 or graph.uses(name) != 1 or graph.other_outputs_used(
                 name):
             raise Kept("producer_output_shared",
                        f"the output of {what} is also read elsewhere")
         if node.op in _LINEAR:
             return _check_linear(graph, match, node)
-        if node.op == "Placeholder":
-            raise Kept("after_model_input", "it normalizes a graph input")
         bias = _bias_of(graph, node)
         if bias is not None:
             match.steps.append((name, bias))

@@ -62,6 +62,14 @@ def detect(path):
         return KERAS
     if path.endswith(".pb"):
         return GRAPH_DEF
+    if path.endswith(".keras"):
+        raise UnknownSource(
+            f"{path} is not a Keras model file (a .keras file is a zip "
+            "archive): save the model with model.save('model.keras')")
+    if path.endswith((".h5", ".hdf5")):
+        raise UnknownSource(
+            f"{path} is not an HDF5 file (its first bytes are {head!r}): "
+            "pass the file Keras 2's model.save('model.h5') wrote")
     raise UnknownSource(
         f"{path} is not a model file kerasbn reads: pass a Keras 3 .keras "
         "file, a Keras 2 .h5 file, a SavedModel directory or a TF1 frozen "

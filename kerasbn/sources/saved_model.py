@@ -16,7 +16,9 @@ the frozen GraphDef. `FrozenGraph` is the folded graph as a callable,
 which the artifact writers trace like a Keras model.
 """
 
+import keyword
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -127,18 +129,18 @@ def load_saved_model(path, signature_key="serving_default"):
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     inputs = [t.name for t in frozen.inputs[:len(specs)]]
     outputs = [t.name for t in frozen.outputs]
-    input_specs = [tf.TensorSpec(s.shape, s.dtype, name=name)
-                   for s, name in zip(specs, _input_keys(function, specs))]
+    keys = _input_keys(function, specs)
+    input_specs, notes = _identifiers(
+        [tf.TensorSpec(s.shape, s.dtype, name=k) for s, k in zip(specs, keys)])
 
     def reference(*flat):
-        result = function(**{s.name: tf.constant(a)
-                             for s, a in zip(input_specs, flat)})
+        result = function(**{k: tf.constant(a) for k, a in zip(keys, flat)})
         return [result[n].numpy() for n in output_names]
 
     shapes = [function.structured_outputs[n].shape for n in output_names]
     return GraphSource(path, signature_key, input_specs, output_names,
                        graph_def, inputs, outputs, reference,
-                       _call_notes(graph_def), shapes)
+                       notes + _call_notes(graph_def), shapes)
 
 
 def _input_keys(function, specs):
@@ -177,13 +179,34 @@ def load_frozen_graph(path):
             for i in n.input}
     outputs = [n.name for n in graph_def.node
                if n.name not in read and n.op not in _NOT_OUTPUTS]
-    specs = [_placeholder_spec(n) for n in placeholders]
+    specs, notes = _identifiers([_placeholder_spec(n) for n in placeholders])
     inputs = [f"{n.name}:0" for n in placeholders]
     tensors = [f"{n}:0" for n in outputs]
     reference = FrozenGraph(graph_def, inputs, tensors, "reference")
-    return GraphSource(path, "serving_default", specs, outputs, graph_def,
+    return GraphSource(path, "serving_default", specs,
+                       [re.sub(r"\W", "_", n) for n in outputs], graph_def,
                        inputs, tensors,
-                       lambda *flat: [np.asarray(t) for t in reference(*flat)])
+                       lambda *flat: [np.asarray(t) for t in reference(*flat)],
+                       notes)
+
+
+def _identifiers(specs):
+    """`(specs, notes)`: input names made valid Python identifiers, which
+    `tf.function` (and so every SavedModel writer) needs; a note per
+    rename."""
+    renamed, notes, taken = [], [], set()
+    for spec in specs:
+        name = re.sub(r"\W", "_", spec.name or "input")
+        if not name or name[0].isdigit() or keyword.iskeyword(name):
+            name = f"{name}_" if keyword.iskeyword(name) else f"input_{name}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        if name != spec.name:
+            notes.append(f"input {spec.name!r} is served as {name!r} (a "
+                         "SavedModel input name must be a Python identifier)")
+        renamed.append(tf.TensorSpec(spec.shape, spec.dtype, name=name))
+    return renamed, notes
 
 
 def _placeholder_spec(node):
