@@ -1,0 +1,207 @@
+"""`kerasbn-fold` on the files users already have: Keras 2 `.h5`, Keras 2
+SavedModel directories, Keras 3 `model.export()` directories, frozen `.pb`.
+
+The Keras 2 files are written by tf-keras itself in a subprocess
+(`tests/keras2_files.py`), with tf-keras' own inference outputs as the
+oracle; the Keras 3 export is checked against the Keras model. Every
+artifact is run in its own runtime (`tf.saved_model.load`, ONNX Runtime).
+
+Tolerance: 1e-5 of the output's largest magnitude (the issue's bar):
+folding reorders a few float32 products per layer, ~1e-7 relative each;
+ONNX Runtime's kernels sum in another order, ~1e-6 on these small nets. A
+wrong fold or a weight loaded into the wrong variable is off by O(1).
+
+The CLI runs in-process (`kerasbn.cli.main`), which is what the entry
+point calls, so TensorFlow starts once for the module.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+
+from kerasbn import cli
+from kerasbn.folding import tfgraph
+from kerasbn.sources import saved_model as sources_saved_model
+from tests.helpers import assert_close_to_scale
+from tests.keras2_files import make_keras2_files
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def keras2(tmp_path_factory):
+    pytest.importorskip("tf_keras")
+    directory = tmp_path_factory.mktemp("keras2")
+    make_keras2_files(str(directory), names=("model", "savedmodel",
+                                             "weights"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def keras3_export(tmp_path_factory):
+    """A Keras 3 model with BN after a Conv2D and a Dense, exported."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn_conv")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(4, name="dense")(x)
+    x = keras.layers.BatchNormalization(name="bn_dense")(x)
+    model = keras.Model(inputs, x, name="k3")
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, .5, n),
+                               rng.normal(0, .5, n), rng.uniform(.2, 3, n)])
+    directory = tmp_path_factory.mktemp("keras3") / "exported"
+    model.export(str(directory), verbose=False)
+    x = rng.normal(size=(4, 16, 16, 3)).astype("float32")
+    return directory, x, model(x, training=False).numpy()
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv] + ["--latency-runs", "0"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def check_artifacts(out, name, x, expected, signature="serving_default"):
+    """SavedModel and ONNX reproduce `expected`; no BN op left."""
+    saved = out / "saved_model" / name / "1"
+    loaded = tf.saved_model.load(str(saved))
+    function = loaded.signatures[signature]
+    (key,) = function.structured_input_signature[1]
+    (actual,) = function(**{key: tf.constant(x)}).values()
+    assert_close_to_scale(actual.numpy(), expected, RTOL, "saved_model")
+    session = ort.InferenceSession(str(out / f"{name}.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x})
+    assert_close_to_scale(onnx_out, expected, RTOL, "onnx")
+    graph_def = sources_saved_model.load_saved_model(
+        str(saved), signature).graph_def
+    left = [n.op for n in graph_def.node if n.op in tfgraph.FUSED_OPS]
+    assert left == [] and tfgraph.census(graph_def) == {}
+
+
+@pytest.mark.slow
+def test_keras2_h5_in_folded_artifacts_out(keras2, tmp_path, capsys):
+    status, out, err = run(capsys, keras2 / "model.h5", "-o", tmp_path / "o",
+                           "--json", tmp_path / "r.json")
+    assert status == 0, err
+    oracle = np.load(keras2 / "reference.npz")
+    check_artifacts(tmp_path / "o", "renorm_model", oracle["input_0"],
+                    oracle["output_0"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["source"]["kind"] == "h5"
+    folded = {e["layer"]: e["into"] for e in report["fold"]["entries"]}
+    assert folded == {"bn1": ["conv1"], "bn2": ["dw"], "bn3": ["conv2"],
+                      "bn4": ["dense"]}
+    assert any("bn1" in n and "BatchRenormalization" in n
+               for n in report["notes"]["source"])
+    assert "note (source)" in out
+
+
+def test_keras2_savedmodel_in_folded_artifacts_out(keras2, tmp_path,
+                                                    capsys):
+    status, out, err = run(capsys, keras2 / "keras2_savedmodel", "-o",
+                           tmp_path / "o", "--json", tmp_path / "r.json")
+    assert status == 0, err
+    oracle = np.load(keras2 / "reference.npz")
+    check_artifacts(tmp_path / "o", "keras2_savedmodel", oracle["input_0"],
+                    oracle["output_0"])
+    entries = json.loads((tmp_path / "r.json").read_text())["fold"]["entries"]
+    # bn2 is fused (FusedBatchNormV3); bn1 (renorm), bn3 (fused=False) and
+    # bn4 (on a rank-2 tensor) are Mul/Add chains.
+    assert {e["layer"].split("/")[1]: (e["kind"], e["action"])
+            for e in entries} == {
+        "bn1": (tfgraph.CHAIN_KIND, "folded"),
+        "bn2": ("FusedBatchNormV3", "folded"),
+        "bn3": (tfgraph.CHAIN_KIND, "folded"),
+        "bn4": (tfgraph.CHAIN_KIND, "folded")}
+
+
+def test_keras3_export_in_folded_artifacts_out(keras3_export, tmp_path,
+                                               capsys):
+    directory, x, expected = keras3_export
+    status, out, err = run(capsys, directory, "-o", tmp_path / "o")
+    assert status == 0, err
+    check_artifacts(tmp_path / "o", "exported", x, expected)
+    assert "2 folded" in out
+
+
+def test_sample_file_feeds_verification(keras3_export, tmp_path, capsys):
+    directory, x, _ = keras3_export
+    np.savez(tmp_path / "sample.npz", image=x[:3])
+    status, out, err = run(capsys, directory, "-o", tmp_path / "o",
+                           "--sample", tmp_path / "sample.npz", "--json",
+                           tmp_path / "r.json")
+    assert status == 0, err
+    checks = json.loads((tmp_path / "r.json").read_text())["checks"]
+    assert sorted({c["batch"] for c in checks}) == [1, 3]
+
+
+def assert_refused(status, err, out_dir, *fragments):
+    assert status == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("kerasbn-fold:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not os.path.exists(out_dir)
+
+
+def test_directory_that_is_not_a_savedmodel(tmp_path, capsys):
+    (tmp_path / "model" / "3").mkdir(parents=True)
+    (tmp_path / "model" / "3" / "saved_model.pb").write_bytes(b"")
+    status, _, err = run(capsys, tmp_path / "model", "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", "without saved_model.pb",
+                   os.path.join(str(tmp_path / "model"), "3"))
+
+
+def test_missing_signature(keras3_export, tmp_path, capsys):
+    directory, _, _ = keras3_export
+    status, _, err = run(capsys, directory, "-o", tmp_path / "o",
+                         "--signature", "predict")
+    assert_refused(status, err, tmp_path / "o", "no signature 'predict'",
+                   "['serve', 'serving_default']")
+
+
+def test_unknown_dimensions_without_sample(tmp_path, capsys):
+    module = tf.Module()
+    module.f = tf.function(lambda x: tf.nn.relu(x), input_signature=[
+        tf.TensorSpec((None, None, 3), tf.float32, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "sm"))
+    status, _, err = run(capsys, tmp_path / "sm", "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", "unknown dimensions",
+                   "(None, None, 3)", "--sample")
+
+
+def test_weights_only_h5(keras2, tmp_path, capsys):
+    status, _, err = run(capsys, keras2 / "weights.h5", "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", "only weights")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (("{pb}",), "not a TensorFlow GraphDef"),
+    (("{sm}", "--format", "keras"), "--format keras needs a Keras model"),
+    (("{pb}", "--signature", "serve"), "--signature applies to SavedModel"),
+    (("{sm}", "--sample", "{missing}"), "--sample file not found"),
+    (("{sm}", "--sample", "{pb}"), "is not a .npz file"),
+    (("{sm}", "--sample", "{npz}"), "`sample` for input 'image' has shape"),
+])
+def test_bad_graph_arguments(keras3_export, tmp_path, capsys, argv,
+                             fragment):
+    directory, _, _ = keras3_export
+    (tmp_path / "g.pb").write_bytes(b"\x00not a graph")
+    np.savez(tmp_path / "bad.npz", image=np.zeros((2, 5), "float32"))
+    paths = {"pb": tmp_path / "g.pb", "sm": directory,
+             "missing": tmp_path / "nope.npz", "npz": tmp_path / "bad.npz"}
+    argv = [a.format(**paths) for a in argv]
+    status, _, err = run(capsys, *argv, "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", fragment)
