@@ -416,6 +416,108 @@ def bench_zoo_export(quick):
     return rows
 
 
+# --------------------------------------------------------------------------
+# Issue 14: graph-level fold of SavedModels, against TensorFlow's own
+# optimize_for_inference.
+
+_KERAS2_RESNET = r"""
+import sys
+import numpy as np
+import tf_keras as keras
+model = keras.applications.ResNet50(weights=None, input_shape=(224, 224, 3))
+rng = np.random.default_rng(0)
+for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        n = layer.moving_mean.shape[0]
+        layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, .1, n),
+                           rng.normal(0, .1, n), rng.uniform(.5, 2, n)])
+model.save(sys.argv[1])
+"""
+
+
+def _keras2_resnet50(path):
+    """ResNet50 saved by tf-keras (Keras 2) as a SavedModel directory."""
+    import subprocess
+
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-c", _KERAS2_RESNET, path], env=env,
+                   check=True, capture_output=True)
+    return path
+
+
+def _optimize_for_inference_left(source):
+    """Normalization ops TensorFlow's optimize_for_inference leaves."""
+    import tensorflow as tf
+    from tensorflow.python.tools import optimize_for_inference_lib
+
+    from kerasbn.folding import tfgraph
+
+    optimized = optimize_for_inference_lib.optimize_for_inference(
+        source.graph_def, [t.split(":")[0] for t in source.input_tensors],
+        [t.split(":")[0] for t in source.output_tensors],
+        tf.float32.as_datatype_enum)
+    return sum(tfgraph.census(optimized).values())
+
+
+def bench_graph_fold(quick):
+    """TensorFlow batch-1 latency of the graph-folded SavedModel / the
+    SavedModel kerasbn.export writes from the Keras model (goal <= 1.02:
+    the graph pass is as good as folding the Keras model), for a Keras 3
+    export and a Keras 2 (tf-keras) SavedModel of ResNet50; the note
+    counts the normalization ops left by kerasbn and by TensorFlow's
+    optimize_for_inference on the same frozen graph."""
+    import subprocess
+    import tempfile
+
+    import tensorflow as tf
+
+    from kerasbn.folding import tfgraph
+    from kerasbn.sources import saved_model
+
+    rows, repeats = [], 10 if quick else 40
+    with tempfile.TemporaryDirectory() as tmp:
+        keras3 = os.path.join(tmp, "keras3")
+        model = _application("ResNet50")
+        model.export(keras3, verbose=False)
+        reference = kerasbn.export(model, os.path.join(tmp, "k"),
+                                   ["saved_model"], name="m")
+        sources = {"ResNet50 (Keras 3 export)": keras3}
+        try:
+            sources["ResNet50 (Keras 2 SavedModel)"] = _keras2_resnet50(
+                os.path.join(tmp, "keras2"))
+        except (subprocess.CalledProcessError, OSError) as error:
+            print(f"skipping the Keras 2 source (tf-keras): {error}")
+        x = tf.constant(np.random.default_rng(1).normal(
+            size=(1, 224, 224, 3)).astype("float32"))
+        fixed = tf.saved_model.load(reference.artifacts["saved_model"])
+        for k, (label, path) in enumerate(sources.items()):
+            source = saved_model.load_saved_model(path)
+            result = kerasbn.fold_saved_model(
+                source, os.path.join(tmp, f"folded{k}"), ["saved_model"],
+                name="m")
+            before = sum(tfgraph.census(source.graph_def).values())
+            theirs = _optimize_for_inference_left(source)
+            key = source.input_names[0]
+            ours = tf.saved_model.load(result.artifacts["saved_model"])
+            calls = {
+                "graph": lambda: ours.signatures["serving_default"](
+                    **{key: x}),
+                "keras": lambda: fixed.signatures["serving_default"](x),
+                "source": lambda: source.reference(x)}
+            times = interleaved_medians(calls, repeats)
+            note = (f"normalization ops {before}; left by kerasbn "
+                    f"{before - result.fold_report.folded}, by "
+                    f"optimize_for_inference {theirs}")
+            rows.append(row("TF latency: graph-folded SavedModel / kerasbn."
+                            "export of the Keras model", label, 1,
+                            times["graph"], times["keras"], "<= 1.02", note))
+            rows.append(row("TF latency: graph-folded / source SavedModel",
+                            label, 1, times["graph"], times["source"],
+                            "reference (< 1)"))
+    keras.backend.clear_session()
+    return rows
+
+
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
@@ -423,6 +525,7 @@ BENCHMARKS = {
     "fold": bench_fold,
     "export": bench_export,
     "zoo_export": bench_zoo_export,
+    "graph_fold": bench_graph_fold,
 }
 
 
