@@ -200,3 +200,30 @@ def check_layout():
     if tuple(mean.shape) != (2,):
         raise _missing("BatchNormalization's batch moments", bn, "_moments")
     return keras.__version__
+
+
+# -- Keras 2 files. ----------------------------------------------------------
+
+
+def model_from_keras2_config(config, custom_objects=None):
+    """A Keras 3 model built from a Keras 2 model config (a dict).
+
+    The path `keras.models.load_model("model.h5")` takes: Keras' legacy
+    config reader, in the legacy-config option scope and in safe mode (no
+    Python bytecode is loaded). Keras has no public entry point to it.
+    """
+    try:
+        from keras.src.legacy.saving import saving_options
+        from keras.src.legacy.saving import saving_utils
+        from keras.src.saving import serialization_lib
+    except ImportError as error:  # pragma: no cover - depends on Keras.
+        raise KerasLayoutError(
+            "kerasbn reads Keras 2 model configs with Keras' legacy loader "
+            "(keras.src.legacy.saving.saving_utils.model_from_config), "
+            f"which Keras {keras.__version__} does not have ({error}). "
+            f"kerasbn was checked against Keras {', '.join(CHECKED_KERAS)}."
+        ) from None
+    legacy = saving_options.keras_option_scope(use_legacy_config=True)
+    with legacy, serialization_lib.SafeModeScope(True):
+        return saving_utils.model_from_config(
+            config, custom_objects=custom_objects)

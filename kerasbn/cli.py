@@ -383,7 +383,8 @@ def _latencies(original, exported, runs):
 
         signature = GraphSignature(original)
         unfolded = FrozenGraph(original.graph_def, original.input_tensors,
-                               original.output_tensors, "unfolded")
+                               original.output_tensors, original.input_specs,
+                               "unfolded")
         fns = [signature.serving_function(m, named_outputs=False)
                for m in (unfolded, exported)]
     else:

@@ -253,3 +253,37 @@ def test_unknown_dimensions_need_a_sample(tmp_path):
     actual = loaded.signatures["serving_default"](x=tf.constant(x))
     assert_close_to_scale(actual["output_0"].numpy(),
                           function(tf.constant(x)).numpy(), RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kwargs", [
+    ("MobileNetV2", {"alpha": 0.35}),
+    ("ResNet50V2", {}),
+])
+def test_keras_applications_exports_fold_like_kerasbn_fold(tmp_path, arch,
+                                                          kwargs):
+    """Models nobody here wrote, exported by Keras 3 itself: the graph
+    pass folds the same BNs backward as `kerasbn.fold` does on the Keras
+    model (two implementations, one on layers and one on TensorFlow ops),
+    and the folded SavedModel reproduces the Keras model."""
+    from tests.helpers import randomize_normalizations
+
+    model = getattr(keras.applications, arch)(
+        weights=None, input_shape=(32, 32, 3), **kwargs)
+    randomize_normalizations(model, seed=0)
+    model.export(str(tmp_path / "src"), verbose=False)
+    result = kerasbn.fold_saved_model(tmp_path / "src", tmp_path / "out",
+                                      formats="saved_model")
+    keras_report = kerasbn.fold(model).report
+    graph_report = result.fold_report
+    assert graph_report.normalizations_before == (
+        keras_report.normalizations_before)
+    assert graph_report.folded == keras_report.folded_backward > 0
+    folded = _graph_ops(result.artifacts["saved_model"])
+    assert sum(tfgraph.census(folded).values()) == graph_report.kept
+    x = _random((32, 32, 3), batch=2)
+    loaded = tf.saved_model.load(result.artifacts["saved_model"])
+    (actual,) = loaded.signatures["serving_default"](
+        **{model.inputs[0].name: tf.constant(x)}).values()
+    assert_close_to_scale(actual.numpy(), model(x, training=False).numpy(),
+                          RTOL)

@@ -90,5 +90,5 @@ def fold(source, name, fold_on, progress):
         graph_def, report = tfgraph.fold_graph_def(
             source.graph_def, source.output_tensors, name)
     model = FrozenGraph(graph_def, source.input_tensors,
-                        source.output_tensors, name)
+                        source.output_tensors, source.input_specs, name)
     return model, report

@@ -38,31 +38,62 @@ class SourceError(ValueError):
     message is one line saying why and what to do."""
 
 
-class FrozenGraph:
+class FrozenGraph(tf.Module):
     """A frozen GraphDef as a function of its input tensors.
 
     Calling it with the flat inputs (in `GraphSource.input_names` order)
-    returns the flat outputs. It holds no variables: the weights are
-    constants in the graph.
+    returns the flat outputs. Its floating-point constants of
+    `min_weight_size` elements or more (the weights) are held as
+    variables, which `tf.saved_model.save` writes to `variables/` as any
+    SavedModel does: as graph constants they would make `saved_model.pb`
+    as large as the weights (a protocol buffer stops at 2 GB) and slow
+    every first call, which re-optimizes them.
     """
 
-    def __init__(self, graph_def, input_tensors, output_tensors, name):
+    def __init__(self, graph_def, input_tensors, output_tensors, input_specs,
+                 name, min_weight_size=16):
+        super().__init__()
         self.graph_def = graph_def
-        self.name = name
+        self.model_name = name
         self.input_tensors = list(input_tensors)
         self.output_tensors = list(output_tensors)
+        self.weights = _weights_as_variables(graph_def, min_weight_size)
+        weights = dict(zip(_weight_names(graph_def, min_weight_size),
+                           self.weights))
 
-        def imported():
-            tf.compat.v1.import_graph_def(graph_def, name="")
+        def imported(*flat_inputs):
+            input_map = {f"{k}:0": v.read_value() for k, v in weights.items()}
+            input_map.update(zip(self.input_tensors, flat_inputs))
+            return tf.compat.v1.import_graph_def(
+                graph_def, name="", input_map=input_map,
+                return_elements=self.output_tensors)
 
-        wrapped = tf.compat.v1.wrap_function(imported, [])
-        graph = wrapped.graph
-        self._function = wrapped.prune(
-            feeds=[graph.as_graph_element(t) for t in self.input_tensors],
-            fetches=[graph.as_graph_element(t) for t in self.output_tensors])
+        specs = [tf.TensorSpec(s.shape, s.dtype) for s in input_specs]
+        # In a list: a function the module does not track.
+        self._call = [tf.compat.v1.wrap_function(imported, specs)]
 
     def __call__(self, *flat_inputs):
-        return list(self._function(*flat_inputs))
+        return list(self._call[0](*flat_inputs))
+
+
+def _weight_names(graph_def, min_size):
+    names = []
+    for node in graph_def.node:
+        if node.op != "Const":
+            continue
+        tensor = node.attr["value"].tensor
+        dims = [d.size for d in tensor.tensor_shape.dim]
+        if tf.as_dtype(tensor.dtype).is_floating and int(np.prod(dims)) >= (
+                min_size):
+            names.append(node.name)
+    return names
+
+
+def _weights_as_variables(graph_def, min_size):
+    nodes = {n.name: n for n in graph_def.node}
+    return [tf.Variable(tf.make_ndarray(nodes[k].attr["value"].tensor),
+                        trainable=False, name="weight")
+            for k in _weight_names(graph_def, min_size)]
 
 
 class GraphSource:
@@ -182,7 +213,7 @@ def load_frozen_graph(path):
     specs, notes = _identifiers([_placeholder_spec(n) for n in placeholders])
     inputs = [f"{n.name}:0" for n in placeholders]
     tensors = [f"{n}:0" for n in outputs]
-    reference = FrozenGraph(graph_def, inputs, tensors, "reference")
+    reference = FrozenGraph(graph_def, inputs, tensors, specs, "reference")
     return GraphSource(path, "serving_default", specs,
                        [re.sub(r"\W", "_", n) for n in outputs], graph_def,
                        inputs, tensors,
