@@ -58,3 +58,17 @@ def two_replica_strategy():
     strategy = tf.distribute.MirroredStrategy(devices)
     assert strategy.num_replicas_in_sync == 2
     return strategy
+
+
+@pytest.fixture(scope="session")
+def keras2_dir(tmp_path_factory):
+    """Every Keras 2 file of tests/keras2_files.py (tf-keras, in a
+    subprocess), written once per session; skipped without tf-keras."""
+    import importlib.util
+    import pathlib
+
+    if importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tf-keras is not installed (pip install 'kerasbn[test]')")
+    from tests.keras2_files import make_keras2_files
+
+    return pathlib.Path(make_keras2_files(tmp_path_factory.mktemp("keras2")))

@@ -199,6 +199,12 @@ def check_layout():
         bn, keras.ops.ones((2, 2)), None)
     if tuple(mean.shape) != (2,):
         raise _missing("BatchNormalization's batch moments", bn, "_moments")
+    legacy = model_from_keras2_config({
+        "class_name": "Sequential", "config": {"name": "kerasbn_probe_k2",
+                                               "layers": []}})
+    if not isinstance(legacy, keras.Model):
+        raise _missing("Keras' legacy (Keras 2) config reader", legacy,
+                       "model_from_config")
     return keras.__version__
 
 

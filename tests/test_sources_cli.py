@@ -28,18 +28,13 @@ from kerasbn import cli
 from kerasbn.folding import tfgraph
 from kerasbn.sources import saved_model as sources_saved_model
 from tests.helpers import assert_close_to_scale
-from tests.keras2_files import make_keras2_files
 
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def keras2(tmp_path_factory):
-    pytest.importorskip("tf_keras")
-    directory = tmp_path_factory.mktemp("keras2")
-    make_keras2_files(str(directory), names=("model", "savedmodel",
-                                             "weights"))
-    return directory
+@pytest.fixture
+def keras2(keras2_dir):
+    return keras2_dir
 
 
 @pytest.fixture(scope="module")
