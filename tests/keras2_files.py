@@ -34,6 +34,9 @@ Models (layer names are fixed, so tests can name the layers mapped):
   two deep), with two outputs, one of them a nested Sequential's.
 - `sequential`: a top-level Sequential model without an Input (its first
   layer carries the input shape).
+- `mobilenet`: tf-keras' own `keras.applications.MobileNetV2` (alpha
+  0.35, 32x32, 10 classes), also as `mobilenet_savedmodel/` (52 BNs, as
+  `FusedBatchNormV3` in the SavedModel).
 - `custom`: a model with a custom layer registered as "demo>Scale" (a
   weight `factor` per channel, multiplied in).
 - `mixed`: mixed_float16 layers (Conv2D, renorm BN, pooling) and a float32
@@ -45,7 +48,7 @@ import subprocess
 import sys
 
 ALL = ("model", "zoo", "nested", "sequential", "custom", "mixed",
-       "savedmodel", "weights")
+       "mobilenet", "savedmodel", "weights")
 
 # The batch of every oracle: `zoo` has virtual_batch_size=2, which needs a
 # batch that is a multiple of 2.
@@ -236,7 +239,13 @@ def mixed_model():
     return keras.Model(x, y, name="mixed")
 
 
-BUILDERS = {"model": renorm_model, "zoo": zoo_model, "nested": nested_model,
+def mobilenet_model():
+    """keras.applications code nobody here wrote (tf-keras' own)."""
+    return keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+
+
+BUILDERS = {"mobilenet": mobilenet_model, "model": renorm_model, "zoo": zoo_model, "nested": nested_model,
             "sequential": sequential_model, "custom": custom_model,
             "mixed": mixed_model}
 for name in NAMES:
@@ -244,6 +253,8 @@ for name in NAMES:
         continue
     model = BUILDERS[name]()
     arrays = save(model, name)
+    if name == "mobilenet":
+        model.save(os.path.join(OUT, "mobilenet_savedmodel"))
     if name == "model":
         # The same model (same statistics) as a SavedModel and as weights,
         # before the training-mode call below updates its statistics.

@@ -200,3 +200,22 @@ def test_bad_graph_arguments(keras3_export, tmp_path, capsys, argv,
     argv = [a.format(**paths) for a in argv]
     status, _, err = run(capsys, *argv, "-o", tmp_path / "o")
     assert_refused(status, err, tmp_path / "o", fragment)
+
+
+@pytest.mark.slow
+def test_keras2_applications_model_from_each_file(keras2, tmp_path, capsys):
+    """tf-keras' own MobileNetV2 (code nobody here wrote), from its .h5
+    (layer-level fold) and from its SavedModel (graph-level fold of 52
+    FusedBatchNormV3), against tf-keras' outputs."""
+    oracle = np.load(keras2 / "mobilenet.npz")
+    x, expected = oracle["input_0"], oracle["output_0"]
+    for source, name in (("mobilenet.h5", "mobilenetv2_0.35_32"),
+                         ("mobilenet_savedmodel", "mobilenet_savedmodel")):
+        out = tmp_path / name
+        status, _, err = run(capsys, keras2 / source, "-o", out, "--json",
+                             tmp_path / f"{name}.json")
+        assert status == 0, err
+        check_artifacts(out, name, x, expected)
+        summary = json.loads((tmp_path / f"{name}.json").read_text())[
+            "fold"]["summary"]
+        assert (summary["folded"], summary["kept"]) == (52, 0), summary
