@@ -219,3 +219,19 @@ def test_keras2_applications_model_from_each_file(keras2, tmp_path, capsys):
         summary = json.loads((tmp_path / f"{name}.json").read_text())[
             "fold"]["summary"]
         assert (summary["folded"], summary["kept"]) == (52, 0), summary
+
+
+def test_sample_file_for_a_keras_model(tmp_path, capsys):
+    """--sample works for .keras files too; one array under any key feeds
+    a one-input model."""
+    inputs = keras.Input((5,), name="features")
+    x = keras.layers.Dense(3, name="dense")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    keras.Model(inputs, x, name="tiny").save(tmp_path / "tiny.keras")
+    np.savez(tmp_path / "rows.npz", rows=np.ones((6, 5), "float32"))
+    status, _, err = run(capsys, tmp_path / "tiny.keras", "-o", tmp_path / "o",
+                         "--sample", tmp_path / "rows.npz", "--json",
+                         tmp_path / "r.json")
+    assert status == 0, err
+    checks = json.loads((tmp_path / "r.json").read_text())["checks"]
+    assert sorted({c["batch"] for c in checks}) == [1, 6]
