@@ -443,8 +443,10 @@ def _rewrite(nodes, match, kernel, bias):
     new.input.extend(t for t in old.input if t.startswith("^"))
     new.attr["T"].type = tf.as_dtype(bias.dtype).as_datatype_enum
     new.attr["data_format"].s = b"NHWC"
-    if "_output_shapes" in old.attr:
-        new.attr["_output_shapes"].CopyFrom(old.attr["_output_shapes"])
+    shapes = old.attr["_output_shapes"].list.shape if (
+        "_output_shapes" in old.attr) else ()
+    if shapes:  # Output 0 only: a fused op also lists its statistics'.
+        new.attr["_output_shapes"].list.shape.add().CopyFrom(shapes[0])
     nodes[match.node] = new
 
 
