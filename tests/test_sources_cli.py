@@ -28,6 +28,7 @@ from kerasbn import cli
 from kerasbn.folding import tfgraph
 from kerasbn.sources import saved_model as sources_saved_model
 from tests.helpers import assert_close_to_scale
+from tests.helpers import randomize_normalizations
 
 RTOL = 1e-5
 
@@ -48,13 +49,9 @@ def keras3_export(tmp_path_factory):
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(4, name="dense")(x)
     x = keras.layers.BatchNormalization(name="bn_dense")(x)
-    model = keras.Model(inputs, x, name="k3")
+    model = randomize_normalizations(keras.Model(inputs, x, name="k3"),
+                                     seed=5)
     rng = np.random.default_rng(5)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, .5, n),
-                               rng.normal(0, .5, n), rng.uniform(.2, 3, n)])
     directory = tmp_path_factory.mktemp("keras3") / "exported"
     model.export(str(directory), verbose=False)
     x = rng.normal(size=(4, 16, 16, 3)).astype("float32")

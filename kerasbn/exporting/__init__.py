@@ -173,14 +173,13 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
 
     progress = progress or _quiet
     source, graph_signature = _graph.read_source(source, signature)
-    if "keras" in (formats.split(",") if isinstance(formats, str) else
-                   formats):
-        raise ValueError(f"{_graph.WHERE}: the keras format needs a Keras "
-                         "model; a SavedModel or GraphDef has none. Choose "
-                         "from saved_model, onnx, tflite.")
     formats, name = steps.check_options(
         directory, formats, source.name if name is None else name, version,
         opset, rtol, batch_sizes, where=_graph.WHERE)
+    if "keras" in formats:
+        raise ValueError(f"{_graph.WHERE}: the keras format needs a Keras "
+                         "model; a SavedModel or GraphDef has none. Choose "
+                         "from saved_model, onnx, tflite.")
     directory = os.path.abspath(os.fspath(directory))
     inputs = _graph.verification_inputs(graph_signature, sample, batch_sizes,
                                         verify)

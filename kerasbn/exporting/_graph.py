@@ -69,8 +69,7 @@ def reference_outputs(source, arrays):
 
     flat = [np.asarray(a) for a in source.reference(
         *[tf.constant(a) for a in arrays])]
-    bad = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in flat
-              if np.issubdtype(a.dtype, np.inexact))
+    bad = _pipeline.nonfinite_count(flat)
     if bad:
         raise ValueError(
             f"{WHERE}: the source model itself outputs {bad} NaN or infinite "

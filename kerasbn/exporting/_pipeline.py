@@ -95,11 +95,17 @@ def verification_inputs(signature, sample, batch_sizes, verify):
     return [small, flat]
 
 
+def nonfinite_count(arrays):
+    """How many NaN/inf values the floating arrays among `arrays` hold."""
+    return sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in arrays
+               if np.issubdtype(a.dtype, np.inexact))
+
+
 def _check_finite(signature, flat):
     for name, array in zip(signature.input_names, flat):
         if not np.issubdtype(array.dtype, np.inexact):
             continue
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        bad = nonfinite_count([array])
         if bad:
             raise ValueError(
                 f"{WHERE}: Argument `sample` must hold finite values. Input "
@@ -124,8 +130,7 @@ def reference_outputs(model, signature, arrays):
                                     for a in arrays]), training=False)
     flat = [np.asarray(keras.ops.convert_to_numpy(t))
             for t in keras.tree.flatten(outputs)]
-    bad = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in flat
-              if np.issubdtype(a.dtype, np.inexact))
+    bad = nonfinite_count(flat)
     if bad:
         _check_normalizations(model)  # Names corrupt statistics, if any.
         weights = [w.path for w in model.weights

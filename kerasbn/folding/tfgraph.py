@@ -239,13 +239,12 @@ def _match_fused(graph, node):
 
 
 def _chain_parts(graph, node):
-    """`(mul node, data, scale tensor, shift tensor, sign)` or None."""
-    first, second = (t for t in node.input[:2])
-    candidates = [(first, second, 1.0)]
-    if node.op == "Sub":
+    """`(data, scale tensor, shift tensor, sign)` or None."""
+    first, second = node.input[:2]
+    if node.op == "Sub":  # x * s - t; t - x * s is no normalization.
         candidates = [(first, second, -1.0)]
     else:
-        candidates.append((second, first, 1.0))
+        candidates = [(first, second, 1.0), (second, first, 1.0)]
     for product, shift, sign in candidates:
         mul = graph.node_of(product)
         if (mul.op != "Mul" or graph.is_constant(product)
@@ -254,7 +253,7 @@ def _chain_parts(graph, node):
         for data, scale in (mul.input[:2], reversed(mul.input[:2])):
             if (graph.is_constant(scale) and not graph.is_constant(data)
                     and graph.has_ancestor(scale, "Rsqrt")):
-                return mul, data, scale, shift, sign
+                return data, scale, shift, sign
     return None
 
 
@@ -263,11 +262,9 @@ def _match_chain(graph, node):
     parts = _chain_parts(graph, node)
     if parts is None:
         return None
-    mul, data, scale, shift, sign = parts
-    match = _Match(node.name, CHAIN_KIND, data,
-                   {"scale": scale, "shift": shift}, shift_sign=sign)
-    match.mul = mul.name
-    return match
+    data, scale, shift, sign = parts
+    return _Match(node.name, CHAIN_KIND, data,
+                  {"scale": scale, "shift": shift}, shift_sign=sign)
 
 
 def _find_linear(graph, match):
@@ -340,7 +337,7 @@ def _check_linear(graph, match, node):
 # -- The folded values. ------------------------------------------------------
 
 
-def _per_channel(array, channels, what, match):
+def _per_channel(array, channels, what):
     """`array` as a `(channels,)` float64 vector if it only varies along
     the last axis (or is a scalar); else `Kept`."""
     array = np.asarray(array, np.float64)
@@ -366,12 +363,12 @@ def _affine(match, values, channels):
     """The normalization's float64 `(scale, shift)`, checked finite."""
     stats = {role: values[t] for role, t in match.statistics.items()}
     if match.kind == CHAIN_KIND:
-        scale = _per_channel(stats["scale"], channels, "scale", match)
+        scale = _per_channel(stats["scale"], channels, "scale")
         shift = match.shift_sign * _per_channel(stats["shift"], channels,
-                                                "shift", match)
+                                                "shift")
     else:
         scale, shift = bn_scale_shift(
-            *(_per_channel(stats[r], channels, r, match)
+            *(_per_channel(stats[r], channels, r)
               for r in ("gamma", "beta", "mean", "variance")),
             match.epsilon)
     bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(shift)))
@@ -393,10 +390,9 @@ def _folded_weights(match, values):
     channels = _out_channels(kernel, match.layout)
     scale, shift = _affine(match, values, channels)
     bias = np.zeros((channels,))
-    for step, tensor in match.steps:
+    for _, tensor in match.steps:
         if tensor is not None:
-            bias = bias + _per_channel(values[tensor], channels, "bias",
-                                       match)
+            bias = bias + _per_channel(values[tensor], channels, "bias")
     new_kernel, new_bias = _BACKWARD[match.layout](kernel, bias, scale, shift)
     return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
 

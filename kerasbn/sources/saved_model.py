@@ -57,9 +57,8 @@ class FrozenGraph(tf.Module):
         self.model_name = name
         self.input_tensors = list(input_tensors)
         self.output_tensors = list(output_tensors)
-        self.weights = _weights_as_variables(graph_def, min_weight_size)
-        weights = dict(zip(_weight_names(graph_def, min_weight_size),
-                           self.weights))
+        weights = _weights_as_variables(graph_def, min_weight_size)
+        self.weights = list(weights.values())
 
         def imported(*flat_inputs):
             input_map = {f"{k}:0": v.read_value() for k, v in weights.items()}
@@ -90,10 +89,11 @@ def _weight_names(graph_def, min_size):
 
 
 def _weights_as_variables(graph_def, min_size):
+    """`{const node name: tf.Variable}` of the graph's weights."""
     nodes = {n.name: n for n in graph_def.node}
-    return [tf.Variable(tf.make_ndarray(nodes[k].attr["value"].tensor),
-                        trainable=False, name="weight")
-            for k in _weight_names(graph_def, min_size)]
+    return {k: tf.Variable(tf.make_ndarray(nodes[k].attr["value"].tensor),
+                           trainable=False, name="weight")
+            for k in _weight_names(graph_def, min_size)}
 
 
 class GraphSource:
@@ -177,8 +177,7 @@ def load_saved_model(path, signature_key="serving_default"):
 def _input_keys(function, specs):
     """The signature's input keys in flat (sorted-key) order."""
     keyword = function.structured_input_signature[1]
-    keys = sorted(keyword) if keyword else [s.name for s in specs]
-    return keys
+    return sorted(keyword) if keyword else [s.name for s in specs]
 
 
 def _call_notes(graph_def):
