@@ -18,6 +18,14 @@ import numbers
 import keras
 
 
+def first_line(error, limit=None):
+    """The first line of an exception's message, cut at `limit` characters
+    (for one-line error messages that quote a library's error)."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if limit is None else line[:limit]
+
+
 def _prefix(where):
     return f"{where}: " if where else ""
 

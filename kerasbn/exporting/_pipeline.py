@@ -221,13 +221,8 @@ def _run(fmt, path, signature, arrays):
                 if fmt == "keras" else "")
         raise ExportError(
             f"Running the written {fmt} artifact failed: "
-            f"{type(error).__name__}: {_first_line(error)}{hint}"
+            f"{type(error).__name__}: {_checks.first_line(error)}{hint}"
         ) from error
-
-
-def _first_line(error):
-    lines = str(error).splitlines()
-    return lines[0] if lines else ""
 
 
 def onnx_ops(staged):

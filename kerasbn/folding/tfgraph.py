@@ -212,7 +212,8 @@ class _Match:
         self.node, self.kind, self.data = node, kind, data
         self.statistics, self.epsilon = statistics, epsilon
         self.shift_sign = shift_sign
-        self.steps, self.linear, self.layout, self.kernel = [], None, None, None
+        self.steps = []
+        self.linear = self.layout = self.kernel = None
 
 
 def _channels_last(node):

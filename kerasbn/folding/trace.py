@@ -31,6 +31,7 @@ import inspect
 import keras
 import numpy as np
 
+from kerasbn import _checks
 from kerasbn import _keras_internal
 from kerasbn import _models
 from kerasbn import registry
@@ -145,7 +146,7 @@ class Tracer:
         except Exception as error:  # noqa: BLE001 - reported, layer kept.
             raise TraceRefused(
                 "its call cannot run on symbolic Keras tensors "
-                f"({type(error).__name__}: {_first_line(error)})") from None
+                f"({_error_text(error)})") from None
         _refuse_captured_variables(functional)
         _check_same_outputs(layer, node, tensors, functional)
         return Traced(functional, tensors)
@@ -167,17 +168,12 @@ class Tracer:
         except Exception as error:  # noqa: BLE001 - reported, layer kept.
             raise TraceRefused(
                 "a copy of it could not be made from its config "
-                f"({type(error).__name__}: {_first_line(error)})") from None
+                f"({_error_text(error)})") from None
         _rename_like(layer, copy)
         self._copies[key] = copy
         self._owned.update(id(inner) for inner in
                            _keras_internal.sublayers(copy))
         return copy
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def _accepts_training(layer):
@@ -231,7 +227,7 @@ def _check_same_outputs(layer, node, tensors, functional):
     except Exception as error:  # noqa: BLE001 - reported, layer kept.
         raise TraceRefused(
             "the traced graph could not be checked against the layer on a "
-            f"random input ({type(error).__name__}: {_first_line(error)})"
+            f"random input ({_error_text(error)})"
         ) from None
     for a, b in zip(want, got):
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -242,3 +238,8 @@ def _check_same_outputs(layer, node, tensors, functional):
             raise TraceRefused(
                 "the traced graph does not reproduce the layer's output on a "
                 "random input (its call must behave differently when traced)")
+
+
+def _error_text(error):
+    """`Type: first line` of an error, for a refusal's reason."""
+    return f"{type(error).__name__}: {_checks.first_line(error, 200)}"

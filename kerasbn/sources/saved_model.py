@@ -23,6 +23,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _checks
 from kerasbn import _keras_internal
 from kerasbn.sources import is_saved_model
 from kerasbn.sources import saved_model_hint
@@ -146,7 +147,8 @@ def load_saved_model(path, signature_key="serving_default"):
         loaded = tf.saved_model.load(path)
     except Exception as error:
         raise SourceError(f"cannot load the SavedModel {path}: "
-                          f"{type(error).__name__}: {_first_line(error)}")
+                          f"{type(error).__name__}: "
+                          f"{_checks.first_line(error, 300)}")
     signatures = dict(loaded.signatures)
     if signature_key not in signatures:
         raise SourceError(
@@ -196,7 +198,8 @@ def load_frozen_graph(path):
             graph_def.ParseFromString(f.read())
     except Exception as error:
         raise SourceError(f"{path} is not a TensorFlow GraphDef (.pb): "
-                          f"{type(error).__name__}: {_first_line(error)}")
+                          f"{type(error).__name__}: "
+                          f"{_checks.first_line(error, 300)}")
     if any(n.op in ("VariableV2", "VarHandleOp") for n in graph_def.node):
         raise SourceError(
             f"{path} holds variables, so it is not frozen: freeze it "
@@ -245,7 +248,3 @@ def _placeholder_spec(node):
     return tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
                          name=node.name)
 
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else ""
