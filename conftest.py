@@ -9,8 +9,25 @@ every test (the doctests collected from `kerasbn/` included) leaves
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The one switch for the suite's Keras backend. Unset: TensorFlow, every
+# test. "jax" or "torch": only the tests marked `any_backend` (the rest
+# are TensorFlow-specific: tf.distribute, graph folding, TF exports of
+# TF-only models...) run, and are reported as deselected otherwise.
+BACKEND = os.environ.get("KERASBN_TEST_BACKEND", "tensorflow")
+if BACKEND not in ("tensorflow", "jax", "torch"):
+    raise SystemExit(
+        f"KERASBN_TEST_BACKEND must be tensorflow, jax or torch; got "
+        f"{BACKEND!r}."
+    )
+os.environ["KERAS_BACKEND"] = BACKEND
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if BACKEND == "jax":
+    # Two host devices, so `keras.distribution.DataParallel` tests run a
+    # real two-device mesh (set before JAX initializes).
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_force_host_platform_device_count=2"
+    ).strip()
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
@@ -23,6 +40,21 @@ tf.config.set_logical_device_configuration(
 )
 
 import kerasbn.registry  # noqa: E402  (after the devices are configured)
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "tensorflow":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if item.get_closest_marker("any_backend") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_header(config):
+    return f"kerasbn: Keras backend {keras.backend.backend()}"
 
 
 @pytest.fixture(autouse=True)
