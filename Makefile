@@ -1,13 +1,21 @@
 # Two entry points, both from a fresh machine with only Python 3 and pip:
 #   make demo   - create .venv, install kerasbn with every extra, run the demo
-#   make test   - same environment, run the whole test suite
+#   make test   - same environment, run the whole test suite on the
+#                 TensorFlow backend, then its backend-neutral tests on JAX
+#   make test-torch - install PyTorch into the venv (CPU is enough), run the
+#                 backend-neutral tests on the PyTorch backend
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kerasbn-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench bench-quick venv clean
+# PyTorch is not in any extra (its CUDA wheels make a ~7 GB environment);
+# `make test-torch` installs this. Override for another build, e.g.
+# make test-torch TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-jax test-torch bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +30,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) test-jax
+
+test-jax: $(STAMP)
+	KERASBN_TEST_BACKEND=jax $(BIN)/python -m pytest -p no:cacheprovider
+
+test-torch: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	KERASBN_TEST_BACKEND=torch $(BIN)/python -m pytest -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py

@@ -378,7 +378,8 @@ def _latencies(original, exported, runs):
     from kerasbn.exporting._signature import GraphSignature
     from kerasbn.exporting._signature import ServingSignature
 
-    if hasattr(original, "graph_def"):  # A GraphSource.
+    graph = hasattr(original, "graph_def")  # A GraphSource.
+    if graph:
         from kerasbn.sources.saved_model import FrozenGraph
 
         signature = GraphSignature(original)
@@ -389,12 +390,12 @@ def _latencies(original, exported, runs):
                for m in (unfolded, exported)]
     else:
         signature = ServingSignature(original)
-        fns = [tf.function(lambda *xs, m=m: m(signature.pack(xs),
-                                              training=False))
-               for m in (original, exported)]
+        fns = [_compiled_call(m, signature) for m in (original, exported)]
     if any(d is None for s in signature.input_specs for d in s.shape[1:]):
         return None  # Unknown sizes: nothing meaningful to time.
-    arrays = [tf.constant(a) for a in signature.generate_inputs(1, seed=3)]
+    arrays = signature.generate_inputs(1, seed=3)
+    if graph or keras_backend() == "tensorflow":
+        arrays = [tf.constant(a) for a in arrays]
     for fn in fns:
         for _ in range(3):
             fn(*arrays)
@@ -405,6 +406,24 @@ def _latencies(original, exported, runs):
             fn(*arrays)
             bucket.append(time.perf_counter() - start)
     return tuple(1e3 * statistics.median(t) for t in times)
+
+
+def keras_backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def _compiled_call(model, signature):
+    """The model's inference call as its backend compiles it: a
+    `tf.function` on TensorFlow, Keras' own predict step elsewhere (jit
+    on JAX, the module call on PyTorch)."""
+    if keras_backend() != "tensorflow":
+        return lambda *xs: model.predict_on_batch(signature.pack(xs))
+    import tensorflow as tf
+
+    return tf.function(lambda *xs: model(signature.pack(xs),
+                                         training=False))
 
 
 def _summary(original, result, latency):

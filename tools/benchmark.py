@@ -9,6 +9,7 @@ printed for context only; compare ratios.
     python tools/benchmark.py                 # everything, Markdown + JSON
     python tools/benchmark.py --quick         # fewer repeats
     python tools/benchmark.py --only bn_train_step --json out.json
+    python tools/benchmark.py --only backends  # train steps on JAX, torch
 """
 
 import argparse
@@ -51,8 +52,12 @@ def interleaved_medians(functions, repeats, warmup=2):
 
 
 def row(benchmark, model, batch, numerator, denominator, target, note=""):
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        benchmark = f"{benchmark} [{backend}]"
     return {
         "benchmark": benchmark,
+        "backend": backend,
         "model": model,
         "batch": batch,
         "ratio": numerator / denominator,
@@ -518,6 +523,43 @@ def bench_graph_fold(quick):
     return rows
 
 
+# --------------------------------------------------------------------------
+# Issue 15: the layer benchmarks again on the JAX and PyTorch backends.
+
+LAYER_BENCHMARKS = ("bn_train_step", "renorm", "mabn")
+
+
+def bench_backends(quick):
+    """The train-step rows (`LAYER_BENCHMARKS`) on JAX and PyTorch, each
+    in its own process (Keras fixes its backend at import). A backend that
+    is not installed gives one row saying so."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    rows = []
+    for backend in ("jax", "torch"):
+        if importlib.util.find_spec(backend) is None:
+            rows.append({"benchmark": f"train step [{backend}]",
+                         "backend": backend, "model": "-", "batch": 0,
+                         "ratio": float("nan"), "numerator_ms": float("nan"),
+                         "denominator_ms": float("nan"), "target": "-",
+                         "note": f"{backend} is not installed"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            command = [sys.executable, os.path.abspath(__file__),
+                       "--json", out] + (["--quick"] if quick else [])
+            for name in LAYER_BENCHMARKS:
+                command += ["--only", name]
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            subprocess.run(command, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                rows.extend(json.load(f)["rows"])
+    return rows
+
+
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
@@ -526,6 +568,7 @@ BENCHMARKS = {
     "export": bench_export,
     "zoo_export": bench_zoo_export,
     "graph_fold": bench_graph_fold,
+    "backends": bench_backends,
 }
 
 
@@ -564,6 +607,7 @@ def main(argv=None):
         "command": "python tools/benchmark.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
         "kerasbn": kerasbn.__version__,
         "quick": args.quick,
     }

@@ -9,6 +9,11 @@ model in inference mode, and only then moves the artifacts into place.
 (conversion, a runtime error, an error past tolerance, an interrupt)
 leaves `directory` as it was.
 
+Every Keras backend exports: on JAX and PyTorch the folded model is
+saved as `.keras` and a TensorFlow subprocess writes the SavedModel, ONNX
+and TFLite artifacts from it (`_tf_process`); they are verified here
+against the user's model in its own backend.
+
 Importing this package does not import TensorFlow: the steps that need it
 (`_pipeline`) load on the first export, so `kerasbn-fold` checks its
 arguments first.
@@ -55,8 +60,11 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     """Fold, export and verify `model`; returns an `ExportResult`.
 
     Args:
-        model: A built Keras model (Functional, Sequential, or nested). It is
-            never modified.
+        model: A built Keras model (Functional, Sequential, or nested), on
+            any Keras backend. It is never modified. On JAX and PyTorch
+            the TensorFlow artifacts are written by a TensorFlow subprocess
+            (a few seconds more), which must be able to import the
+            model's own layer classes (not from `__main__`).
         directory: Export directory; created if missing.
         formats: Iterable (or comma-separated string) of `"saved_model"`,
             `"onnx"`, `"keras"`, `"tflite"`.

@@ -172,8 +172,22 @@ def write_artifacts(staging, targets, model, signature, opset, progress):
     a writer changed in the artifact to make it run right (e.g. a runtime
     hazard it guarded against).
     """
+    from kerasbn.exporting import _tf_process
+
     staged, notes = {}, {}
+    elsewhere = _tf_process.needed(model, targets)
+    if elsewhere:
+        staged = {f: staging.new(targets[f]) for f in elsewhere}
+        try:
+            notes = _tf_process.write(staging, staged, model, signature,
+                                      opset, progress)
+        except RuntimeError as error:
+            raise ExportError(
+                f"Writing the {', '.join(elsewhere)} artifact(s) failed: "
+                f"{error}") from error
     for fmt, relpath in targets.items():
+        if fmt in staged:
+            continue
         path = staging.new(relpath)
         progress(f"writing {fmt}")
         try:
@@ -189,7 +203,7 @@ def write_artifacts(staging, targets, model, signature, opset, progress):
         staged[fmt] = path
         if said:
             notes[fmt] = list(said)
-    return staged, notes
+    return {f: staged[f] for f in targets}, notes
 
 
 def verify_artifacts(staged, signature, inputs, references, rtol, progress):

@@ -1,0 +1,146 @@
+"""Export from every Keras backend (`KERASBN_TEST_BACKEND`).
+
+A model trained with `fit` in this process's backend (JAX, PyTorch or
+TensorFlow) is folded and exported; on JAX and PyTorch the SavedModel,
+ONNX and TFLite artifacts are written by a TensorFlow subprocess
+(`kerasbn.exporting._tf_process`). The oracle is the unfolded model in
+the user's own backend; each artifact is re-opened here in its own
+runtime (`tf.saved_model.load`, ONNX Runtime, the TFLite interpreter,
+`keras.saving.load_model` in this backend), independently of the export's
+own verification.
+"""
+
+import os
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from kerasbn import cli
+from kerasbn.exporting import ExportError
+from tests.backend_layers import Softsign2
+from tests.helpers import assert_close_to_scale
+
+pytestmark = pytest.mark.any_backend
+
+# The fold rounds float64 weights to float32 and each runtime sums in its
+# own order: ~3e-7 of the output scale measured on this net on every
+# backend. 1e-5 keeps a margin; a dropped or doubled BN is off by O(1).
+RTOL = 1e-5
+OTHER_BACKEND = keras.backend.backend() != "tensorflow"
+
+
+def trained_model(activation=keras.layers.ReLU):
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = kerasbn.layers.BatchNormalization(zero_debias=True)(x)
+    x = activation()(x)
+    x = keras.layers.DepthwiseConv2D(3)(x)
+    x = kerasbn.layers.BatchRenormalization(warmup_steps=2, rmax_steps=4,
+                                            dmax_steps=4)(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 1)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, name="scores")(x)
+    model = keras.Model(inputs, outputs, name="net")
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 12, 12, 3)).astype("float32")
+    y = rng.normal(size=(48, 4)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    return model
+
+
+def reference(model, x):
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def test_trained_model_exports_every_format_verified(tmp_path):
+    model = trained_model()
+    x = np.random.default_rng(1).normal(size=(5, 12, 12, 3)).astype(
+        "float32")
+    expected = reference(model, x)
+    result = kerasbn.export(model, tmp_path, sample=x,
+                            formats="saved_model,onnx,tflite,keras")
+    assert result.passed and result.fold_report.kept == 0
+    assert result.fold_report.folded == 3
+
+    loaded = tf.saved_model.load(result.artifacts["saved_model"])
+    served = loaded.signatures["serving_default"](image=tf.constant(x))
+    assert_close_to_scale(served["scores"].numpy(), expected, RTOL,
+                          "saved_model")
+
+    session = ort.InferenceSession(result.artifacts["onnx"],
+                                   providers=["CPUExecutionProvider"])
+    assert_close_to_scale(session.run(["scores"], {"image": x})[0],
+                          expected, RTOL, "onnx")
+    ops = {n.op_type for n in onnx.load(result.artifacts["onnx"]).graph.node}
+    assert "BatchNormalization" not in ops
+
+    interpreter = tf.lite.Interpreter(model_path=result.artifacts["tflite"])
+    interpreter.resize_tensor_input(
+        interpreter.get_input_details()[0]["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    tflite = interpreter.get_tensor(
+        interpreter.get_output_details()[0]["index"])
+    assert_close_to_scale(tflite, expected, RTOL, "tflite")
+
+    reloaded = keras.saving.load_model(result.artifacts["keras"])
+    assert_close_to_scale(reference(reloaded, x), expected, RTOL, "keras")
+    # The user's model still runs and trains (no buffer given away).
+    model.fit(x, np.zeros((5, 4), "float32"), verbose=0)
+
+
+def test_a_users_layer_from_a_module_is_imported_by_the_writer(tmp_path):
+    model = trained_model(activation=Softsign2)
+    result = kerasbn.export(model, tmp_path, formats="saved_model,onnx")
+    assert result.passed and result.fold_report.folded == 3
+
+
+@pytest.mark.skipif(not OTHER_BACKEND, reason="TensorFlow writes in-process")
+def test_a_class_defined_in_main_is_refused_before_writing(tmp_path):
+    class Local(keras.layers.Layer):
+        def call(self, inputs):
+            return inputs
+
+    Local.__module__ = "__main__"
+    inputs = keras.Input((4,), name="x")
+    outputs = Local(name="local")(keras.layers.Dense(2)(inputs))
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ValueError, match=r"'local' is an instance of Local"
+                       r".*move the class into a module"):
+        kerasbn.export(model, tmp_path / "out", formats="onnx")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.skipif(not OTHER_BACKEND, reason="TensorFlow writes in-process")
+def test_a_failing_subprocess_is_an_export_error_and_writes_nothing(
+        tmp_path, monkeypatch):
+    model = trained_model(activation=Softsign2)
+    monkeypatch.setenv("KERASBN_TESTS_BREAK_IMPORT", "tensorflow")
+    with pytest.raises(ExportError, match="broken on purpose"):
+        kerasbn.export(model, tmp_path / "out", formats="saved_model,keras")
+    assert not os.path.exists(tmp_path / "out")  # made, then removed
+
+
+def test_cli_folds_and_exports_in_this_backend(tmp_path, capsys):
+    model = trained_model()
+    source = str(tmp_path / "trained.keras")
+    model.save(source)
+    out = tmp_path / "served"
+    code = cli.main([source, "-o", str(out), "--format", "saved_model,onnx",
+                     "--latency-runs", "3"])
+    assert code == 0, capsys.readouterr()
+    x = np.random.default_rng(2).normal(size=(3, 12, 12, 3)).astype(
+        "float32")
+    session = ort.InferenceSession(str(out / "net.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert_close_to_scale(session.run(["scores"], {"image": x})[0],
+                          reference(model, x), RTOL, "onnx from the CLI")
