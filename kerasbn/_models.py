@@ -6,6 +6,7 @@
 """
 
 import keras
+import numpy as np
 
 
 def copy_weights(source, target, where):
@@ -28,7 +29,18 @@ def copy_weights(source, target, where):
             "with keras.saving.register_keras_serializable)."
         )
     for s, t in zip(source_weights, target_weights):
-        t.assign(s.value)
+        t.assign(value_copy(s))
+
+
+def value_copy(variable):
+    """A NumPy copy of `variable`'s value.
+
+    Assigning `other.value` itself would share the backend's buffer on
+    JAX, and Keras' JAX `predict`/`fit` donate their state buffers: the
+    first call on one model would delete the other model's weights
+    ("Array has been deleted").
+    """
+    return np.array(keras.ops.convert_to_numpy(variable))
 
 
 def clone_with_weights(model, where, clone_function=None):

@@ -9,7 +9,21 @@ are written once.
 import math
 
 import numpy as np
+from keras import backend
 from keras import ops
+
+
+def at_least_float32(dtype):
+    """The dtype a layer computes statistics in for inputs of `dtype`:
+    float16/bfloat16 (and integers) -> float32, float32/float64 kept.
+
+    (`keras.backend.result_type(dtype, "float32")` gives float32 for
+    float64 on JAX without x64 and on PyTorch.)
+    """
+    name = backend.standardize_dtype(dtype)
+    if name in ("float32", "float64"):
+        return name
+    return "float32"
 
 
 def decay_power(momentum, step, dtype="float32"):

@@ -27,7 +27,7 @@ def _write_folded(source, target, weights):
         if variable.name in values:
             registry.assign(variable, values[variable.name])
         elif variable.name in sources:
-            variable.assign(sources[variable.name].value)
+            variable.assign(_models.value_copy(sources[variable.name]))
 
 
 def _clone_layer(layer, ours=False):

@@ -11,20 +11,24 @@ from kerasbn import _numerics
 from kerasbn import _checks
 
 
-def _require_tensorflow(layer_name):
-    if backend.backend() != "tensorflow":
+_TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _check_backend(layer_name):
+    if backend.backend() not in _TRAINING_BACKENDS:
         raise RuntimeError(
-            f"{layer_name} needs the TensorFlow backend: its training step "
-            "writes the gradient statistics buffer from inside a custom "
-            "backward pass (`tf.custom_gradient`), which the "
-            f"'{backend.backend()}' backend cannot express. Set "
-            "KERAS_BACKEND=tensorflow before importing Keras."
+            f"{layer_name} trains on the TensorFlow, JAX and PyTorch "
+            f"backends only (its backward pass has its own rule); the "
+            f"'{backend.backend()}' backend cannot train. Set KERAS_BACKEND "
+            "to one of those, or fold the trained model (kerasbn.fold) to "
+            "run it anywhere."
         )
 
 
 # --------------------------------------------------------------------------
-# The maths, as small pure functions on tensors (TensorFlow: the layer needs
-# `tf.custom_gradient`, so it is TensorFlow-only anyway).
+# The maths, as small pure functions on tensors. TensorFlow keeps its own
+# (`tf.custom_gradient` writes the buffer, cross-replica sums under
+# tf.distribute); JAX and PyTorch share the `keras.ops` ones further down.
 
 
 def _channel_mean(tf, values, reduction_axes):
@@ -71,6 +75,128 @@ def _mabn_forward_statistics(tf, chi, step, running_var, buffer_x2, *,
     r = tf.where(step <= max(clip_start_step, warmup_steps),
                  tf.ones_like(r), clipped)
     return v, r, new_buffer, use_batch
+
+
+def _ops_mean(x, axis):
+    """`ops.mean` as a sum over a count: Keras' `ops.mean` on PyTorch (and
+    JAX without x64) sums float64 in float32."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    return ops.sum(x, axis=axes) / count
+
+
+def _ops_forward_statistics(chi, step, running_var, buffer_x2, *,
+                            buffer_size, warmup_steps, clip_start_step,
+                            r_max, epsilon):
+    """`_mabn_forward_statistics` in `keras.ops` (JAX, PyTorch).
+
+    Returns `(v, r, new_buffer_x2, write, use_batch)`: `write` is the
+    `(buffer_size, 1)` boolean row selector of this step's slot.
+    """
+    write = ops.expand_dims(
+        ops.equal(ops.arange(buffer_size, dtype=step.dtype),
+                  step % buffer_size), -1)
+    new_buffer = ops.where(write, chi[None], buffer_x2)
+    use_batch = ops.logical_or(step <= buffer_size, step < warmup_steps)
+    v = ops.where(use_batch, chi, _ops_mean(new_buffer, 0))
+    r = ops.sqrt(v + epsilon) / ops.sqrt(running_var + epsilon)
+    clipped = ops.clip(r, 1.0 / r_max, r_max)
+    r = ops.where(step <= max(clip_start_step, warmup_steps),
+                  ops.ones_like(r), clipped)
+    return v, r, new_buffer, write, use_batch
+
+
+def _ops_backward(dy, z, gamma, r, inv_std, buffer_gz, write, use_batch,
+                  axes):
+    """MABN's backward rule in `keras.ops`: `(dx, dgamma, dbeta,
+    new_buffer_gz)`; `gamma`, `r`, `inv_std` in the broadcast shape,
+    `dgamma`/`dbeta` too (summed with keepdims); `write` and `use_batch`
+    are 0/1 floats (JAX gives no cotangent to booleans)."""
+    g = dy * gamma * r
+    psi_t = _ops_mean(g * z, axes)
+    new_buffer = ops.where(write > 0.5, psi_t[None], buffer_gz)
+    psi = ops.where(use_batch > 0.5, psi_t, _ops_mean(new_buffer, 0))
+    dx = (g - z * ops.reshape(psi, gamma.shape)) * inv_std
+    dgamma = ops.sum(dy * r * z, axis=axes, keepdims=True)
+    dbeta = ops.sum(dy, axis=axes, keepdims=True)
+    return dx, dgamma, dbeta, new_buffer
+
+
+_JAX_NORMALIZE = []
+
+
+def _jax_normalize():
+    """`y = gamma * r * x * inv_std + beta` with MABN's backward rule.
+
+    JAX has no state in a backward pass, so the new `buffer_gz` leaves it
+    as the cotangent of the `buffer_gz` input: the layer's `buffer_gz`
+    variable is trainable with `overwrite_with_gradient=True` on JAX, and
+    the optimizer assigns that "gradient" to it (Keras' own mechanism for
+    float8 scale histories). The other constant inputs get zero
+    cotangents.
+    """
+    if _JAX_NORMALIZE:
+        return _JAX_NORMALIZE[0]
+    import jax
+
+    def normalize(axes, x, gamma, beta, buffer_gz, inv_std, r, write,
+                  use_batch):
+        return gamma * r * (x * inv_std) + beta
+
+    def forward(axes, x, gamma, beta, buffer_gz, inv_std, r, write,
+                use_batch):
+        z = x * inv_std
+        saved = (z, gamma, r, inv_std, buffer_gz, write, use_batch)
+        return gamma * r * z + beta, saved
+
+    def backward(axes, saved, dy):
+        z, gamma, r, inv_std, buffer_gz, write, use_batch = saved
+        dx, dgamma, dbeta, new_buffer = _ops_backward(
+            dy, z, gamma, r, inv_std, buffer_gz, write, use_batch, axes)
+        return (dx, dgamma, dbeta, new_buffer, ops.zeros_like(inv_std),
+                ops.zeros_like(r), ops.zeros_like(write),
+                ops.zeros_like(use_batch))
+
+    normalize = jax.custom_vjp(normalize, nondiff_argnums=(0,))
+    normalize.defvjp(forward, backward)
+    _JAX_NORMALIZE.append(normalize)
+    return normalize
+
+
+_TORCH_NORMALIZE = []
+
+
+def _torch_normalize():
+    """The same as `_jax_normalize` as a `torch.autograd.Function`, whose
+    backward writes the new buffer into the `buffer_gz` variable."""
+    if _TORCH_NORMALIZE:
+        return _TORCH_NORMALIZE[0]
+    import torch
+
+    class Normalize(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, axes, x, gamma, beta, variable, inv_std, r, write,
+                    use_batch):
+            z = x * inv_std
+            ctx.save_for_backward(z, gamma, r, inv_std, write, use_batch)
+            ctx.variable, ctx.axes = variable, axes
+            return gamma * r * z + beta
+
+        @staticmethod
+        def backward(ctx, dy):
+            z, gamma, r, inv_std, write, use_batch = ctx.saved_tensors
+            variable = ctx.variable
+            dx, dgamma, dbeta, new_buffer = _ops_backward(
+                dy, z, gamma, r, inv_std,
+                ops.cast(variable.value, dy.dtype), write, use_batch,
+                ctx.axes)
+            variable.assign(ops.cast(new_buffer, variable.dtype))
+            return None, dx, dgamma, dbeta, None, None, None, None, None
+
+    _TORCH_NORMALIZE.append(Normalize.apply)
+    return Normalize.apply
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -122,7 +248,9 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
     advances the counter and `buffer_x2` but leaves `buffer_gz` as it is,
     as in the reference.
 
-    Distribution: under a `tf.distribute` strategy with several replicas
+    Distribution: under JAX's `keras.distribution.DataParallel` the
+    statistics are those of the global batch (SPMD means reduce over the
+    sharded batch). Under a `tf.distribute` strategy with several replicas
     (e.g. `MirroredStrategy`) `chi_t` and `psi_t` are cross-replica, like
     `SyncBatchNorm`: each replica's sums are all-reduced, so every replica
     holds the same state and N replicas match one device on the global
@@ -134,10 +262,22 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
     `B` with per-step batches of `b` the reference uses `buffer_size =
     B // b` (the default 16 is batch 32 at batch 2).
 
-    Requires the TensorFlow backend (construction raises otherwise). Works
-    in eager mode, inside `tf.function`/`model.fit`, and with XLA
-    (`jit_compile=True`). Inputs in float16/bfloat16 are normalized in
-    float32. Masks are not supported.
+    Backends: TensorFlow (eager, `tf.function`/`model.fit`, XLA), PyTorch
+    (a `torch.autograd.Function` whose backward writes `buffer_gz`) and
+    JAX. JAX has no state in a backward pass, so there `buffer_gz` is a
+    trainable variable with `overwrite_with_gradient=True`: the backward
+    rule returns the new buffer as its "gradient" and Keras' optimizer
+    assigns it (exactly, no descent step). That happens in `model.fit` and
+    in custom loops that pass the layer's trainable variables and their
+    gradients to a Keras optimizer (`optimizer.apply`); a loop that
+    applies gradients itself must assign `buffer_gz`'s gradient to it, and
+    `gradient_accumulation_steps` (which takes a max of such "gradients")
+    or `use_ema` do not apply to it. `.keras` and weights files hold the
+    same variables in the same order on every backend. The three backends
+    match the reference step by step (the tests run each). Other backends
+    construct the layer and run inference; a training call raises. Inputs
+    in float16/bfloat16 are normalized in float32. Masks are not
+    supported.
 
     Args:
         axis: The channel axis (int). Default -1.
@@ -193,7 +333,6 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
         gamma_constraint=None,
         **kwargs,
     ):
-        _require_tensorflow(type(self).__name__)
         super().__init__(**kwargs)
         _checks.check_axis(axis)
         momentum = _checks.check_momentum(
@@ -283,6 +422,10 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
             shape=buffer_shape, name="buffer_x2", initializer="zeros",
             **state,
         )
+        if backend.backend() == "jax":
+            # Written through its "gradient" (see `_jax_normalize`).
+            state = dict(trainable=True, autocast=False,
+                         overwrite_with_gradient=True)
         self.buffer_gz = self.add_weight(
             shape=buffer_shape, name="buffer_gz", initializer="zeros",
             **state,
@@ -308,7 +451,7 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
                 "use kerasbn.layers.BatchNormalization."
             )
         # Statistics in at least float32, as Keras does for float16/bfloat16.
-        dtype = backend.result_type(inputs.dtype, "float32")
+        dtype = _numerics.at_least_float32(inputs.dtype)
         inputs = ops.cast(inputs, dtype)
         gamma = self._param(self.gamma, dtype, 1.0)
         beta = self._param(self.beta, dtype, 0.0)
@@ -321,7 +464,34 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
             outputs = outputs + ops.reshape(beta, self._broadcast_shape)
         return ops.cast(outputs, self.compute_dtype)
 
+    def _state_in_file_order(self):
+        """gamma, beta, moving_variance, step, buffer_x2, buffer_gz: the
+        order `.keras` and weights files hold them in on every backend
+        (on JAX `buffer_gz` is trainable, which would move it)."""
+        return [w for w in (self.gamma, self.beta, self.moving_variance,
+                            self.step, self.buffer_x2, self.buffer_gz)
+                if w is not None]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._state_in_file_order()):
+            store[f"{i}"] = variable
+
+    def load_own_variables(self, store):
+        variables = self._state_in_file_order()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer '{self.name}' ({type(self).__name__}) holds "
+                f"{len(variables)} variables but the file holds "
+                f"{len(store.keys())} for it. Was it saved with other "
+                "`center`/`scale` arguments?"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(store[f"{i}"])
+
     def _train_step(self, inputs, gamma, beta):
+        _check_backend(type(self).__name__)
+        if backend.backend() != "tensorflow":
+            return self._train_step_ops(inputs, gamma, beta)
         import tensorflow as tf
 
         dtype = inputs.dtype
@@ -372,6 +542,40 @@ class MovingAverageBatchNormalization(keras.layers.Layer):
             return y, backward
 
         return normalize(inputs, gamma, beta)
+
+    def _train_step_ops(self, inputs, gamma, beta):
+        """The training step on JAX and PyTorch (`keras.ops` statistics,
+        the backend's own custom gradient)."""
+        dtype = inputs.dtype
+        shape = self._broadcast_shape
+        step = ops.convert_to_tensor(self.step) + 1
+        self.step.assign(step)
+        running_var = ops.cast(self.moving_variance, dtype)
+        chi = ops.stop_gradient(
+            _ops_mean(ops.square(inputs), self._reduction_axes))
+        v, r, buffer_x2, write, use_batch = _ops_forward_statistics(
+            chi, step, running_var, ops.cast(self.buffer_x2, dtype),
+            buffer_size=self.buffer_size, warmup_steps=self.warmup_steps,
+            clip_start_step=self.clip_start_step, r_max=self.r_max,
+            epsilon=self.epsilon,
+        )
+        self.buffer_x2.assign(ops.cast(buffer_x2, self.buffer_x2.dtype))
+        self.moving_variance.assign(ops.cast(
+            self.momentum * running_var + (1.0 - self.momentum) * v,
+            self.moving_variance.dtype,
+        ))
+        constants = [
+            ops.stop_gradient(ops.reshape(ops.rsqrt(v + self.epsilon),
+                                          shape)),
+            ops.stop_gradient(ops.reshape(r, shape)),
+            ops.cast(write, dtype), ops.cast(use_batch, dtype),
+        ]
+        arguments = (tuple(self._reduction_axes), inputs,
+                     ops.reshape(gamma, shape), ops.reshape(beta, shape))
+        if backend.backend() == "jax":
+            return _jax_normalize()(
+                *arguments, ops.cast(self.buffer_gz, dtype), *constants)
+        return _torch_normalize()(*arguments, self.buffer_gz, *constants)
 
     def inference_scale_shift(self):
         """Float64 NumPy `(scale, shift)` of the inference-mode layer.

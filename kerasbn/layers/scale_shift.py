@@ -1,10 +1,10 @@
 """A fixed per-channel scale and shift, what an inference-mode BN computes."""
 
 import keras
-from keras import backend
 from keras import ops
 
 from kerasbn import _checks
+from kerasbn import _numerics
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -77,7 +77,7 @@ class ScaleShift(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         del training, mask  # Same map in training and inference; masks pass.
         # Compute in at least float32, as Keras' BatchNormalization does.
-        dtype = backend.result_type(inputs.dtype, "float32")
+        dtype = _numerics.at_least_float32(inputs.dtype)
         inputs = ops.cast(inputs, dtype)
         scale = ops.reshape(ops.cast(self.scale, dtype), self._broadcast_shape)
         shift = ops.reshape(ops.cast(self.shift, dtype), self._broadcast_shape)
