@@ -24,6 +24,8 @@ from tests.helpers import randomize_normalizations
 from tests.helpers import run_layer_test
 from tests.helpers import to_numpy
 
+pytestmark = pytest.mark.any_backend
+
 L = keras.layers
 
 
@@ -70,6 +72,9 @@ def _pair(case):
     return centred, plain, shape
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="gradients through tf.GradientTape; training on "
+                    "JAX/PyTorch is checked by test_mabn's fit tests")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_output_and_gradients_equal_plain_layer_with_centred_kernel(case):
     centred, plain, shape = _pair(case)

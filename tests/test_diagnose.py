@@ -10,6 +10,8 @@ import tensorflow as tf
 import kerasbn
 from tests.helpers import random_batch
 
+pytestmark = pytest.mark.any_backend
+
 L = keras.layers
 
 
@@ -116,6 +118,8 @@ def test_nested_output_normalization_is_found():
     assert ("normalization_before_output", "inner_bn") in report.codes()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="synchronized=True is TensorFlow-only in Keras")
 def test_small_batch_per_replica(two_replica_strategy):
     x, y = _data(128)
     model = _healthy()

@@ -7,6 +7,8 @@ import pytest
 import kerasbn
 from tests.helpers import random_batch
 
+pytestmark = pytest.mark.any_backend
+
 L = keras.layers
 
 

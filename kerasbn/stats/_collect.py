@@ -368,7 +368,7 @@ def batch_moments(inputs, mask, axis):
 
 
 def _check_mask(layer, inputs, mask):
-    rank = inputs.shape.rank
+    rank = len(inputs.shape)
     axis = registry.channel_axis(layer, rank)
     if mask is not None and axis != rank - 1:
         raise ValueError(
@@ -419,6 +419,10 @@ class InputStatistics:
         self.layers = list(layers)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._active = None
+        self._model = model
+        if keras.backend.backend() != "tensorflow":
+            self._eager_order(example)
+            return
         if selective:
             self._active = tf.Variable(-1, dtype=tf.int32, trainable=False)
         trace_ids = []
@@ -461,6 +465,48 @@ class InputStatistics:
             if not any(layer is seen for seen in self.order):
                 self.order.append(layer)
 
+    def _eager_order(self, example):
+        """JAX, PyTorch: the model runs as its backend runs it (eagerly,
+        one op after another); one call on `example` finds the order."""
+        self._function = None
+        seen = []
+
+        def hook(layer, inputs, mask):
+            _check_mask(layer, inputs, mask)
+            seen.append(id(layer))
+
+        state = statistics_state(self.layers)
+        try:
+            with intercept(self.layers, hook):
+                self._model(_to_numpy(example), training=False)
+        finally:
+            restore_state(state)
+        self._ids = list(seen)
+        self.order = []
+        for layer_id in self._ids:
+            layer = self.layers[self._index[layer_id]]
+            if not any(layer is known for known in self.order):
+                self.order.append(layer)
+
+    def _eager_moments(self, x, layer):
+        """Each call's `(count, mean, m2)` in NumPy float64, as
+        `batch_moments` computes them (None for layers not wanted)."""
+        found = []
+
+        def hook(called, inputs, mask):
+            if layer is not None and called is not layer:
+                found.append(None)
+                return
+            axis = _check_mask(called, inputs, mask)
+            found.append(numpy_moments(
+                keras.ops.convert_to_numpy(inputs),
+                None if mask is None else keras.ops.convert_to_numpy(mask),
+                axis))
+
+        with intercept(self.layers, hook):
+            self._model(_to_numpy(x), training=False)
+        return found
+
     def run(self, batches, layer=None, progbar=None):
         """Population moments over all `batches`: `{id(layer): Moments}`.
 
@@ -468,6 +514,8 @@ class InputStatistics:
         The non-trainable state of the layers is restored afterwards, so a
         layer the model calls with `training=True` leaves no trace.
         """
+        if self._function is None:
+            return self._run_eagerly(batches, layer, progbar)
         if self._active is not None:
             self._active.assign(self._index[id(layer)])
         state = statistics_state(self.layers)
@@ -487,3 +535,43 @@ class InputStatistics:
         finally:
             restore_state(state)
         return totals
+
+    def _run_eagerly(self, batches, layer, progbar):
+        state = statistics_state(self.layers)
+        totals = {}
+        try:
+            for number, x in enumerate(batches, start=1):
+                results = self._eager_moments(x, layer)
+                for layer_id, moments in zip(self._ids, results):
+                    if moments is None:
+                        continue
+                    previous = totals.get(layer_id)
+                    totals[layer_id] = (moments if previous is None
+                                        else previous.merge(moments))
+                if progbar is not None:
+                    progbar.update(number)
+        finally:
+            restore_state(state)
+        return totals
+
+
+def _to_numpy(x):
+    return keras.tree.map_structure(
+        lambda t: t if t is None else np.asarray(t), x)
+
+
+def numpy_moments(inputs, mask, axis):
+    """`batch_moments` in NumPy float64: a `Moments`."""
+    x = np.moveaxis(np.asarray(inputs, np.float64), axis, -1)
+    channels = x.shape[-1]
+    x = x.reshape(-1, channels)
+    if mask is None:
+        count = x.shape[0]
+        mean = x.mean(axis=0) if count else np.zeros(channels)
+        return Moments(count, mean, ((x - mean) ** 2).sum(axis=0))
+    weights = np.broadcast_to(np.asarray(mask, np.float64)[..., None],
+                              inputs.shape).reshape(-1, channels)[:, :1]
+    count = float(weights.sum())
+    mean = ((x * weights).sum(axis=0) / count if count
+            else np.zeros(channels))
+    return Moments(count, mean, (weights * (x - mean) ** 2).sum(axis=0))
