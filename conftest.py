@@ -84,6 +84,8 @@ def two_replica_strategy():
     strategy whose all-reduce has another shape then fails with "Shape
     mismatch in the collective instance". Tests share this one instead.
     """
+    if BACKEND != "tensorflow":
+        pytest.skip("tf.distribute needs the TensorFlow backend")
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     if len(devices) < 2:
         pytest.skip("needs two logical CPU devices")

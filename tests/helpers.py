@@ -209,7 +209,20 @@ def fold_and_check(model, **options):
 
 def outputs_and_gradients(layer, x, mask, upstream):
     """A training-mode call of `layer` and the gradients of
-    `sum(y * upstream)` with respect to `x` and its trainable weights."""
+    `sum(y * upstream)` with respect to `x` and its trainable weights
+    (on the backend the suite runs on; the layer's state is updated)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_outputs_and_gradients(layer, x, mask, upstream)
+    if backend == "torch":
+        import torch
+
+        x = torch.as_tensor(np.asarray(x)).requires_grad_(True)
+        y = layer(x, training=True, mask=mask)
+        loss = (y.float() * torch.as_tensor(np.asarray(upstream))).sum()
+        grads = torch.autograd.grad(
+            loss, [x] + [w.value for w in layer.trainable_weights])
+        return to_numpy(y.detach()), [to_numpy(g) for g in grads]
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -217,6 +230,28 @@ def outputs_and_gradients(layer, x, mask, upstream):
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
     grads = tape.gradient(loss, [x] + layer.trainable_weights)
     return to_numpy(y), [to_numpy(g) for g in grads]
+
+
+def _jax_outputs_and_gradients(layer, x, mask, upstream):
+    import jax
+    import jax.numpy as jnp
+
+    if not layer.built:
+        layer.build(np.shape(x))
+    trainable = [v.value for v in layer.trainable_variables]
+    fixed = [v.value for v in layer.non_trainable_variables]
+
+    def loss(x, values):
+        y, new_fixed = layer.stateless_call(values, fixed, x, training=True,
+                                            mask=mask)
+        total = jnp.sum(y.astype("float32") * jnp.asarray(upstream))
+        return total, (y, new_fixed)
+
+    (_, (y, new_fixed)), (dx, grads) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(jnp.asarray(x), trainable)
+    for variable, value in zip(layer.non_trainable_variables, new_fixed):
+        variable.assign(value)
+    return to_numpy(y), [to_numpy(dx)] + [to_numpy(g) for g in grads]
 
 
 # --------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from tests.helpers import randomize_normalizations
 from tests.helpers import run_layer_test
 from tests.helpers import to_numpy
 
+pytestmark = pytest.mark.any_backend
+
 
 # --------------------------------------------------------------------------
 # Independent references.

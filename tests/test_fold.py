@@ -16,6 +16,8 @@ from tests.helpers import inputs_for
 from tests.helpers import randomize_normalizations
 from tests.helpers import weights_snapshot
 
+pytestmark = pytest.mark.any_backend
+
 L = keras.layers
 
 # name -> (factory(use_bias), input shape without batch, channel axis)
@@ -68,8 +70,10 @@ PRODUCERS = {
 BN_KINDS = {
     "keras": lambda axis: L.BatchNormalization(axis=axis),
     "keras_renorm": lambda axis: L.BatchNormalization(axis=axis, renorm=True),
-    "keras_synchronized": lambda axis: L.BatchNormalization(
-        axis=axis, synchronized=True),
+    # synchronized=True is TensorFlow-only in Keras.
+    **({"keras_synchronized": lambda axis: L.BatchNormalization(
+        axis=axis, synchronized=True)}
+       if keras.backend.backend() == "tensorflow" else {}),
     "kerasbn_debias_mean": lambda axis: kerasbn.layers.BatchNormalization(
         axis=axis, zero_debias="mean"),
     "kerasbn_debias_both": lambda axis: kerasbn.layers.BatchNormalization(

@@ -12,6 +12,8 @@ import pytest
 
 from kerasbn import rules
 
+pytestmark = pytest.mark.any_backend
+
 
 def conv1d(x, kernel, bias, groups=1):
     """'valid' 1-D convolution, kernel [k, in // groups, out]."""

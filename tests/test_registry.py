@@ -3,8 +3,11 @@ user's Keras session as they found it."""
 
 import keras
 import numpy as np
+import pytest
 
 import kerasbn
+
+pytestmark = pytest.mark.any_backend
 
 
 class _FirstAxisNorm(keras.layers.Layer):

@@ -6,6 +6,8 @@ import pytest
 
 from kerasbn.layers import ScaleShift
 
+pytestmark = pytest.mark.any_backend
+
 
 @pytest.mark.parametrize("axis, shape", [(-1, (2, 3, 4)), (1, (2, 4, 3, 5))])
 def test_matches_numpy(axis, shape):
