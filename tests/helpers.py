@@ -26,7 +26,14 @@ import kerasbn
 
 
 def to_numpy(x):
-    """A tensor or Keras variable as a NumPy array."""
+    """A tensor or Keras variable as a NumPy array (bfloat16 as float32
+    on PyTorch, whose `.numpy()` has no bfloat16)."""
+    if keras.backend.backend() == "torch":
+        x = getattr(x, "value", x)
+        if hasattr(x, "detach"):
+            x = x.detach()
+            if str(x.dtype) == "torch.bfloat16":
+                x = x.float()
     return keras.ops.convert_to_numpy(x)
 
 
@@ -217,7 +224,7 @@ def outputs_and_gradients(layer, x, mask, upstream):
     if backend == "torch":
         import torch
 
-        x = torch.as_tensor(np.asarray(x)).requires_grad_(True)
+        x = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)
         y = layer(x, training=True, mask=mask)
         loss = (y.float() * torch.as_tensor(np.asarray(upstream))).sum()
         grads = torch.autograd.grad(
