@@ -92,6 +92,33 @@ def call_number(operation, node):
     return next((k for k, n in enumerate(nodes) if n is node), 0)
 
 
+def standardize_inputs(functional, inputs):
+    """`inputs` as the flat list a Functional model's graph starts from
+    (its structure flattened, cast to each Input's dtype, rank adjusted),
+    as `Functional.call` prepares them."""
+    return _get(functional, "_standardize_inputs",
+                "a model's input preparation")(inputs)
+
+
+def call_context_args(operation):
+    """Names of the call-context arguments (`training`, ...) `operation`'s
+    call takes, which a Functional model passes on to it."""
+    return getattr(operation, "_call_context_args", ())
+
+
+def keras_mask(tensor):
+    """The mask Keras attached to a computed tensor, or None."""
+    from keras.src.backend.common.masking import get_keras_mask
+
+    return get_keras_mask(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    from keras.src.backend.common.masking import set_keras_mask as setter
+
+    setter(tensor, mask)
+
+
 def sublayers(layer, recursive=True):
     """Every layer nested in `layer` (not `layer` itself), each once.
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kerasbn
+from tests.helpers import assert_close_to_scale
 from tests.helpers import assert_weights_close
 
 pytestmark = [
@@ -74,3 +75,30 @@ def test_two_devices_match_one_device_on_the_global_batch(name):
     # scale per step over 6 steps. A per-device statistic (half batches)
     # is off by ~1e-1.
     assert_weights_close(data_parallel, single, 1e-5)
+
+
+def test_recalibrate_under_data_parallel_is_one_device():
+    """One process holds all the data: under DataParallel (weights
+    replicated on both devices) recalibrate gives one device's result."""
+    x = np.random.default_rng(4).normal(1.0, 2.0, size=(30, 6, 6, 2))
+    results = []
+    for distribution in (None, keras.distribution.DataParallel()):
+        keras.distribution.set_distribution(distribution)
+        try:
+            keras.utils.set_random_seed(5)
+            inputs = keras.Input((6, 6, 2))
+            h = keras.layers.Conv2D(4, 3)(inputs)
+            h = keras.layers.BatchNormalization(name="bn1")(h)
+            h = keras.layers.Conv2D(3, 1)(keras.layers.ReLU()(h))
+            h = kerasbn.layers.BatchNormalization(zero_debias=True,
+                                                  name="bn2")(h)
+            model = keras.Model(inputs, h)
+            new = kerasbn.recalibrate(model, x.astype("float32"),
+                                      batch_size=8, verbose=0)
+            results.append([np.asarray(w) for name in ("bn1", "bn2")
+                            for w in (new.get_layer(name).moving_mean,
+                                      new.get_layer(name).moving_variance)])
+        finally:
+            keras.distribution.set_distribution(None)
+    for single, parallel in zip(*results):
+        assert_close_to_scale(parallel, single, 1e-6, "statistics")

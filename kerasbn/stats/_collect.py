@@ -352,9 +352,12 @@ def batch_moments(inputs, mask, axis):
         x = tf.transpose(x, perm)
     x = tf.reshape(x, [-1, channels])
     if mask is None:
+        # Column sums as a product with a row of ones: the same float64
+        # sums, faster on CPU than a column reduction for wide layers.
         count = tf.cast(tf.shape(x)[0], tf.float64)
-        mean = tf.math.divide_no_nan(tf.reduce_sum(x, axis=0), count)
-        m2 = tf.reduce_sum(tf.square(x - mean), axis=0)
+        ones = tf.ones([1, tf.shape(x)[0]], tf.float64)
+        mean = tf.math.divide_no_nan(tf.matmul(ones, x)[0], count)
+        m2 = tf.matmul(ones, tf.math.squared_difference(x, mean))[0]
         return count, mean, m2
     weights = tf.cast(mask, tf.float64)
     weights = tf.reshape(
@@ -367,7 +370,7 @@ def batch_moments(inputs, mask, axis):
     return count, mean, m2
 
 
-def _check_mask(layer, inputs, mask):
+def check_mask(layer, inputs, mask):
     rank = len(inputs.shape)
     axis = registry.channel_axis(layer, rank)
     if mask is not None and axis != rank - 1:
@@ -429,7 +432,7 @@ class InputStatistics:
         captured = []
 
         def hook(layer, inputs, mask):
-            axis = _check_mask(layer, inputs, mask)
+            axis = check_mask(layer, inputs, mask)
             trace_ids.append(id(layer))
             if self._active is None:
                 captured.append(batch_moments(inputs, mask, axis))
@@ -472,13 +475,13 @@ class InputStatistics:
         seen = []
 
         def hook(layer, inputs, mask):
-            _check_mask(layer, inputs, mask)
+            check_mask(layer, inputs, mask)
             seen.append(id(layer))
 
         state = statistics_state(self.layers)
         try:
             with intercept(self.layers, hook):
-                self._model(_to_numpy(example), training=False)
+                self._model(to_numpy(example), training=False)
         finally:
             restore_state(state)
         self._ids = list(seen)
@@ -497,14 +500,14 @@ class InputStatistics:
             if layer is not None and called is not layer:
                 found.append(None)
                 return
-            axis = _check_mask(called, inputs, mask)
+            axis = check_mask(called, inputs, mask)
             found.append(numpy_moments(
                 keras.ops.convert_to_numpy(inputs),
                 None if mask is None else keras.ops.convert_to_numpy(mask),
                 axis))
 
         with intercept(self.layers, hook):
-            self._model(_to_numpy(x), training=False)
+            self._model(to_numpy(x), training=False)
         return found
 
     def run(self, batches, layer=None, progbar=None):
@@ -555,7 +558,7 @@ class InputStatistics:
         return totals
 
 
-def _to_numpy(x):
+def to_numpy(x):
     return keras.tree.map_structure(
         lambda t: t if t is None else np.asarray(t), x)
 
