@@ -198,14 +198,7 @@ def _application(name, seed=0):
     keras.utils.set_random_seed(seed)
     model = getattr(keras.applications, name)(weights=None,
                                               input_shape=(224, 224, 3))
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.moving_mean.shape
-            layer.gamma.assign(rng.uniform(0.5, 1.5, shape))
-            layer.beta.assign(rng.normal(0.0, 0.1, shape))
-            layer.moving_mean.assign(rng.normal(0.0, 0.1, shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    _randomize_statistics(model, seed)
     return model
 
 
@@ -528,6 +521,125 @@ def bench_graph_fold(quick):
 
 
 # --------------------------------------------------------------------------
+# Issue 16: recalibrate in stages vs one inference pass.
+
+
+def _recalibrate_once(model, x, **options):
+    """Seconds of one `kerasbn.recalibrate` (a copy, as by default), its
+    result and the peak bytes its activation cache held."""
+    from kerasbn.stats import _staged
+
+    caches = []
+    original = _staged.ActivationCache
+
+    class Recorded(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    _staged.ActivationCache = Recorded
+    try:
+        start = time.perf_counter()
+        result = kerasbn.recalibrate(model, x, verbose=0, **options)
+        seconds = time.perf_counter() - start
+    finally:
+        _staged.ActivationCache = original
+    peak = max((c.peak_memory + c.peak_disk for c in caches), default=0)
+    return seconds, result, peak
+
+
+def _layer_by_layer(model, x):
+    from kerasbn.stats import _plan
+
+    original = _plan.read
+
+    def refuse(*args, **kwargs):
+        raise _plan.PlanRefused("benchmark: the layer-by-layer method")
+
+    _plan.read = refuse
+    try:
+        start = time.perf_counter()
+        result = kerasbn.recalibrate(model, x, verbose=0)
+        return time.perf_counter() - start, result
+    finally:
+        _plan.read = original
+
+
+def _statistics_gap(actual, expected):
+    """Largest mean error in units of the channel's standard deviation,
+    and largest relative variance error, over all normalizations."""
+    worst_mean = worst_var = 0.0
+    for a, e in zip(kerasbn.registry.normalization_layers(actual),
+                    kerasbn.registry.normalization_layers(expected)):
+        var = np.asarray(e.moving_variance, np.float64)
+        mean_error = np.abs(np.asarray(a.moving_mean, np.float64)
+                            - np.asarray(e.moving_mean, np.float64))
+        worst_mean = max(worst_mean, float(np.max(mean_error
+                                                  / np.sqrt(var))))
+        worst_var = max(worst_var, float(np.max(
+            np.abs(np.asarray(a.moving_variance, np.float64) - var) / var)))
+    return worst_mean, worst_var
+
+
+def bench_recalibrate(quick):
+    """`kerasbn.recalibrate` time / one `predict` pass over the same data
+    (warm: traced before timing), ResNet50 and DenseNet121 at 64x64 on 512
+    images (128 with --quick), target <= 3 (issue 16). Notes: the peak of
+    the activation cache, the ratio to a cold predict (its trace
+    included), and against the layer-by-layer method (ResNet50, full runs
+    only): its time and the largest difference of the statistics."""
+    from kerasbn.stats import _plan
+
+    images = 128 if quick else 512
+    repeats = 1 if quick else 3
+    x = np.random.default_rng(0).normal(
+        0.5, 1.0, size=(images, 64, 64, 3)).astype("float32")
+    rows = []
+    for arch in ("ResNet50", "DenseNet121"):
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, arch)(
+            weights=None, input_shape=(64, 64, 3), classes=10)
+        _randomize_statistics(model)
+        cold = keras.models.clone_model(model)
+        start = time.perf_counter()
+        cold.predict(x, batch_size=32, verbose=0)
+        cold_seconds = time.perf_counter() - start
+        model.predict(x[:64], batch_size=32, verbose=0)
+        predict = interleaved_medians(
+            {"predict": lambda: model.predict(x, batch_size=32, verbose=0)},
+            repeats, warmup=0)["predict"]
+        runs = [_recalibrate_once(model, x) for _ in range(repeats)]
+        seconds = statistics.median(r[0] for r in runs)
+        staged, peak = runs[0][1], runs[0][2]
+        layers = kerasbn.registry.normalization_layers(model)
+        stages = _plan.read(model, layers).num_stages
+        label = (f"{arch} 64x64, {images} images, {len(layers)} BN in "
+                 f"{stages} stages")
+        note = (f"cache peak {peak / 2 ** 20:.0f} MiB; / cold predict "
+                f"{seconds / cold_seconds:.2f}")
+        if arch == "ResNet50" and not quick:
+            old_seconds, old = _layer_by_layer(model, x)
+            gap_mean, gap_var = _statistics_gap(staged, old)
+            note += (f"; layer by layer {old_seconds / predict:.1f}x "
+                     f"predict; staged vs layer by layer: mean "
+                     f"{gap_mean:.1e} std, variance {gap_var:.1e}")
+        rows.append(row("recalibrate / one predict pass", label, 32,
+                        seconds, predict, "<= 3", note))
+    return rows
+
+
+def _randomize_statistics(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape))
+            layer.beta.assign(rng.normal(0.0, 0.1, shape))
+            layer.moving_mean.assign(rng.normal(0.0, 0.1, shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+
+
+# --------------------------------------------------------------------------
 # Issue 15: the layer benchmarks again on the JAX and PyTorch backends.
 
 LAYER_BENCHMARKS = ("bn_train_step", "renorm", "mabn")
@@ -573,6 +685,7 @@ BENCHMARKS = {
     "zoo_export": bench_zoo_export,
     "graph_fold": bench_graph_fold,
     "backends": bench_backends,
+    "recalibrate": bench_recalibrate,
 }
 
 
