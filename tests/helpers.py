@@ -12,7 +12,10 @@ in inference mode and every weight, trainable or not), so a state variable
 that fails to save, or a config argument that is dropped, fails the test.
 """
 
+import importlib.util
 import os
+import pathlib
+import sys
 import tempfile
 
 import keras
@@ -436,3 +439,20 @@ def fit_straight_and_resumed(build, x, target, batch_size, split, how,
         check_reloaded(resumed)
     fit(resumed, slice(split * batch_size, None))
     return straight, resumed
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name):
+    """`examples/<name>.py` as a module (examples/ is not a package; an
+    example imports `_digits` from its own folder while it loads)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            f"_kerasbn_example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module

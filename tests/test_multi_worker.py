@@ -9,7 +9,6 @@ first normalization's statistics are the moments of its convolution over
 all the data) and against one process recalibrating on all the data.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,6 +22,7 @@ import pytest
 from kerasbn.stats import _collect
 from kerasbn.stats import _distributed
 from tests.helpers import assert_close_to_scale
+from tests.helpers import load_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -103,15 +103,8 @@ def test_two_workers_recalibrate_as_one_process(tmp_path):
 
     # NumPy oracle for the first normalization: the moments of its
     # convolution's output over ALL the data, though each worker held half.
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_kerasbn_example_multi_worker", EXAMPLES / "multi_worker.py")
-        example = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(example)
-        x, _ = example.train_data()
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    example = load_example("multi_worker")
+    x, _ = example.train_data()
     weights = example.load_weights(out / "worker0_trained.npz")
     kernel = weights[0].astype(np.float64)  # (3, 3, 1, 16), "same"
     padded = np.pad(x[..., 0].astype(np.float64), ((0, 0), (1, 1), (1, 1)))

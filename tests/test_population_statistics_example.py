@@ -1,7 +1,6 @@
 """`examples/population_statistics.py`: its weight averages, and a smoke
 run whose JSON is checked for shape and recomputed with NumPy."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,22 +11,15 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import load_example
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_kerasbn_example_population", EXAMPLES /
-            "population_statistics.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
+    return load_example("population_statistics")
 
 
 def test_weight_averages_follow_their_definitions(example):

@@ -7,7 +7,6 @@ the script exits cleanly and writes `small_batch.json` in the documented
 shape, with means and standard deviations recomputed here with NumPy.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import load_example
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PREFIXES = ("BN@32", "BN@2", "BatchRenormalization@2", "MABN@2",
@@ -25,17 +26,7 @@ PREFIXES = ("BN@32", "BN@2", "BatchRenormalization@2", "MABN@2",
 
 @pytest.fixture(scope="module")
 def example():
-    """`examples/small_batch.py` as a module (examples/ is not a package;
-    the example imports `_digits` from its own folder)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "_kerasbn_example_small_batch", EXAMPLES / "small_batch.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
+    return load_example("small_batch")
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 32])

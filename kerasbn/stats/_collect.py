@@ -518,34 +518,16 @@ class InputStatistics:
         layer the model calls with `training=True` leaves no trace.
         """
         if self._function is None:
-            return self._run_eagerly(batches, layer, progbar)
-        if self._active is not None:
-            self._active.assign(self._index[id(layer)])
+            per_batch = self._eager_moments
+        else:
+            if self._active is not None:
+                self._active.assign(self._index[id(layer)])
+            per_batch = self._traced_moments
         state = statistics_state(self.layers)
         totals = {}
         try:
             for number, x in enumerate(batches, start=1):
-                results = self._function(x)
-                for layer_id, (count, mean, m2) in zip(self._ids, results):
-                    if self._active is not None and layer_id != id(layer):
-                        continue
-                    moments = Moments(count.numpy(), mean.numpy(), m2.numpy())
-                    previous = totals.get(layer_id)
-                    totals[layer_id] = (moments if previous is None
-                                        else previous.merge(moments))
-                if progbar is not None:
-                    progbar.update(number)
-        finally:
-            restore_state(state)
-        return totals
-
-    def _run_eagerly(self, batches, layer, progbar):
-        state = statistics_state(self.layers)
-        totals = {}
-        try:
-            for number, x in enumerate(batches, start=1):
-                results = self._eager_moments(x, layer)
-                for layer_id, moments in zip(self._ids, results):
+                for layer_id, moments in zip(self._ids, per_batch(x, layer)):
                     if moments is None:
                         continue
                     previous = totals.get(layer_id)
@@ -556,6 +538,16 @@ class InputStatistics:
         finally:
             restore_state(state)
         return totals
+
+    def _traced_moments(self, x, layer):
+        """Each call's `Moments` from the traced pass (None for the
+        layers a selective pass did not compute)."""
+        return [
+            None if self._active is not None and layer_id != id(layer)
+            else Moments(count.numpy(), mean.numpy(), m2.numpy())
+            for layer_id, (count, mean, m2) in zip(self._ids,
+                                                   self._function(x))
+        ]
 
 
 def to_numpy(x):

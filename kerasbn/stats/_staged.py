@@ -171,10 +171,6 @@ class Stage:
         self.order = {}  # Opaque step index -> inner layers in call order.
         self._function = None
 
-    @property
-    def reads_data(self):
-        return bool(self.reads) and self.number == 1
-
     def __call__(self, feed):
         if not _is_tensorflow():
             return self._body(feed)

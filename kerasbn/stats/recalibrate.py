@@ -197,7 +197,6 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
             reached = _by_stages(plan, batches, store, writer)
         finally:
             store.close()
-        writer.cache = store
     unreached = [layer.name for layer in targets
                  if not any(layer is r for r in reached)]
     if unreached:
@@ -234,7 +233,6 @@ class _Writer:
     def __init__(self, strategy, verbose):
         self.strategy = strategy
         self.verbose = verbose
-        self.cache = None
 
     def write(self, layers, moments):
         moments = _distributed.merge_over_workers(self.strategy, moments)
@@ -291,18 +289,18 @@ def _by_stages(plan, batches, store, writer):
     for stage in stages:
         with _staged.tensorflow_graph_optimizer_off():
             totals, count = _run_stage(plan, stage, batches, store, count)
-        layers, moments = [], []
+        pooled = {}  # id(layer) -> [layer, Moments]: all its calls.
         for step in plan.gathered_in(stage.number):
             layer = _gathered_layer(step, stage)
             result = _staged.as_moments(totals.get(f"g{step.index}"))
             if layer is None or result is None:
                 continue
-            if any(layer is known for known in layers):
-                i = next(i for i, known in enumerate(layers) if known is layer)
-                moments[i] = moments[i].merge(result)
-                continue
-            layers.append(layer)
-            moments.append(result)
+            if id(layer) in pooled:
+                pooled[id(layer)][1] = pooled[id(layer)][1].merge(result)
+            else:
+                pooled[id(layer)] = [layer, result]
+        layers = [layer for layer, _ in pooled.values()]
+        moments = [result for _, result in pooled.values()]
         if writer.verbose == 2:
             print(f"Stage {stage.number}/{len(stages)}: "
                   f"{[layer.name for layer in layers]} ({count} batches, "
@@ -343,7 +341,7 @@ def _run_stage(plan, stage, batches, store, count):
     finally:
         _collect.restore_state(state)
     for tensor, used in plan.uses.items():
-        if max(used) <= stage.number:
+        if max(used) == stage.number:  # Its last reader has run.
             store.drop(_staged.value_name(tensor))
             store.drop(_staged.mask_name(tensor))
     totals = {name: [v for v in values if v is not None] or None
