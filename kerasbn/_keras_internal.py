@@ -63,6 +63,12 @@ def is_graph_model(layer):
     return isinstance(layer, (keras.Sequential, Functional))
 
 
+def is_plain_graph_model(model):
+    """Exactly Functional or Sequential (not a subclass with its own
+    constructor or config, which clone_model copies another way)."""
+    return type(model) in (keras.Sequential, Functional)
+
+
 def sequential_graph(model):
     """The Functional graph a built Sequential model keeps, or None."""
     return _get(model, "_functional", "a Sequential model's graph")

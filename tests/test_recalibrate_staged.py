@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import kerasbn
+from kerasbn.stats import _collect
 from kerasbn.stats import _plan
 from kerasbn.stats import _staged
 from tests.helpers import assert_close_to_scale
@@ -201,6 +202,72 @@ def test_verbose_two_names_each_stage(capsys):
     printed = capsys.readouterr().out
     assert "4 normalization layer(s) in 3 stage(s)" in printed
     assert "Stage 2/3: ['bn_left', 'bn_right']" in printed
+
+
+def test_array_data_is_cut_into_wider_batches_unless_told(capsys):
+    """Default batches of array data grow to `_STAGE_BATCH_BYTES` of input
+    (fewer calls per stage); a given batch_size or steps is kept. The
+    result does not change (NumPy oracle above; here: the same to float64
+    rounding of the batch merge, 1e-6)."""
+    model = _branchy()
+    x = random_batch((200, 8, 8, 3), seed=3, loc=0.5)  # 768 B per sample
+    wide = kerasbn.recalibrate(model, x, verbose=2)
+    assert "(1 batches," in capsys.readouterr().out  # 200 < 16 MiB / 768
+    narrow = kerasbn.recalibrate(model, x, batch_size=32, verbose=2)
+    assert "(7 batches," in capsys.readouterr().out
+    _assert_same_statistics(wide, narrow, rel=1e-6)
+    # Explicit steps: batches of 32 (steps count the caller's batches).
+    kerasbn.recalibrate(model, x, steps=2, verbose=2)
+    assert "(2 batches," in capsys.readouterr().out
+    # A small byte limit: multiples of 32 that fit, at least 32.
+    batches = _collect.Batches(x, what="test")
+    assert batches.widen(100 * 768) == 96 and batches.num_batches == 3
+    assert batches.widen(10) == 32
+
+
+class InitHeld(L.Layer):
+    """Keeps its initializer under another name than its config key."""
+
+    def __init__(self, units=3, kernel_initializer="ones", **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self._init = keras.initializers.get(kernel_initializer)
+
+    def build(self, shape):
+        self.kernel = self.add_weight((shape[-1], self.units), self._init)
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.kernel)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units,
+                "kernel_initializer":
+                    keras.initializers.serialize(self._init)}
+
+
+def test_the_copy_keeps_initializers_and_weights():
+    """recalibrate's copy skips random initialization (weights are copied
+    over) and puts every initializer back; a layer that stores its
+    initializer under another name is copied the usual way."""
+    from kerasbn import _models
+
+    inputs = keras.Input((4,))
+    h = L.Dense(4, kernel_initializer="he_normal",
+                bias_initializer="ones")(inputs)
+    h = L.BatchNormalization(gamma_initializer="zeros")(h)
+    model = keras.Model(inputs, InitHeld(name="held")(h))
+    for custom in (False, True):
+        source = model if custom else keras.Model(inputs, h)
+        copy = _models.clone_with_weights(source, "test")
+        for a, b in zip(source.layers[1:], copy.layers[1:]):
+            assert a.get_config() == b.get_config(), a.name
+        for a, b in zip(source.weights, copy.weights):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    assert keras.initializers.serialize(
+        copy.get_layer("held")._init)["class_name"] == "Ones"
+    dense = keras.models.clone_model(model).layers[1]  # Keras' own copy
+    assert copy.layers[1].kernel_initializer.get_config() == \
+        dense.kernel_initializer.get_config()
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ Three pieces the statistics tools share:
 import contextlib
 import inspect
 import math
-import numbers
 
 import keras
 import numpy as np
@@ -74,6 +73,15 @@ def _to_tensors(x):
     )
 
 
+def itemsize(value):
+    """Bytes per element of an array or tensor (bfloat16 and other types
+    NumPy does not know: 2)."""
+    try:
+        return np.dtype(keras.backend.standardize_dtype(value.dtype)).itemsize
+    except TypeError:
+        return 2
+
+
 def leading_size(x):
     """The batch dimension of the first array in `x`."""
     first = keras.tree.flatten(x)[0]
@@ -114,6 +122,7 @@ class Batches:
             self._kind = "arrays"
             self._x = x
             self._size = leading_size(x)
+            self._chosen = batch_size is not None
             self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
             self.num_batches = math.ceil(self._size / self.batch_size)
         else:
@@ -166,6 +175,24 @@ class Batches:
             self.num_batches = min(self.num_batches, self.steps)
         elif self.steps is not None:
             self.num_batches = self.steps
+
+    def widen(self, max_bytes):
+        """Cut array data into batches of up to `max_bytes` of input
+        (a multiple of the default size, at least one default batch),
+        unless the caller chose `batch_size` or `steps`. Returns the
+        batch size now used (None for data that comes batched)."""
+        if self._kind != "arrays" or self._chosen or self.steps is not None:
+            return self.batch_size
+        per_sample = sum(
+            int(np.prod(np.shape(v)[1:], dtype=np.int64))
+            * itemsize(v)
+            for v in keras.tree.flatten(self._x))
+        fits = max_bytes // max(per_sample, 1)
+        size = max(DEFAULT_BATCH_SIZE,
+                   fits // DEFAULT_BATCH_SIZE * DEFAULT_BATCH_SIZE)
+        self.batch_size = int(min(size, max(self._size, 1)))
+        self.num_batches = math.ceil(self._size / self.batch_size)
+        return self.batch_size
 
     def _raw(self):
         if self._kind == "arrays":
@@ -337,6 +364,26 @@ class Moments:
         return self.m2 / self.count
 
 
+@tf.function(autograph=False, reduce_retracing=True)
+def _column_moments(x):
+    """`batch_moments` of a `[positions, channels]` matrix, no mask.
+
+    One function, called inside the graphs that gather moments: it is
+    traced once per channel count and dtype rather than its ops once per
+    layer (a share of a staged recalibration's cost on deep models).
+    Column sums are products with a column of ones: the same float64
+    sums, faster on CPU than a column reduction for wide layers.
+    """
+    x = tf.cast(x, tf.float64)
+    ones = tf.ones_like(x[:, :1])
+    count = tf.reduce_sum(ones)
+    mean = tf.math.divide_no_nan(tf.matmul(ones, x, transpose_a=True)[0],
+                                 count)
+    m2 = tf.matmul(ones, tf.math.squared_difference(x, mean),
+                   transpose_a=True)[0]
+    return count, mean, m2
+
+
 def batch_moments(inputs, mask, axis):
     """`(count, mean, m2)` of one batch per channel, float64 tensors.
 
@@ -344,21 +391,16 @@ def batch_moments(inputs, mask, axis):
     input's without the last (channel) axis, and False positions are left
     out.
     """
-    x = tf.cast(inputs, tf.float64)
-    rank = x.shape.rank
-    channels = x.shape[axis]
+    rank = inputs.shape.rank
+    channels = inputs.shape[axis]
+    x = inputs
     if axis != rank - 1:
         perm = [a for a in range(rank) if a != axis] + [axis]
         x = tf.transpose(x, perm)
     x = tf.reshape(x, [-1, channels])
     if mask is None:
-        # Column sums as a product with a row of ones: the same float64
-        # sums, faster on CPU than a column reduction for wide layers.
-        count = tf.cast(tf.shape(x)[0], tf.float64)
-        ones = tf.ones([1, tf.shape(x)[0]], tf.float64)
-        mean = tf.math.divide_no_nan(tf.matmul(ones, x)[0], count)
-        m2 = tf.matmul(ones, tf.math.squared_difference(x, mean))[0]
-        return count, mean, m2
+        return _column_moments(x)
+    x = tf.cast(x, tf.float64)
     weights = tf.cast(mask, tf.float64)
     weights = tf.reshape(
         tf.broadcast_to(weights[..., None], tf.shape(inputs)),

@@ -30,12 +30,8 @@ def _is_tensorflow():
 
 def nbytes(value):
     """Bytes a tensor's values take (bfloat16 and friends: 2 bytes)."""
-    dtype = keras.backend.standardize_dtype(value.dtype)
-    try:
-        size = np.dtype(dtype).itemsize
-    except TypeError:
-        size = 2
-    return int(np.prod(value.shape, dtype=np.int64)) * size
+    return (int(np.prod(value.shape, dtype=np.int64))
+            * _collect.itemsize(value))
 
 
 def default_memory_budget():
