@@ -111,6 +111,20 @@ def _parser():
     parser.add_argument("--sample", metavar="FILE.npz",
                         help="verify on these inputs: one array per input "
                         "name (or a single array for a one-input model)")
+    parser.add_argument("--calibration", metavar="FILE.npz",
+                        help="representative inputs for the int8 formats "
+                        "(onnx_int8, tflite_int8): one array per input "
+                        "name, or a single array (e.g. x)")
+    parser.add_argument("--validation", metavar="FILE.npz",
+                        help="inputs the int8/fp16 artifacts are checked on "
+                        "(default: the calibration data)")
+    parser.add_argument("--min-agreement", type=float, default=0.98,
+                        help="least top-1 agreement of an int8/fp16 "
+                        "artifact with the float model (default: "
+                        "%(default)g)")
+    parser.add_argument("--max-rel-rms", type=float, default=None,
+                        help="largest relative RMS error of an int8/fp16 "
+                        "artifact's outputs (default: 0.1 int8, 0.01 fp16)")
     parser.add_argument("--signature", default=None, metavar="NAME",
                         help="SavedModel signature to fold (default: "
                         "serving_default)")
@@ -181,11 +195,18 @@ def _check_source_options(args):
     if args.signature is not None and args.kind != sources.SAVED_MODEL:
         raise CliError(f"--signature applies to SavedModel directories; "
                        f"{args.model} is a {args.kind} file")
-    if args.sample is not None and not os.path.isfile(args.sample):
-        raise CliError(f"--sample file not found: {args.sample}")
-    if args.sample is not None and not zipfile.is_zipfile(args.sample):
-        raise CliError(f"--sample {args.sample} is not a .npz file: save the "
-                       "inputs with numpy.savez(path, input_name=array)")
+    for flag, path in (("--sample", args.sample),
+                       ("--calibration", args.calibration),
+                       ("--validation", args.validation)):
+        if path is not None and not os.path.isfile(path):
+            raise CliError(f"{flag} file not found: {path}")
+        if path is not None and not zipfile.is_zipfile(path):
+            raise CliError(f"{flag} {path} is not a .npz file: save the "
+                           "inputs with numpy.savez(path, input_name=array)")
+    if (args.calibration or args.validation) and args.kind in _GRAPH_KINDS:
+        raise CliError("--calibration/--validation apply to Keras models; "
+                       "int8/fp16 formats of a SavedModel or GraphDef are "
+                       "not written yet")
 
 
 def _check_opset(opset):
@@ -256,7 +277,7 @@ def _load_h5(path):
         raise CliError(str(error)) from None
 
 
-def _load_sample(path):
+def _load_sample(path, flag="--sample"):
     """The arrays of a .npz file: a dict by name, or the one array."""
     import numpy as np
 
@@ -264,10 +285,10 @@ def _load_sample(path):
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as error:
-        raise CliError(f"cannot read --sample {path}: "
+        raise CliError(f"cannot read {flag} {path}: "
                        f"{type(error).__name__}: {error}") from None
     if not arrays:
-        raise CliError(f"--sample {path} holds no arrays")
+        raise CliError(f"{flag} {path} holds no arrays")
     return next(iter(arrays.values())) if len(arrays) == 1 else arrays
 
 
@@ -360,8 +381,14 @@ def _export(args, model, formats, progress):
         if args.kind in _GRAPH_KINDS:
             return fold_saved_model(model, args.output, formats,
                                     fold=not args.no_fold, **common)
+        reduced = dict(min_agreement=args.min_agreement,
+                       max_rel_rms=args.max_rel_rms)
+        for flag in ("calibration", "validation"):
+            path = getattr(args, flag)
+            reduced[flag] = (None if path is None
+                             else _load_sample(path, f"--{flag}"))
         return export(model, args.output, formats, fold=not args.no_fold,
-                      keep_bn=args.keep_bn, **common)
+                      keep_bn=args.keep_bn, **common, **reduced)
     except VerificationError:
         raise
     except (ExportError, ValueError, TypeError, ImportError) as error:
@@ -447,6 +474,15 @@ def _summary(original, result, latency):
     for fmt, (abs_err, rel_err) in result.max_errors().items():
         lines.append(f"{fmt:<{width}}  {abs_err:>13.3g}  {rel_err:>9.3g}  "
                      f"{result.artifacts[fmt]}")
+    reduced = result.reduced_checks()
+    if reduced:
+        lines.append(f"{'artifact':<{width}}  samples  top-1 agreement  "
+                     "rel RMS  path")
+    for fmt, check in reduced.items():
+        share = ("-" if check["agreement"] is None
+                 else f"{check['agreement']:.4f}")
+        lines.append(f"{fmt:<{width}}  {check['batch']:>7}  {share:>15}  "
+                     f"{check['rel_rms']:>7.3g}  {result.artifacts[fmt]}")
     if not result.checks:
         for fmt, path in result.artifacts.items():
             lines.append(f"{fmt:<{width}}  {'not verified':>24}  {path}")

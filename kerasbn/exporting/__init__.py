@@ -56,7 +56,9 @@ GRAPH_FORMATS = ("saved_model", "onnx")
 def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
            keep_bn=False, sample=None, verify=True, name=None, version=1,
            opset=DEFAULT_OPSET, rtol=DEFAULT_RTOL, batch_sizes=(1, 4),
-           overwrite=False, progress=None):
+           overwrite=False, progress=None, calibration=None,
+           validation=None, min_agreement=0.98, max_rel_rms=None,
+           per_channel=True, int8_io=False):
     """Fold, export and verify `model`; returns an `ExportResult`.
 
     Args:
@@ -67,7 +69,10 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             model's own layer classes (not from `__main__`).
         directory: Export directory; created if missing.
         formats: Iterable (or comma-separated string) of `"saved_model"`,
-            `"onnx"`, `"keras"`, `"tflite"`.
+            `"onnx"`, `"keras"`, `"tflite"`, and the reduced-precision
+            `"onnx_int8"`, `"tflite_int8"` (need `calibration`),
+            `"onnx_fp16"`, `"tflite_fp16"` (written beside the float ones
+            as `<name>_int8.onnx` etc.; TensorFlow backend only, for now).
         fold: Fold batch normalization first (`kerasbn.fold`).
         keep_bn: With `fold`, keep the BN layers that cannot be folded as
             they are instead of replacing them with a fixed scale-and-shift.
@@ -89,6 +94,24 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
         progress: Optional callable taking one short string per stage
             (the CLI prints them). If it raises, the export stops and
             writes nothing.
+        calibration: Representative inputs for the int8 formats'
+            activation ranges: arrays (one, a list in input order, or a
+            dict by input name) or a tf.data.Dataset / generator of
+            batches (`(x, y)` gives `x`). All finite, a few hundred
+            samples. The model is folded before it is quantized.
+        validation: Inputs the reduced-precision artifacts are checked
+            on (default: the calibration data; for fp16 alone, `sample`
+            or the random verification inputs). At most 2048 samples are
+            used.
+        min_agreement: Least share of samples whose top-1 class (for
+            `[batch, classes]` outputs) the artifact gives as the float
+            model does.
+        max_rel_rms: Largest RMS(artifact - float) / RMS(float) of any
+            output (default 0.1 for int8, 0.01 for float16).
+        per_channel: int8 ONNX weights with one scale per output channel
+            (False: one per tensor).
+        int8_io: The int8 TFLite takes and returns int8 tensors (with the
+            scale and zero point in its tensor details).
 
     Returns:
         `ExportResult`.
@@ -123,14 +146,21 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     directory = os.path.abspath(os.fspath(directory))
     signature = ServingSignature(model)
     inputs = steps.verification_inputs(signature, sample, batch_sizes, verify)
+    reduced = steps.reduced_options(
+        model, signature, formats, calibration, validation, inputs, verify,
+        min_agreement, max_rel_rms, per_channel, int8_io)
     targets = _plan_targets(directory, formats, name, version, overwrite)
     references = [steps.reference_outputs(model, signature, arrays)
                   for arrays in inputs]
+    if reduced.get("validation"):
+        reduced["references"] = steps.in_chunks(
+            lambda flat: steps.reference_outputs(model, signature, flat),
+            reduced["validation"])
     deployable, fold_report = steps.fold_for_export(model, fold, keep_bn,
                                                     progress)
     return _write_verified(directory, targets, deployable, signature, inputs,
                            references, fold_report, opset, rtol, progress,
-                           overwrite, {})
+                           overwrite, {}, reduced)
 
 
 def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
@@ -203,15 +233,21 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
 
 
 def _write_verified(directory, targets, model, signature, inputs, references,
-                    fold_report, opset, rtol, progress, overwrite, notes):
-    """Stage, write, verify and commit the artifacts; the `ExportResult`."""
+                    fold_report, opset, rtol, progress, overwrite, notes,
+                    reduced=None):
+    """Stage, write, verify and commit the artifacts; the `ExportResult`.
+
+    `reduced`: the reduced-precision options (`_pipeline.reduced_options`).
+    """
     from kerasbn.exporting import _pipeline as steps
 
+    reduced = reduced or {}
     with _staging.StagingArea(directory) as staging:
         staged, said = steps.write_artifacts(staging, targets, model,
-                                             signature, opset, progress)
+                                             signature, opset, progress,
+                                             reduced)
         checks = steps.verify_artifacts(staged, signature, inputs, references,
-                                        rtol, progress)
+                                        rtol, progress, reduced)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
         result = ExportResult(directory, final, fold_report, checks,
                               steps.onnx_ops(staged), model=model,

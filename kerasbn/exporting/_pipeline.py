@@ -165,7 +165,58 @@ def fold_for_export(model, fold, keep_bn, progress):
     return fold_model(model, keep_unfolded=keep_bn)
 
 
-def write_artifacts(staging, targets, model, signature, opset, progress):
+def reduced_options(model, signature, formats, calibration, validation,
+                    inputs, verify, min_agreement, max_rel_rms, per_channel,
+                    int8_io):
+    """The reduced-precision formats' options, checked before any work:
+    `{"calibration": [batches], "validation": flat inputs, ...}` (empty
+    when no such format is asked for)."""
+    from kerasbn.exporting import _reduced
+
+    wanted = [f for f in formats if f in _reduced.REDUCED_FORMATS]
+    if not wanted:
+        return {}
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"{WHERE}: formats {wanted} are written on the TensorFlow "
+            f"backend only for now (this is {keras.backend.backend()}). "
+            "Save the model as .keras and export it with "
+            "KERAS_BACKEND=tensorflow.")
+    _reduced.check_thresholds(min_agreement, max_rel_rms, WHERE)
+    _checks.check_bool("per_channel", per_channel, WHERE)
+    _checks.check_bool("int8_io", int8_io, WHERE)
+    int8 = [f for f in wanted if f in _reduced.INT8_FORMATS]
+    if int8 and calibration is None:
+        raise ValueError(
+            f"{WHERE}: formats {int8} need calibration data for their "
+            "activation ranges: pass `calibration=` (CLI: --calibration "
+            "data.npz), a few hundred representative inputs.")
+    options = {"min_agreement": min_agreement, "max_rel_rms": max_rel_rms,
+               "per_channel": per_channel, "int8_io": int8_io}
+    if calibration is not None:
+        options["calibration"] = _reduced.read_batches(
+            signature, calibration, "calibration", WHERE)
+    if not verify:
+        return options
+    if validation is not None:
+        batches = _reduced.read_batches(signature, validation,
+                                        "validation", WHERE)
+    else:
+        batches = options.get("calibration") or inputs[-1:]
+    options["validation"] = _reduced.joined(batches, limit=2048)
+    return options
+
+
+def in_chunks(run, flat, size=128):
+    """`run(flat inputs) -> flat outputs` over chunks of `size` samples,
+    outputs joined (bounded memory for the validation set)."""
+    parts = [run([a[i:i + size] for a in flat])
+             for i in range(0, int(flat[0].shape[0]), size)]
+    return [np.concatenate(outputs, axis=0) for outputs in zip(*parts)]
+
+
+def write_artifacts(staging, targets, model, signature, opset, progress,
+                    reduced=None):
     """Write each format into `staging`.
 
     Returns `({format: staged path}, {format: [notes]})`; a note says what
@@ -192,7 +243,7 @@ def write_artifacts(staging, targets, model, signature, opset, progress):
         progress(f"writing {fmt}")
         try:
             said = FORMATS[fmt].write(path, model, signature,
-                                      {"opset": opset})
+                                      {"opset": opset, **(reduced or {})})
         except ImportError:
             raise
         except Exception as error:
@@ -206,15 +257,37 @@ def write_artifacts(staging, targets, model, signature, opset, progress):
     return {f: staged[f] for f in targets}, notes
 
 
-def verify_artifacts(staged, signature, inputs, references, rtol, progress):
-    """Run each staged artifact on each input batch; returns the checks."""
-    if inputs:
-        progress("verifying " + ", ".join(staged) + " at batch sizes "
+def verify_artifacts(staged, signature, inputs, references, rtol, progress,
+                     reduced=None):
+    """Run each staged artifact on each input batch; returns the checks.
+
+    Float artifacts are held to `rtol`; reduced-precision ones to the
+    agreement and relative RMS bounds in `reduced`, on its validation
+    inputs (`_reduced.check`).
+    """
+    from kerasbn.exporting import _reduced
+
+    reduced = reduced or {}
+    exact = {f: p for f, p in staged.items() if not _reduced.precision(f)}
+    if inputs and exact:
+        progress("verifying " + ", ".join(exact) + " at batch sizes "
                  + ", ".join(str(int(a[0].shape[0])) for a in inputs))
     checks = []
+    if inputs:
+        for fmt, path in staged.items():
+            if fmt in exact:
+                continue
+            progress(f"checking {fmt} on "
+                     f"{len(reduced['validation'][0])} samples")
+            outputs = in_chunks(
+                lambda flat, f=fmt, p=path: _run(f, p, signature, flat),
+                reduced["validation"])
+            checks.append(_reduced.check(
+                fmt, reduced["references"], outputs,
+                reduced["min_agreement"], reduced["max_rel_rms"]))
     for arrays, reference in zip(inputs, references):
         batch = int(arrays[0].shape[0]) if arrays else 0
-        for fmt, path in staged.items():
+        for fmt, path in exact.items():
             max_abs, rel = compare(reference,
                                    _run(fmt, path, signature, arrays))
             checks.append({

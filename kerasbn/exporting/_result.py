@@ -61,7 +61,8 @@ class ExportResult:
         fold_report: The `kerasbn.fold` report, or None with `fold=False`.
         checks: One dict per (artifact, batch size): `format`, `batch`,
             `max_abs_error`, `rel_error` (max abs error / max |reference|),
-            `rtol`, `passed`.
+            `rtol`, `passed`; for an int8/float16 artifact one dict on the
+            validation set (`reduced_checks`).
         onnx_ops: `{op_type: count}` of the ONNX graph, when ONNX was written.
         model: The Keras model that was exported (the folded one with
             `fold=True`), in memory; for `fold_saved_model`, the folded
@@ -104,10 +105,18 @@ class ExportResult:
         """`{format: (max abs error, max rel error)}` over the batch sizes."""
         worst = {}
         for c in self.checks:
+            if "max_abs_error" not in c:
+                continue  # A reduced-precision check: `reduced_checks`.
             a, r = worst.get(c["format"], (0.0, 0.0))
             worst[c["format"]] = (max(a, c["max_abs_error"]),
                                   max(r, c["rel_error"]))
         return worst
+
+    def reduced_checks(self):
+        """`{format: check}` of the int8/float16 artifacts: `agreement`
+        (top-1, None if no output is shaped like class scores), `rel_rms`,
+        their bounds, `passed`, and `batch` (the samples checked)."""
+        return {c["format"]: c for c in self.checks if "rel_rms" in c}
 
     def to_dict(self):
         return {
@@ -125,12 +134,26 @@ class ExportResult:
 
     def __str__(self):
         lines = ["artifact     batch  max abs error  rel error  status"]
+        reduced = self.reduced_checks()
         for c in self.checks:
+            if c["format"] in reduced:
+                continue
             status = "ok" if c["passed"] else f"FAIL (rtol {c['rtol']:g})"
             lines.append(
                 f"{c['format']:<12} {c['batch']:>5}  {c['max_abs_error']:>13.3g}"
                 f"  {c['rel_error']:>9.3g}  {status}"
             )
+        if reduced:
+            lines.append("artifact     samples  top-1 agreement  rel RMS  "
+                         "status")
+        for c in reduced.values():
+            share = ("-" if c["agreement"] is None
+                     else f"{c['agreement']:.4f}")
+            status = ("ok" if c["passed"] else
+                      f"FAIL (agreement >= {c['min_agreement']:g}, rel "
+                      f"RMS <= {c['max_rel_rms']:g})")
+            lines.append(f"{c['format']:<12} {c['batch']:>7}  {share:>15}"
+                         f"  {c['rel_rms']:>7.3g}  {status}")
         for fmt, path in self.artifacts.items():
             lines.append(f"{fmt}: {path}")
         for fmt, said in self.notes.items():

@@ -151,13 +151,15 @@ class ServingSignature:
             arrays.append(np.asarray(value, dtype=dtype.as_numpy_dtype))
         return arrays
 
-    def flatten_sample(self, sample):
-        """User sample (array, list, tuple or dict) -> flat list of arrays."""
+    def flatten_sample(self, sample, what="sample"):
+        """User sample (array, list, tuple or dict) -> flat list of arrays.
+
+        `what` names the argument in error messages."""
         if isinstance(sample, dict):
             missing = [n for n in self.input_names if n not in sample]
             if missing:
                 raise ValueError(
-                    f"`sample` is missing inputs {missing}; the model's "
+                    f"`{what}` is missing inputs {missing}; the model's "
                     f"inputs are {self.input_names}."
                 )
             flat = [sample[n] for n in self.input_names]
@@ -167,7 +169,7 @@ class ServingSignature:
             flat = [sample]
         if len(flat) != len(self.input_specs):
             raise ValueError(
-                f"`sample` gives {len(flat)} input(s) but the model has "
+                f"`{what}` gives {len(flat)} input(s) but the model has "
                 f"{len(self.input_specs)}: {self.input_names}."
             )
         arrays = []
@@ -180,7 +182,7 @@ class ServingSignature:
                 for d, v in zip(spec.shape[1:], value.shape[1:])
             ):
                 raise ValueError(
-                    f"`sample` for input {spec.name!r} has shape "
+                    f"`{what}` for input {spec.name!r} has shape "
                     f"{value.shape}; the model expects "
                     f"{tuple(spec.shape)} (None = any)."
                 )

@@ -143,8 +143,12 @@ class TFLiteFormat:
         frozen = _keras_internal.freeze_concrete_function(
             serve.get_concrete_function())
         converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+        self.configure(converter, options)
         with open(path, "wb") as f:
             f.write(converter.convert())
+
+    def configure(self, converter, options):
+        """Set the converter's options (none for float32)."""
 
     def run(self, path, signature, arrays):
         import tensorflow as tf
@@ -161,15 +165,136 @@ class TFLiteFormat:
             interpreter.resize_tensor_input(detail["index"], array.shape)
         interpreter.allocate_tensors()
         for detail, array in zip(ordered, arrays):
-            interpreter.set_tensor(detail["index"], array)
+            interpreter.set_tensor(detail["index"], _to_io(detail, array))
         interpreter.invoke()
-        return [interpreter.get_tensor(d["index"])
+        return [_from_io(d, interpreter.get_tensor(d["index"]))
                 for d in interpreter.get_output_details()]
+
+
+def _to_io(detail, array):
+    """`array` as the interpreter's input type: quantized with the tensor's
+    own scale and zero point where the input is integer (`int8_io`)."""
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype,
+                                                          np.floating):
+        scale, zero = detail["quantization"]
+        info = np.iinfo(dtype)
+        array = np.clip(np.round(array / scale) + zero, info.min, info.max)
+    return array.astype(dtype)
+
+
+def _from_io(detail, array):
+    if np.issubdtype(array.dtype, np.integer) and detail["quantization"][0]:
+        scale, zero = detail["quantization"]
+        return (array.astype(np.float32) - zero) * scale
+    return array
+
+
+class OnnxFp16Format(OnnxFormat):
+    """The ONNX graph with weights and compute in float16, float32 inputs
+    and outputs (ONNX Runtime's `convert_float_to_float16`,
+    `keep_io_types=True`)."""
+
+    name = "onnx_fp16"
+
+    def relpath(self, name, version):
+        return f"{name}_fp16.onnx"
+
+    def write(self, path, model, signature, options):
+        onnx = _require("onnx")
+        float16 = _require("onnxruntime.transformers.float16")
+        notes = super().write(path, model, signature, options)
+        half = float16.convert_float_to_float16(
+            onnx.load(path), keep_io_types=True)
+        onnx.save(half, path)
+        return notes
+
+
+class OnnxInt8Format(OnnxFormat):
+    """QDQ int8 ONNX from ONNX Runtime's `quantize_static`: int8 weights
+    (per output channel by default), uint8 activations with ranges from
+    the calibration batches (MinMax), float32 inputs and outputs."""
+
+    name = "onnx_int8"
+
+    def relpath(self, name, version):
+        return f"{name}_int8.onnx"
+
+    def write(self, path, model, signature, options):
+        quantization = _require("onnxruntime.quantization")
+        notes = super().write(path, model, signature, options)
+        source = path + ".float.onnx"
+        os.replace(path, source)
+        batches = iter(options["calibration"])
+
+        class Reader(quantization.CalibrationDataReader):
+            def get_next(self):
+                batch = next(batches, None)
+                return None if batch is None else signature.feeds(batch)
+
+        try:
+            quantization.quantize_static(
+                source, path, Reader(),
+                quant_format=quantization.QuantFormat.QDQ,
+                per_channel=options.get("per_channel", True),
+                activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8)
+        finally:
+            os.remove(source)
+        return notes
+
+
+class TFLiteFp16Format(TFLiteFormat):
+    """TFLite with float16 weights (the converter's float16 quantization);
+    inputs and outputs stay float32, and runtimes with float16 kernels (GPU
+    delegates) compute in float16."""
+
+    name = "tflite_fp16"
+
+    def relpath(self, name, version):
+        return f"{name}_fp16.tflite"
+
+    def configure(self, converter, options):
+        import tensorflow as tf
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+
+
+class TFLiteInt8Format(TFLiteFormat):
+    """Full-integer TFLite (int8 weights per channel, int8 activations with
+    ranges from the calibration batches); float32 inputs and outputs, or
+    int8 ones with `int8_io` (then `run` quantizes and dequantizes with
+    the tensors' own scale and zero point)."""
+
+    name = "tflite_int8"
+
+    def relpath(self, name, version):
+        return f"{name}_int8.tflite"
+
+    def configure(self, converter, options):
+        import tensorflow as tf
+
+        batches = options["calibration"]
+
+        def representative():
+            for batch in batches:
+                for i in range(batch[0].shape[0]):
+                    yield [a[i:i + 1] for a in batch]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if options.get("int8_io"):
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
 
 
 FORMATS = collections.OrderedDict(
     (f.name, f) for f in (SavedModelFormat(), OnnxFormat(), KerasFormat(),
-                          TFLiteFormat())
+                          TFLiteFormat(), OnnxInt8Format(), OnnxFp16Format(),
+                          TFLiteInt8Format(), TFLiteFp16Format())
 )
 
 
