@@ -20,6 +20,7 @@ calibration batches, and checks the result.
 import numpy as np
 
 from kerasbn import _checks
+from kerasbn.exporting import _pipeline
 
 INT8_FORMATS = ("onnx_int8", "tflite_int8")
 FP16_FORMATS = ("onnx_fp16", "tflite_fp16")
@@ -115,9 +116,7 @@ def _flatten(signature, batch, what, where, index):
     except ValueError as error:
         raise ValueError(f"{where}: batch {index} of {error}") from None
     for name, array in zip(signature.input_names, flat):
-        if not np.issubdtype(array.dtype, np.inexact):
-            continue
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        bad = _pipeline.nonfinite_count([array])
         if bad:
             raise ValueError(
                 f"{where}: argument `{what}` must hold finite values; "
