@@ -12,6 +12,9 @@
   directory or frozen GraphDef, without the Keras code (graph-level fold).
 - `kerasbn.recalibrate`, `freeze`, `unfreeze`, `diagnose`,
   `load_tf1_batch_norm`: statistics tools (`kerasbn.stats`).
+- `kerasbn.quantization_report(model, data)`, `kerasbn.equalize(model)`:
+  int8 numerics per folded layer, cross-layer equalization
+  (`kerasbn.quantization`).
 - `kerasbn.convert_to_mabn(model)`: BN model -> MABN + centred convolutions.
 - `kerasbn.registry`: what every tool knows about layers; one
   `register_normalization` call teaches all of them a new kind.
@@ -39,12 +42,15 @@ _LAZY = {
     "VerificationError": "kerasbn.exporting",
     "convert_to_mabn": "kerasbn.convert",
     "diagnose": "kerasbn.stats",
+    "equalize": "kerasbn.quantization",
     "export": "kerasbn.exporting",
     "fold": "kerasbn.folding",
     "fold_saved_model": "kerasbn.exporting",
     "freeze": "kerasbn.stats",
     "layers": "kerasbn.layers",
     "load_tf1_batch_norm": "kerasbn.stats",
+    "quantization": "kerasbn.quantization",
+    "quantization_report": "kerasbn.quantization",
     "recalibrate": "kerasbn.stats",
     "register_linear": "kerasbn.registry",
     "register_normalization": "kerasbn.registry",

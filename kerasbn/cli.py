@@ -125,6 +125,15 @@ def _parser():
     parser.add_argument("--max-rel-rms", type=float, default=None,
                         help="largest relative RMS error of an int8/fp16 "
                         "artifact's outputs (default: 0.1 int8, 0.01 fp16)")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="onnx_int8: one weight scale per tensor "
+                        "instead of per output channel")
+    parser.add_argument("--equalize", action="store_true",
+                        help="after folding, even out channel ranges of "
+                        "consecutive layers (cross-layer equalization, "
+                        "exact in float; for --per-tensor)")
+    parser.add_argument("--int8-io", action="store_true",
+                        help="tflite_int8 takes and returns int8 tensors")
     parser.add_argument("--signature", default=None, metavar="NAME",
                         help="SavedModel signature to fold (default: "
                         "serving_default)")
@@ -203,8 +212,12 @@ def _check_source_options(args):
         if path is not None and not zipfile.is_zipfile(path):
             raise CliError(f"{flag} {path} is not a .npz file: save the "
                            "inputs with numpy.savez(path, input_name=array)")
-    if (args.calibration or args.validation) and args.kind in _GRAPH_KINDS:
-        raise CliError("--calibration/--validation apply to Keras models; "
+    keras_only = [flag for flag, given in (
+        ("--calibration", args.calibration), ("--validation", args.validation),
+        ("--per-tensor", args.per_tensor), ("--equalize", args.equalize),
+        ("--int8-io", args.int8_io)) if given]
+    if keras_only and args.kind in _GRAPH_KINDS:
+        raise CliError(f"{'/'.join(keras_only)} apply to Keras models; "
                        "int8/fp16 formats of a SavedModel or GraphDef are "
                        "not written yet")
 
@@ -382,7 +395,9 @@ def _export(args, model, formats, progress):
             return fold_saved_model(model, args.output, formats,
                                     fold=not args.no_fold, **common)
         reduced = dict(min_agreement=args.min_agreement,
-                       max_rel_rms=args.max_rel_rms)
+                       max_rel_rms=args.max_rel_rms,
+                       per_channel=not args.per_tensor,
+                       equalize=args.equalize, int8_io=args.int8_io)
         for flag in ("calibration", "validation"):
             path = getattr(args, flag)
             reduced[flag] = (None if path is None
@@ -477,12 +492,16 @@ def _summary(original, result, latency):
     reduced = result.reduced_checks()
     if reduced:
         lines.append(f"{'artifact':<{width}}  samples  top-1 agreement  "
-                     "rel RMS  path")
+                     "rel RMS  worst layer (SQNR)  path")
     for fmt, check in reduced.items():
         share = ("-" if check["agreement"] is None
                  else f"{check['agreement']:.4f}")
+        worst = check.get("worst_layer")
+        worst = ("-" if worst is None else
+                 f"{worst['layer']} ({worst['sqnr_db']:.0f} dB)")
         lines.append(f"{fmt:<{width}}  {check['batch']:>7}  {share:>15}  "
-                     f"{check['rel_rms']:>7.3g}  {result.artifacts[fmt]}")
+                     f"{check['rel_rms']:>7.3g}  {worst:<18}  "
+                     f"{result.artifacts[fmt]}")
     if not result.checks:
         for fmt, path in result.artifacts.items():
             lines.append(f"{fmt:<{width}}  {'not verified':>24}  {path}")

@@ -98,6 +98,54 @@ def test_trained_model_exports_every_format_verified(tmp_path):
     model.fit(x, np.zeros((5, 4), "float32"), verbose=0)
 
 
+def _relative_rms(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.sqrt(np.mean((actual - expected) ** 2)
+                         / np.mean(expected ** 2)))
+
+
+def test_int8_and_float16_from_this_backend(tmp_path):
+    """The reduced formats from a model trained in this backend: on JAX
+    and PyTorch the calibration batches go to the TensorFlow writer in a
+    file. Re-run here in ONNX Runtime / TFLite against the model in its
+    own backend: int8 within 10% relative RMS (the export's default
+    bound; one uint8 step of ~12 tensors' ranges gives ~1-3%), float16
+    within 1% (an 11-bit mantissa: ~1e-3 here)."""
+    model = trained_model()
+    rng = np.random.default_rng(2)
+    calibration = rng.normal(size=(64, 12, 12, 3)).astype("float32")
+    x = rng.normal(size=(32, 12, 12, 3)).astype("float32")
+    formats = ["onnx_int8", "tflite_int8", "onnx_fp16", "tflite_fp16"]
+    result = kerasbn.export(model, tmp_path, formats, calibration=calibration,
+                            validation=x, min_agreement=0.0)
+    expected = reference(model, x)
+    for fmt in formats:
+        path = result.artifacts[fmt]
+        if fmt.startswith("onnx"):
+            session = ort.InferenceSession(
+                path, providers=["CPUExecutionProvider"])
+            got = session.run(None, {"image": x})[0]
+        else:
+            got = np.concatenate([_tflite(path, x[i:i + 1])
+                                  for i in range(len(x))])
+        error = _relative_rms(got, expected)
+        assert error < (0.1 if "int8" in fmt else 0.01), (fmt, error)
+        check = result.reduced_checks()[fmt]
+        # The export measured the same thing on the same inputs.
+        assert check["rel_rms"] == pytest.approx(error, rel=1e-3, abs=1e-6)
+    assert result.reduced_checks()["onnx_int8"]["worst_layer"] is not None
+
+
+def _tflite(path, x):
+    interpreter = tf.lite.Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(
+        interpreter.get_output_details()[0]["index"])
+
+
 def test_a_users_layer_from_a_module_is_imported_by_the_writer(tmp_path):
     model = trained_model(activation=Softsign2)
     result = kerasbn.export(model, tmp_path, formats="saved_model,onnx")

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
-    reason="reduced-precision formats are written on TensorFlow only")
+    reason="TensorFlow runs these; other backends: test_export_backends")
 
 L = keras.layers
 FORMATS = ("onnx_int8", "tflite_int8", "onnx_fp16", "tflite_fp16")
@@ -205,10 +205,92 @@ def test_cli_writes_and_checks_int8(digits_model, tmp_path):
                    "0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "top-1 agreement" in done.stdout
+    assert "worst layer" in done.stdout
     assert os.path.isfile(tmp_path / "out" / "digits_int8.onnx")
+    done = run_cli(path, "-o", tmp_path / "pt", "--format", "onnx_int8",
+                   "--calibration", tmp_path / "calib.npz", "--per-tensor",
+                   "--equalize", "--latency-runs", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "note (equalize): 2 layer pair(s) rescaled" in done.stdout
     np.savez(tmp_path / "bad.npz", x=np.full((4, 8, 8, 1), np.nan,
                                              "float32"))
     done = run_cli(path, "-o", tmp_path / "bad", "--format", "onnx_int8",
                    "--calibration", tmp_path / "bad.npz")
     assert_clean_failure(done, "NaN or infinite")
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_the_worst_layer_and_the_numerics_report(digits_model, tmp_path):
+    """Each int8 check names the folded layer with the lowest simulated
+    int8 SQNR; the result keeps the report it came from."""
+    model, x_train, x_test, _ = digits_model
+    result = kerasbn.export(model, tmp_path, formats=["onnx_int8",
+                                                      "onnx_fp16"],
+                            calibration=x_train[:64], validation=x_test)
+    report = result.numerics
+    assert isinstance(report, kerasbn.quantization.QuantizationReport)
+    assert report.samples == 256 and len(report.entries) == 3
+    worst = result.reduced_checks()["onnx_int8"]["worst_layer"]
+    lowest = min(report.entries, key=lambda e: e.sqnr(True))
+    assert worst == {"layer": lowest.layer, "sqnr_db": lowest.sqnr(True)}
+    # A classifier this accurate keeps > 20 dB (< 10% RMS) everywhere.
+    assert worst["sqnr_db"] > 20
+    assert result.reduced_checks()["onnx_fp16"]["worst_layer"] is None
+    assert "worst layer (SQNR)" in str(result)
+
+
+def test_per_tensor_int8_with_equalization(digits_model, tmp_path):
+    """equalize=True is exact: the float ONNX artifact still verifies to
+    1e-4; per-tensor QDQ keeps a single weight scale per tensor; the two
+    consecutive conv pairs are rescaled and said so."""
+    model, x_train, x_test, y_test = digits_model
+    result = kerasbn.export(model, tmp_path, formats=["onnx", "onnx_int8"],
+                            calibration=x_train[:128], validation=x_test,
+                            per_channel=False, equalize=True)
+    assert result.max_errors()["onnx"][1] < 1e-4
+    assert any(n.startswith("2 layer pair(s) rescaled")
+               for n in result.notes["equalize"])
+    graph = onnx.load(result.artifacts["onnx_int8"]).graph
+    scales = {i.name: onnx.numpy_helper.to_array(i)
+              for i in graph.initializer}
+    weight_scales = [scales[n.input[1]] for n in graph.node
+                     if n.op_type == "DequantizeLinear"
+                     and n.input[0] in scales and scales[n.input[0]].ndim > 1]
+    assert weight_scales and all(s.size == 1 for s in weight_scales)
+    logits = _run_onnx(result.artifacts["onnx_int8"], x_test)
+    float_accuracy = np.mean(model.predict(x_test, verbose=0).argmax(-1)
+                             == y_test)
+    assert np.mean(logits.argmax(-1) == y_test) >= float_accuracy - 0.01
+    with pytest.raises(TypeError, match="equalize"):
+        kerasbn.export(model, tmp_path / "x", formats=["onnx"],
+                       equalize="yes")
+
+
+def test_spread_channels_fail_verification_until_equalized(digits_model,
+                                                            tmp_path):
+    """The trained CNN rewritten with its first BN's channels 1000x apart
+    (`examples/int8.py: with_spread`, same float outputs): its int8
+    artifact misses the agreement bound and is not written, the check
+    names a layer the spread hit; after equalization it passes."""
+    from tests.helpers import load_example
+
+    model, x_train, x_test, _ = digits_model
+    spread = load_example("int8").with_spread(model)
+    np.testing.assert_allclose(spread.predict(x_test, verbose=0),
+                               model.predict(x_test, verbose=0),
+                               atol=1e-4 * np.abs(model.predict(
+                                   x_test, verbose=0)).max())
+    options = dict(formats=["onnx_int8"], calibration=x_train[:128],
+                   validation=x_test, per_channel=False)
+    with pytest.raises(kerasbn.VerificationError) as caught:
+        kerasbn.export(spread, tmp_path / "plain", **options)
+    assert not os.path.exists(tmp_path / "plain" / "digits_int8.onnx")
+    check = caught.value.result.reduced_checks()["onnx_int8"]
+    assert check["agreement"] < 0.98
+    conv_names = [layer.name for layer in spread.layers
+                  if isinstance(layer, L.Conv2D)]
+    assert check["worst_layer"]["layer"] in conv_names[:2]
+    assert check["worst_layer"]["sqnr_db"] < 20
+    result = kerasbn.export(spread, tmp_path / "eq", equalize=True,
+                            **options)
+    assert result.reduced_checks()["onnx_int8"]["agreement"] >= 0.98

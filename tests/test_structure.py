@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kerasbn"
 MAX_FUNCTION_LINES = 80
 LAYERS_MUST_NOT_IMPORT = ("kerasbn.folding", "kerasbn.exporting",
+                          "kerasbn.quantization",
                           "kerasbn.stats", "kerasbn.registry")
 PRIVATE_APIS = ("keras.src", "tensorflow.python")
 INTERNAL_MODULE = PACKAGE / "_keras_internal.py"
@@ -139,6 +140,7 @@ def test_import_scan_sees_every_import_form():
               "    from ..stats import recalibrate\n"
               "    import kerasbn.folding.plan\n"
               "    importlib.import_module('kerasbn.exporting')\n"
+              "    from ..quantization.report import quantization_report\n"
               "from . import mabn\n")
     modules = [m for _, m in _imported_names(source, "kerasbn.layers")]
     for banned in LAYERS_MUST_NOT_IMPORT:

@@ -193,11 +193,12 @@ def bench_mabn(quick):
     return rows
 
 
-def _application(name, seed=0):
+def _application(name, seed=0, **kwargs):
     """A keras.applications model (weights=None) with non-trivial BN state."""
     keras.utils.set_random_seed(seed)
     model = getattr(keras.applications, name)(weights=None,
-                                              input_shape=(224, 224, 3))
+                                              input_shape=(224, 224, 3),
+                                              **kwargs)
     _randomize_statistics(model, seed)
     return model
 
@@ -676,6 +677,83 @@ def bench_backends(quick):
     return rows
 
 
+# --------------------------------------------------------------------------
+# Issue 17: int8 and float16 artifacts against the float32 export.
+
+
+def _tflite_runner(path):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=path, num_threads=2)
+    interpreter.allocate_tensors()
+    index = interpreter.get_input_details()[0]["index"]
+
+    def run(x):
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+    return run
+
+
+def bench_quantized(quick):
+    """Batch-1 latency of the int8 (and float16) artifacts / the float32
+    ones of the same folded model, side by side in one process: ONNX
+    Runtime (goal <= 0.45 on ResNet50) and TFLite (2 threads both), with
+    the file size ratios and each artifact's relative RMS error against
+    the float model's logits on held-out inputs (random weights, random
+    images: agreement is not meaningful here, so it is not bounded).
+
+    ONNX Runtime's threads spin-wait after each run by default; with
+    several sessions interleaved, the spinning of one slows the next
+    (int8 / fp32 read 0.51 with it, 0.33 without, on ResNet50), so every
+    session here turns it off."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    rows = []
+    repeats = 10 if quick else 40
+    formats = ["onnx", "onnx_int8", "onnx_fp16", "tflite", "tflite_int8"]
+    for arch in ("ResNet50", "MobileNetV2"):
+        model = _application(arch, classifier_activation=None)
+        rng = np.random.default_rng(0)
+        calibration = rng.standard_normal((32, 224, 224, 3)).astype("f4")
+        validation = rng.standard_normal((16, 224, 224, 3)).astype("f4")
+        with tempfile.TemporaryDirectory() as tmp:
+            result = kerasbn.export(
+                model, tmp, formats, name="m", calibration=calibration,
+                validation=validation, min_agreement=0.0, max_rel_rms=1.0)
+            paths = result.artifacts
+            errors = {f: c["rel_rms"]
+                      for f, c in result.reduced_checks().items()}
+            sizes = {f: os.path.getsize(p) for f, p in paths.items()}
+            x = validation[:1]
+            runners = {}
+            quiet = ort.SessionOptions()
+            quiet.add_session_config_entry(
+                "session.intra_op.allow_spinning", "0")
+            for fmt in ("onnx", "onnx_int8", "onnx_fp16"):
+                session = ort.InferenceSession(
+                    paths[fmt], quiet, providers=["CPUExecutionProvider"])
+                feed = {session.get_inputs()[0].name: x}
+                runners[fmt] = (lambda s=session, f=feed: s.run(None, f))
+            for fmt in ("tflite", "tflite_int8"):
+                run = _tflite_runner(paths[fmt])
+                runners[fmt] = (lambda r=run: r(x))
+            times = interleaved_medians(runners, repeats)
+        for fmt, base, target in (("onnx_int8", "onnx",
+                                   "<= 0.45" if arch == "ResNet50"
+                                   else "(context)"),
+                                  ("onnx_fp16", "onnx", "(context)"),
+                                  ("tflite_int8", "tflite", "(context)")):
+            note = (f"size {sizes[fmt] / sizes[base]:.2f}x; rel RMS "
+                    f"{errors[fmt]:.4f} on 16 inputs")
+            runtime = "ONNX Runtime" if base == "onnx" else "TFLite"
+            rows.append(row(f"{runtime}: {fmt} / {base}", arch, 1,
+                            times[fmt], times[base], target, note))
+        keras.backend.clear_session()
+    return rows
+
+
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
@@ -686,6 +764,7 @@ BENCHMARKS = {
     "graph_fold": bench_graph_fold,
     "backends": bench_backends,
     "recalibrate": bench_recalibrate,
+    "quantized": bench_quantized,
 }
 
 

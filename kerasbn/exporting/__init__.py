@@ -58,7 +58,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
            opset=DEFAULT_OPSET, rtol=DEFAULT_RTOL, batch_sizes=(1, 4),
            overwrite=False, progress=None, calibration=None,
            validation=None, min_agreement=0.98, max_rel_rms=None,
-           per_channel=True, int8_io=False):
+           per_channel=True, int8_io=False, equalize=False):
     """Fold, export and verify `model`; returns an `ExportResult`.
 
     Args:
@@ -72,7 +72,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             `"onnx"`, `"keras"`, `"tflite"`, and the reduced-precision
             `"onnx_int8"`, `"tflite_int8"` (need `calibration`),
             `"onnx_fp16"`, `"tflite_fp16"` (written beside the float ones
-            as `<name>_int8.onnx` etc.; TensorFlow backend only, for now).
+            as `<name>_int8.onnx` etc.).
         fold: Fold batch normalization first (`kerasbn.fold`).
         keep_bn: With `fold`, keep the BN layers that cannot be folded as
             they are instead of replacing them with a fixed scale-and-shift.
@@ -112,6 +112,10 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             (False: one per tensor).
         int8_io: The int8 TFLite takes and returns int8 tensors (with the
             scale and zero point in its tensor details).
+        equalize: After folding, even out the channel ranges of
+            consecutive layers (`kerasbn.equalize`, cross-layer
+            equalization: exact in float, so every format still verifies).
+            Worth it for per-tensor int8 (`per_channel=False`).
 
     Returns:
         `ExportResult`.
@@ -148,7 +152,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     inputs = steps.verification_inputs(signature, sample, batch_sizes, verify)
     reduced = steps.reduced_options(
         model, signature, formats, calibration, validation, inputs, verify,
-        min_agreement, max_rel_rms, per_channel, int8_io)
+        min_agreement, max_rel_rms, per_channel, int8_io, equalize)
     targets = _plan_targets(directory, formats, name, version, overwrite)
     references = [steps.reference_outputs(model, signature, arrays)
                   for arrays in inputs]
@@ -158,9 +162,13 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             reduced["validation"])
     deployable, fold_report = steps.fold_for_export(model, fold, keep_bn,
                                                     progress)
+    notes = {}
+    if equalize:
+        deployable, notes["equalize"] = steps.equalize_for_export(
+            deployable, progress)
     return _write_verified(directory, targets, deployable, signature, inputs,
                            references, fold_report, opset, rtol, progress,
-                           overwrite, {}, reduced)
+                           overwrite, notes, reduced)
 
 
 def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
@@ -246,12 +254,15 @@ def _write_verified(directory, targets, model, signature, inputs, references,
         staged, said = steps.write_artifacts(staging, targets, model,
                                              signature, opset, progress,
                                              reduced)
+        numerics = steps.numerics_for_export(model, staged, reduced,
+                                             progress)
         checks = steps.verify_artifacts(staged, signature, inputs, references,
-                                        rtol, progress, reduced)
+                                        rtol, progress, reduced, numerics)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
+        said.update(steps.numerics_notes(numerics, staged, reduced))
         result = ExportResult(directory, final, fold_report, checks,
                               steps.onnx_ops(staged), model=model,
-                              notes={**notes, **said})
+                              notes={**notes, **said}, numerics=numerics)
         if not result.passed:
             raise VerificationError(
                 "Exported artifacts do not reproduce the original model; "

@@ -9,6 +9,7 @@ import os
 import keras
 import numpy as np
 
+from kerasbn import _batches
 from kerasbn import _checks
 from kerasbn import registry
 from kerasbn.exporting import _options
@@ -95,10 +96,7 @@ def verification_inputs(signature, sample, batch_sizes, verify):
     return [small, flat]
 
 
-def nonfinite_count(arrays):
-    """How many NaN/inf values the floating arrays among `arrays` hold."""
-    return sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in arrays
-               if np.issubdtype(a.dtype, np.inexact))
+nonfinite_count = _batches.nonfinite_count
 
 
 def _check_finite(signature, flat):
@@ -167,21 +165,16 @@ def fold_for_export(model, fold, keep_bn, progress):
 
 def reduced_options(model, signature, formats, calibration, validation,
                     inputs, verify, min_agreement, max_rel_rms, per_channel,
-                    int8_io):
+                    int8_io, equalize=False):
     """The reduced-precision formats' options, checked before any work:
     `{"calibration": [batches], "validation": flat inputs, ...}` (empty
     when no such format is asked for)."""
     from kerasbn.exporting import _reduced
 
+    _checks.check_bool("equalize", equalize, WHERE)
     wanted = [f for f in formats if f in _reduced.REDUCED_FORMATS]
     if not wanted:
         return {}
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"{WHERE}: formats {wanted} are written on the TensorFlow "
-            f"backend only for now (this is {keras.backend.backend()}). "
-            "Save the model as .keras and export it with "
-            "KERAS_BACKEND=tensorflow.")
     _reduced.check_thresholds(min_agreement, max_rel_rms, WHERE)
     _checks.check_bool("per_channel", per_channel, WHERE)
     _checks.check_bool("int8_io", int8_io, WHERE)
@@ -205,6 +198,55 @@ def reduced_options(model, signature, formats, calibration, validation,
         batches = options.get("calibration") or inputs[-1:]
     options["validation"] = _reduced.joined(batches, limit=2048)
     return options
+
+
+def equalize_for_export(model, progress):
+    """`(equalized model, [note])` (`kerasbn.equalize`)."""
+    from kerasbn.quantization import equalize
+
+    progress("equalizing channel ranges across consecutive layers")
+    result = equalize(model)
+    if not result.pairs:
+        return model, ["no pair of consecutive linear layers "
+                       "joined by ReLU/linear steps; nothing changed"]
+    before = max(result.spread_before.values())
+    after = max(result.spread_after.values())
+    return result.model, [
+        f"{len(result.pairs)} layer pair(s) rescaled in "
+        f"{result.sweeps} sweep(s); largest output channel range spread "
+        f"{before:.3g}x -> {after:.3g}x"]
+
+
+def numerics_for_export(model, staged, reduced, progress):
+    """`kerasbn.quantization_report` of the deployable model on (at most
+    256 of) the validation inputs, when an int8 artifact is checked."""
+    from kerasbn.exporting import _reduced
+    from kerasbn.quantization import quantization_report
+
+    if not reduced.get("validation") or not any(
+            f in _reduced.INT8_FORMATS for f in staged):
+        return None
+    progress("measuring int8 numerics per layer")
+    return quantization_report(model, reduced["validation"], fold=False,
+                               per_channel=reduced["per_channel"],
+                               max_samples=256)
+
+
+def numerics_notes(numerics, staged, reduced):
+    """A note on per-tensor ONNX int8 where a kernel's channels are far
+    apart (the case cross-layer equalization is for)."""
+    if numerics is None or "onnx_int8" not in staged or reduced.get(
+            "per_channel", True):
+        return {}
+    worst = min(numerics.entries, default=None, key=lambda e: (
+        e.sqnr_per_tensor - e.sqnr_per_channel))
+    if worst is None or worst.sqnr_per_channel - worst.sqnr_per_tensor < 6:
+        return {}
+    return {"onnx_int8": [
+        f"per-tensor weights: '{worst.layer}' loses "
+        f"{worst.sqnr_per_channel - worst.sqnr_per_tensor:.0f} dB against "
+        f"per-channel (channel range spread {worst.weight_spread:.3g}x); "
+        "equalize=True (exact) or per_channel=True narrow it"]}
 
 
 def in_chunks(run, flat, size=128):
@@ -231,7 +273,7 @@ def write_artifacts(staging, targets, model, signature, opset, progress,
         staged = {f: staging.new(targets[f]) for f in elsewhere}
         try:
             notes = _tf_process.write(staging, staged, model, signature,
-                                      opset, progress)
+                                      opset, progress, reduced)
         except RuntimeError as error:
             raise ExportError(
                 f"Writing the {', '.join(elsewhere)} artifact(s) failed: "
@@ -258,12 +300,13 @@ def write_artifacts(staging, targets, model, signature, opset, progress,
 
 
 def verify_artifacts(staged, signature, inputs, references, rtol, progress,
-                     reduced=None):
+                     reduced=None, numerics=None):
     """Run each staged artifact on each input batch; returns the checks.
 
     Float artifacts are held to `rtol`; reduced-precision ones to the
     agreement and relative RMS bounds in `reduced`, on its validation
-    inputs (`_reduced.check`).
+    inputs (`_reduced.check`); int8 ones name their worst layer from
+    `numerics` (a `QuantizationReport`).
     """
     from kerasbn.exporting import _reduced
 
@@ -284,7 +327,8 @@ def verify_artifacts(staged, signature, inputs, references, rtol, progress,
                 reduced["validation"])
             checks.append(_reduced.check(
                 fmt, reduced["references"], outputs,
-                reduced["min_agreement"], reduced["max_rel_rms"]))
+                reduced["min_agreement"], reduced["max_rel_rms"],
+                _reduced.worst_layer(fmt, numerics, reduced)))
     for arrays, reference in zip(inputs, references):
         batch = int(arrays[0].shape[0]) if arrays else 0
         for fmt, path in exact.items():

@@ -7,7 +7,11 @@ inputs (`validation=`, else the calibration data) by:
 - top-1 agreement with the float model, for outputs shaped like class
   scores (`[batch, classes]`, classes > 1): the share of samples whose
   argmax is the same;
-- relative RMS error of every output: RMS(artifact - float) / RMS(float).
+- relative RMS error of every output: RMS(artifact - float) / RMS(float);
+- for int8, the worst layer: the folded layer whose weights (in the
+  artifact's scheme) and output (uint8, per tensor, ranges from the
+  validation data) lose most in int8 arithmetic, by SQNR
+  (`kerasbn.quantization_report`, simulated on the float model).
 
 An artifact passes when its agreement is at least `min_agreement` and its
 worst relative RMS error at most `max_rel_rms`.
@@ -19,8 +23,8 @@ calibration batches, and checks the result.
 
 import numpy as np
 
+from kerasbn import _batches
 from kerasbn import _checks
-from kerasbn.exporting import _pipeline
 
 INT8_FORMATS = ("onnx_int8", "tflite_int8")
 FP16_FORMATS = ("onnx_fp16", "tflite_fp16")
@@ -33,7 +37,6 @@ DEFAULT_MIN_AGREEMENT = 0.98
 # float16: 11-bit mantissa, rounding 5e-4 per op, 1% leaves the margin
 # of a deep network.
 DEFAULT_MAX_REL_RMS = {"int8": 0.1, "fp16": 0.01}
-CALIBRATION_BATCH = 32
 
 
 def precision(fmt):
@@ -56,91 +59,13 @@ def check_thresholds(min_agreement, max_rel_rms, where):
 
 
 def read_batches(signature, data, what, where):
-    """`data` as a list of flat input batches, checked.
-
-    `data`: arrays (one, a list in the model's input order, or a dict by
-    input name; cut into batches of 32), or an iterable of such batches
-    (a `tf.data.Dataset`, a generator; `(x, y)` pairs give their `x`).
-    Every batch must fit the model's inputs and hold only finite values;
-    there must be at least one sample. Errors name `what` (the argument).
-    """
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        raise TypeError(
-            f"{where}: argument `{what}` must be arrays (NumPy, a list or a "
-            "dict by input name), a tf.data.Dataset or a generator of "
-            f"batches, not a path ({data!r}); load the file first (e.g. "
-            "dict(np.load(path))) or use the CLI's --calibration.")
-    if _is_arrays(data):
-        flat = _flatten(signature, data, what, where, 0)
-        total = flat[0].shape[0]
-        batches = [[a[i:i + CALIBRATION_BATCH] for a in flat]
-                   for i in range(0, total, CALIBRATION_BATCH)]
-    else:
-        try:
-            iterator = iter(data)
-        except TypeError:
-            raise TypeError(
-                f"{where}: argument `{what}` must be arrays (NumPy, a list "
-                "or a dict by input name), a tf.data.Dataset or a generator "
-                f"of batches. Received: {type(data).__name__}.") from None
-        batches = [_flatten(signature, _inputs_of(element), what, where, i)
-                   for i, element in enumerate(iterator)]
-    batches = [b for b in batches if b[0].shape[0] > 0]
-    if not batches:
-        raise ValueError(
-            f"{where}: argument `{what}` holds no samples. Pass a few "
-            "hundred representative inputs (e.g. training images).")
-    return batches
+    """`data` as a list of flat input batches for `signature`'s inputs,
+    checked (`kerasbn._batches.read_batches`)."""
+    return _batches.read_batches(signature.inputs(), data, what, where,
+                                 cli_flag=f"--{what}")
 
 
-def _is_arrays(data):
-    if isinstance(data, dict):
-        return True
-    if isinstance(data, (list, tuple)):
-        return all(hasattr(v, "shape") for v in data)
-    return hasattr(data, "shape") and hasattr(data, "dtype")
-
-
-def _inputs_of(element):
-    """A dataset element's model inputs: `x` of `(x, y[, w])`."""
-    if isinstance(element, tuple) and len(element) in (2, 3):
-        return element[0]
-    return element
-
-
-def _flatten(signature, batch, what, where, index):
-    if hasattr(batch, "numpy") and not hasattr(batch, "shape"):
-        batch = batch.numpy()
-    try:
-        flat = signature.flatten_sample(_to_numpy(batch), what=what)
-    except ValueError as error:
-        raise ValueError(f"{where}: batch {index} of {error}") from None
-    for name, array in zip(signature.input_names, flat):
-        bad = _pipeline.nonfinite_count([array])
-        if bad:
-            raise ValueError(
-                f"{where}: argument `{what}` must hold finite values; "
-                f"batch {index}, input {name!r} has {bad} NaN or infinite "
-                f"value(s) out of {array.size}. Quantization ranges taken "
-                "from them would be meaningless: clean the data (e.g. "
-                "drop those samples).")
-    return flat
-
-
-def _to_numpy(value):
-    if isinstance(value, dict):
-        return {k: _to_numpy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_numpy(v) for v in value]
-    if hasattr(value, "numpy"):
-        return value.numpy()
-    return value
-
-
-def joined(batches, limit=None):
-    """The batches as one flat batch (at most `limit` samples)."""
-    flat = [np.concatenate(parts, axis=0) for parts in zip(*batches)]
-    return flat if limit is None else [a[:limit] for a in flat]
+joined = _batches.joined
 
 
 def agreement(reference, outputs):
@@ -174,7 +99,18 @@ def relative_rms(reference, outputs):
     return worst
 
 
-def check(fmt, reference, outputs, min_agreement, max_rel_rms):
+def worst_layer(fmt, numerics, reduced):
+    """`{"layer", "sqnr_db"}` of the layer with the lowest simulated int8
+    SQNR (weights in the scheme `fmt` uses, its output per tensor), or
+    None (float16, or no report)."""
+    if numerics is None or precision(fmt) != "int8" or not numerics.entries:
+        return None
+    per_channel = fmt == "tflite_int8" or reduced.get("per_channel", True)
+    entry = min(numerics.entries, key=lambda e: e.sqnr(per_channel))
+    return {"layer": entry.layer, "sqnr_db": entry.sqnr(per_channel)}
+
+
+def check(fmt, reference, outputs, min_agreement, max_rel_rms, worst=None):
     """One verification record for a reduced-precision artifact."""
     bound = (DEFAULT_MAX_REL_RMS[precision(fmt)] if max_rel_rms is None
              else max_rel_rms)
@@ -184,4 +120,4 @@ def check(fmt, reference, outputs, min_agreement, max_rel_rms):
     return {"format": fmt, "batch": int(np.shape(reference[0])[0]),
             "agreement": share, "rel_rms": rms,
             "min_agreement": min_agreement, "max_rel_rms": bound,
-            "passed": bool(passed)}
+            "worst_layer": worst, "passed": bool(passed)}

@@ -96,6 +96,7 @@ class ExportResult:
     onnx_ops: Optional[dict]
     model: Optional[object] = None
     notes: dict = dataclasses.field(default_factory=dict)
+    numerics: Optional[object] = None
 
     @property
     def passed(self):
@@ -145,15 +146,18 @@ class ExportResult:
             )
         if reduced:
             lines.append("artifact     samples  top-1 agreement  rel RMS  "
-                         "status")
+                         "worst layer (SQNR)  status")
         for c in reduced.values():
             share = ("-" if c["agreement"] is None
                      else f"{c['agreement']:.4f}")
             status = ("ok" if c["passed"] else
                       f"FAIL (agreement >= {c['min_agreement']:g}, rel "
                       f"RMS <= {c['max_rel_rms']:g})")
+            worst = c.get("worst_layer")
+            worst = ("-" if worst is None else
+                     f"{worst['layer']} ({worst['sqnr_db']:.0f} dB)")
             lines.append(f"{c['format']:<12} {c['batch']:>7}  {share:>15}"
-                         f"  {c['rel_rms']:>7.3g}  {status}")
+                         f"  {c['rel_rms']:>7.3g}  {worst:<18}  {status}")
         for fmt, path in self.artifacts.items():
             lines.append(f"{fmt}: {path}")
         for fmt, said in self.notes.items():

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _batches
 from kerasbn import _keras_internal
 
 _NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -151,43 +152,18 @@ class ServingSignature:
             arrays.append(np.asarray(value, dtype=dtype.as_numpy_dtype))
         return arrays
 
+    def inputs(self):
+        """The flat inputs as `kerasbn._batches.Inputs`."""
+        return _batches.Inputs(
+            names=list(self.input_names),
+            shapes=[tuple(s.shape) for s in self.input_specs],
+            dtypes=[s.dtype.as_numpy_dtype for s in self.input_specs])
+
     def flatten_sample(self, sample, what="sample"):
         """User sample (array, list, tuple or dict) -> flat list of arrays.
 
         `what` names the argument in error messages."""
-        if isinstance(sample, dict):
-            missing = [n for n in self.input_names if n not in sample]
-            if missing:
-                raise ValueError(
-                    f"`{what}` is missing inputs {missing}; the model's "
-                    f"inputs are {self.input_names}."
-                )
-            flat = [sample[n] for n in self.input_names]
-        elif isinstance(sample, (list, tuple)):
-            flat = list(sample)
-        else:
-            flat = [sample]
-        if len(flat) != len(self.input_specs):
-            raise ValueError(
-                f"`{what}` gives {len(flat)} input(s) but the model has "
-                f"{len(self.input_specs)}: {self.input_names}."
-            )
-        arrays = []
-        for value, spec in zip(flat, self.input_specs):
-            with np.errstate(over="ignore", invalid="ignore"):
-                # Out-of-range values become inf; export reports them.
-                value = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
-            if value.ndim != len(spec.shape) or any(
-                d is not None and d != v
-                for d, v in zip(spec.shape[1:], value.shape[1:])
-            ):
-                raise ValueError(
-                    f"`{what}` for input {spec.name!r} has shape "
-                    f"{value.shape}; the model expects "
-                    f"{tuple(spec.shape)} (None = any)."
-                )
-            arrays.append(value)
-        return arrays
+        return _batches.flatten(self.inputs(), sample, what)
 
 
 class GraphSignature(ServingSignature):

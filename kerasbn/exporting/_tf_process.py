@@ -35,7 +35,10 @@ import os
 import subprocess
 import sys
 
-TENSORFLOW_FORMATS = ("saved_model", "onnx", "tflite")
+TENSORFLOW_FORMATS = ("saved_model", "onnx", "tflite", "onnx_int8",
+                      "tflite_int8", "onnx_fp16", "tflite_fp16")
+# The reduced-precision options a writer reads (`formats`), handed down.
+_REDUCED_OPTIONS = ("per_channel", "int8_io")
 _OWN_PACKAGES = ("keras", "kerasbn", "keras_hub", "tf_keras")
 
 
@@ -77,9 +80,12 @@ def user_modules(model):
     return sorted(modules)
 
 
-def write(staging, targets, model, signature, opset, progress):
+def write(staging, targets, model, signature, opset, progress,
+          reduced=None):
     """Write `targets` (`{format: staged path}`) in a TensorFlow process.
 
+    `reduced`: the int8/float16 options (`_pipeline.reduced_options`);
+    its calibration batches go to the child in a `.npz` file.
     Returns `{format: [notes]}`, the writers' notes. Raises `ValueError`
     for a model the child could not import (nothing started) and
     `RuntimeError` with the child's own error when a writer fails.
@@ -93,7 +99,11 @@ def write(staging, targets, model, signature, opset, progress):
         "modules": modules, "answer": answer,
         "input_names": signature.input_names,
         "output_names": signature.output_names,
+        "options": {k: v for k, v in (reduced or {}).items()
+                    if k in _REDUCED_OPTIONS},
     }
+    if (reduced or {}).get("calibration"):
+        request["calibration"] = _hand_down(staging, reduced["calibration"])
     request_path = staging.new(os.path.join(".tensorflow", "request.json"))
     with open(request_path, "w") as f:
         json.dump(request, f)
@@ -107,6 +117,26 @@ def write(staging, targets, model, signature, opset, progress):
         [sys.executable, "-m", "kerasbn.exporting._tf_process",
          request_path], env=env, capture_output=True, text=True)
     return _read_answer(answer, process)
+
+
+def _hand_down(staging, batches):
+    """Save calibration batches for the child: `{path, batches, inputs}`."""
+    import numpy as np
+
+    path = staging.new(os.path.join(".tensorflow", "calibration.npz"))
+    np.savez(path, **{f"b{i}_{k}": array for i, batch in enumerate(batches)
+                      for k, array in enumerate(batch)})
+    return {"path": path, "batches": len(batches),
+            "inputs": len(batches[0])}
+
+
+def _handed_down(calibration):
+    """The calibration batches `_hand_down` saved."""
+    import numpy as np
+
+    with np.load(calibration["path"]) as arrays:
+        return [[arrays[f"b{i}_{k}"] for k in range(calibration["inputs"])]
+                for i in range(calibration["batches"])]
 
 
 def _backend():
@@ -152,10 +182,12 @@ def _serve(request):
             f"names {names} than the original "
             f"{(request['input_names'], request['output_names'])}"
         )
+    options = {"opset": request["opset"], **request.get("options", {})}
+    if "calibration" in request:
+        options["calibration"] = _handed_down(request["calibration"])
     notes = {}
     for fmt, path in request["targets"].items():
-        said = FORMATS[fmt].write(path, model, signature,
-                                  {"opset": request["opset"]})
+        said = FORMATS[fmt].write(path, model, signature, options)
         if said:
             notes[fmt] = list(said)
     return notes
