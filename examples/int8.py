@@ -246,7 +246,8 @@ def plot(rows, float_accuracy, path):
     left.set_yticks(positions, labels)
     left.invert_yaxis()
     left.set_xlabel("test accuracy (450 images)")
-    left.legend(loc="lower left", fontsize=8)
+    left.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), ncol=2,
+                fontsize=8)
     right.barh(positions, [rows[k]["latency_ms"] for k in labels],
                color="tab:green")
     right.set_xlabel("batch-1 latency, ms (median)")

@@ -8,6 +8,7 @@ file cannot pass. Thresholds are the issue's done criteria: at most one
 point of test accuracy lost and >= 98% top-1 agreement.
 """
 
+import json
 import os
 
 import keras
@@ -237,6 +238,8 @@ def test_the_worst_layer_and_the_numerics_report(digits_model, tmp_path):
     assert worst["sqnr_db"] > 20
     assert result.reduced_checks()["onnx_fp16"]["worst_layer"] is None
     assert "worst layer (SQNR)" in str(result)
+    saved = json.loads(result.to_json())
+    assert saved["numerics"]["worst"] == report.worst.layer
 
 
 def test_per_tensor_int8_with_equalization(digits_model, tmp_path):
@@ -294,3 +297,59 @@ def test_spread_channels_fail_verification_until_equalized(digits_model,
     result = kerasbn.export(spread, tmp_path / "eq", equalize=True,
                             **options)
     assert result.reduced_checks()["onnx_int8"]["agreement"] >= 0.98
+
+
+def _all_outputs(path, x):
+    """Every output of the artifact on `x`, in the model's flat output
+    order (the export's contract), from ONNX Runtime or the TFLite
+    interpreter (one image per call: its input shape is batch 1)."""
+    import tensorflow as tf
+
+    if path.endswith(".onnx"):
+        session = ort.InferenceSession(path,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})
+    interpreter = tf.lite.Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]["index"]
+    parts = []
+    for i in range(len(x)):
+        interpreter.set_tensor(source, x[i:i + 1])
+        interpreter.invoke()
+        parts.append([interpreter.get_tensor(d["index"])
+                      for d in interpreter.get_output_details()])
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["MobileNetV2", "hub_HGNetV2"])
+def test_int8_of_models_nobody_here_wrote(name, tmp_path):
+    """keras.applications MobileNetV2 (depthwise convolutions, ReLU6) and
+    keras-hub's HGNetV2 backbone (grouped convolutions, inlined for
+    tf2onnx) with random BN statistics, folded and quantized; their
+    feature maps re-run here in ONNX Runtime and TFLite. Bound: 10%
+    relative RMS (the export's int8 default), where a wrong scale or a
+    dropped BN is off by O(1); measured 1-3%."""
+    from tests import helpers
+    from tests import zoo
+
+    build, size = zoo.ZOO[name]
+    model = helpers.randomize_normalizations(build(), seed=0)
+    rng = np.random.default_rng(0)
+    calibration = rng.uniform(0, 1, (32, size, size, 3)).astype("float32")
+    x = rng.uniform(0, 1, (8, size, size, 3)).astype("float32")
+    result = kerasbn.export(model, tmp_path, ["onnx_int8", "tflite_int8"],
+                            calibration=calibration, validation=x)
+    # HGNetV2 gives a dict of four stage maps, flattened in key order.
+    expected = keras.tree.flatten(model.predict(x, verbose=0))
+    for fmt in ("onnx_int8", "tflite_int8"):
+        got = _all_outputs(result.artifacts[fmt], x)
+        assert len(got) == len(expected), fmt
+        for k, (out, want) in enumerate(zip(got, expected)):
+            want = np.asarray(want, np.float64)
+            error = np.sqrt(np.mean((out - want) ** 2)
+                            / np.mean(want ** 2))
+            assert error < 0.1, (fmt, k, error)
+    report = result.numerics
+    assert report.entries and result.reduced_checks()["onnx_int8"][
+        "worst_layer"]["layer"] in {e.layer for e in report.entries}

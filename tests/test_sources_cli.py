@@ -186,6 +186,8 @@ def test_weights_only_h5(keras2, tmp_path, capsys):
     (("{sm}", "--sample", "{missing}"), "--sample file not found"),
     (("{sm}", "--sample", "{pb}"), "is not a .npz file"),
     (("{sm}", "--sample", "{npz}"), "`sample` for input 'image' has shape"),
+    (("{sm}", "--per-tensor", "--equalize"),
+     "--per-tensor/--equalize apply to Keras models"),
 ])
 def test_bad_graph_arguments(keras3_export, tmp_path, capsys, argv,
                              fragment):

@@ -69,7 +69,11 @@ class ExportResult:
             graph (`kerasbn.sources.saved_model.FrozenGraph`).
         notes: `{format: [note]}`: what a writer changed to make its
             artifact run right, e.g. a zero pad before a MaxPool guarded
-            against ONNX Runtime's pad fusion, or function calls inlined.
+            against ONNX Runtime's pad fusion, or function calls inlined
+            (and `"equalize"`: what `equalize=True` did).
+        numerics: With an int8 format, the `kerasbn.QuantizationReport`
+            of the exported model on (256 of) the validation inputs,
+            where each int8 check's `worst_layer` comes from.
         passed: Whether every check passed (always True for a returned
             result with `verify=True`: failures raise).
 
@@ -127,6 +131,8 @@ class ExportResult:
             "checks": list(self.checks),
             "onnx_ops": self.onnx_ops,
             "notes": {k: list(v) for k, v in self.notes.items()},
+            "numerics": (json.loads(self.numerics.to_json())
+                         if self.numerics is not None else None),
             "passed": self.passed,
         }
 
