@@ -34,6 +34,7 @@ TINY_SCALE, HUGE_SCALE = 1e-3, 1e2
 # Output channels this far apart share one uint8 scale badly; below it, a
 # low activation SQNR is the data's or the layer's, not the spread's.
 SPREAD_FOR_EQUALIZE = 10.0
+_CHUNK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,8 +353,10 @@ def _activation_numerics(model, layers, data, max_samples):
     if not top:
         return {}, int(flat[0].shape[0])
     probe = keras.Model(model.inputs, [l.output for _, l in top])
-    chunks = [[a[i:i + 32] for a in flat]
-              for i in range(0, int(flat[0].shape[0]), 32)]
+    # Every linear layer's output of a chunk is held at once (ResNet50 at
+    # 224x224: ~40 MB per image in float32), so chunks are small.
+    chunks = [[a[i:i + _CHUNK] for a in flat]
+              for i in range(0, int(flat[0].shape[0]), _CHUNK)]
     low = [math.inf] * len(top)
     high = [-math.inf] * len(top)
     lows = [None] * len(top)
@@ -371,8 +374,10 @@ def _activation_numerics(model, layers, data, max_samples):
         for k, out in enumerate(_outputs(probe, chunk)):
             error = _arrays.quantize_activations(out, low[k], high[k]) - out
             axes = tuple(range(out.ndim - 1))
-            signal[k] = signal[k] + np.sum(out ** 2, axis=axes)
-            noise[k] = noise[k] + np.sum(error ** 2, axis=axes)
+            signal[k] = signal[k] + np.sum(np.square(out, dtype=np.float64),
+                                           axis=axes)
+            noise[k] = noise[k] + np.sum(np.square(error, dtype=np.float64),
+                                         axis=axes)
     found = {}
     for k, (path, _) in enumerate(top):
         found[path] = (_arrays.mean_channel_sqnr(signal[k], noise[k]),
@@ -384,5 +389,4 @@ def _outputs(probe, chunk):
     outputs = probe(list(chunk), training=False)
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
-    return [np.asarray(keras.ops.convert_to_numpy(o), np.float64)
-            for o in outputs]
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in outputs]
