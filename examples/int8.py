@@ -1,7 +1,8 @@
 """int8 and float16 deployment of a BN CNN: what each choice costs.
 
-Trains the examples' small CNN (three 3x3 convolutions with Keras
-BatchNormalization and ReLU, GAP, Dense logits; `_digits.build_cnn`) on
+Trains the examples' small CNN (three 3x3 convolutions, each with
+kerasbn's BatchRenormalization and ReLU, GAP, Dense logits;
+`_digits.build_cnn`) on
 scikit-learn's handwritten digits (1347 training, 450 test images of 8x8,
 shipped, offline), then exports it with `kerasbn.export` in these ways:
 
@@ -34,7 +35,7 @@ Outputs, in `--out-dir` (default `example-output/int8`): `int8.json`
 (every figure, the numerics report), `int8.png` (accuracy and latency
 per artifact), and the artifacts themselves under `artifacts/`.
 
-    python examples/int8.py            # ~1-2 minutes on 2 cores
+    python examples/int8.py            # about 20 s on 2 cores
     python examples/int8.py --quick    # fewer epochs and timing runs
 """
 

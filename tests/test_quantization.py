@@ -281,6 +281,11 @@ def test_bad_arguments_are_named():
 
     with pytest.raises(TypeError, match="subclassed"):
         kerasbn.equalize(Net())
+    net = Net()
+    net(np.zeros((1, 3), "float32"))
+    with pytest.raises(ValueError, match="no known inputs"):
+        kerasbn.quantization_report(net, np.zeros((2, 3), "float32"),
+                                    fold=False)
 
 
 @pytest.mark.slow

@@ -346,8 +346,14 @@ def _activation_numerics(model, layers, data, max_samples):
     """`({path: (SQNR dB, channel range spread)}, samples)` of the
     top-level layers' outputs: ranges in a first pass, errors in a
     second (each layer's outputs are never all held at once)."""
-    batches = _batches.read_batches(_batches.model_inputs(model), data,
-                                    "data", WHERE)
+    inputs = _batches.model_inputs(model)
+    if not inputs.names:
+        raise ValueError(
+            f"{WHERE}: model '{model.name}' has no known inputs "
+            f"({type(model).__name__}), so `data` cannot be run through its "
+            "layers. Pass a Functional or Sequential model, or leave `data` "
+            "out for the weight figures alone.")
+    batches = _batches.read_batches(inputs, data, "data", WHERE)
     flat = _batches.joined(batches, limit=max_samples)
     top = [(p, l) for p, l in layers if "/" not in p]
     if not top:
