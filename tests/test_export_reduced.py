@@ -190,8 +190,9 @@ def test_an_artifact_past_its_bounds_is_not_written(digits_model, tmp_path):
 
 
 def test_cli_writes_and_checks_int8(digits_model, tmp_path):
-    """`kerasbn-fold --format onnx_int8 --calibration data.npz`; a bad
-    calibration file is refused (exit 2) with nothing written."""
+    """`kerasbn-fold --format onnx_int8 --calibration data.npz`, per-tensor
+    and equalized; a bad calibration file is refused (exit 2) with nothing
+    written."""
     from tests.test_cli import assert_clean_failure
     from tests.test_cli import run_cli
 
@@ -202,17 +203,13 @@ def test_cli_writes_and_checks_int8(digits_model, tmp_path):
     np.savez(tmp_path / "val.npz", image=x_test)
     done = run_cli(path, "-o", tmp_path / "out", "--format",
                    "onnx,onnx_int8", "--calibration", tmp_path / "calib.npz",
-                   "--validation", tmp_path / "val.npz", "--latency-runs",
-                   "0")
+                   "--validation", tmp_path / "val.npz", "--per-tensor",
+                   "--equalize", "--latency-runs", "0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "top-1 agreement" in done.stdout
     assert "worst layer" in done.stdout
-    assert os.path.isfile(tmp_path / "out" / "digits_int8.onnx")
-    done = run_cli(path, "-o", tmp_path / "pt", "--format", "onnx_int8",
-                   "--calibration", tmp_path / "calib.npz", "--per-tensor",
-                   "--equalize", "--latency-runs", "0")
-    assert done.returncode == 0, done.stdout + done.stderr
     assert "note (equalize): 2 layer pair(s) rescaled" in done.stdout
+    assert os.path.isfile(tmp_path / "out" / "digits_int8.onnx")
     np.savez(tmp_path / "bad.npz", x=np.full((4, 8, 8, 1), np.nan,
                                              "float32"))
     done = run_cli(path, "-o", tmp_path / "bad", "--format", "onnx_int8",

@@ -37,14 +37,25 @@ NO_EXACT_ALGEBRA = {
 }
 
 
+# Folded and checked in Keras, not exported: tf2onnx alone took 65 s on
+# its graph (54M weights), over a twentieth of the suite's budget. Its
+# building blocks (InceptionV3's branches, residual adds) export in the
+# other entries.
+FOLD_ONLY = {"InceptionResNetV2"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_fold_and_export(name, tmp_path):
     build, _ = zoo.ZOO[name]
     model = randomize_normalizations(build(), seed=3)
     before = count_batch_norms(model)
-    result = kerasbn.export(model, tmp_path, formats=["onnx"])
-    folded, report = result.model, result.fold_report
+    if name in FOLD_ONLY:
+        result = kerasbn.fold(model)
+    else:
+        result = kerasbn.export(model, tmp_path, formats=["onnx"])
+    folded = result.model
+    report = result.report if name in FOLD_ONLY else result.fold_report
     assert_same_outputs(model, folded, inputs_for(model, batch=2), rtol=2e-5)
     assert report.normalizations_before == before
     assert count_batch_norms(folded) == 0
@@ -52,6 +63,8 @@ def test_fold_and_export(name, tmp_path):
     assert {e.action for e in replaced} <= {"replaced"}
     assert {e.codes for e in replaced} <= NO_EXACT_ALGEBRA, replaced
     assert count_scale_shift(folded) == len(replaced)
+    if name in FOLD_ONLY:
+        return
     census = _onnx_graph.normalization_census(
         onnx.load(result.artifacts["onnx"]))
     assert census == {"BatchNormalization": 0, "affine_after_linear": 0}
