@@ -272,6 +272,13 @@ def test_bad_arguments_are_named():
         kerasbn.quantization_report(model, np.zeros((4, 8, 8, 2), "f4"))
     with pytest.raises(ValueError, match="max_samples"):
         kerasbn.quantization_report(model, max_samples=0)
+    # Finite data, but an overflowing kernel: no int8 range, said so.
+    broken = keras.models.clone_model(model)
+    broken.set_weights(model.get_weights())
+    broken.get_layer("c2").kernel.assign(
+        np.full(broken.get_layer("c2").kernel.shape, 3e38, "float32"))
+    with pytest.raises(ValueError, match="layer 'c2' outputs NaN or inf"):
+        kerasbn.quantization_report(broken, _images(8), fold=False)
     with pytest.raises(ValueError, match="max_sweeps"):
         kerasbn.equalize(model, max_sweeps=0)
 

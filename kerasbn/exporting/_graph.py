@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from kerasbn import _batches
 from kerasbn.exporting import _pipeline
 from kerasbn.exporting._signature import GraphSignature
 
@@ -69,7 +70,7 @@ def reference_outputs(source, arrays):
 
     flat = [np.asarray(a) for a in source.reference(
         *[tf.constant(a) for a in arrays])]
-    bad = _pipeline.nonfinite_count(flat)
+    bad = _batches.nonfinite_count(flat)
     if bad:
         raise ValueError(
             f"{WHERE}: the source model itself outputs {bad} NaN or infinite "

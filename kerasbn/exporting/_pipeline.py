@@ -96,14 +96,11 @@ def verification_inputs(signature, sample, batch_sizes, verify):
     return [small, flat]
 
 
-nonfinite_count = _batches.nonfinite_count
-
-
 def _check_finite(signature, flat):
     for name, array in zip(signature.input_names, flat):
         if not np.issubdtype(array.dtype, np.inexact):
             continue
-        bad = nonfinite_count([array])
+        bad = _batches.nonfinite_count([array])
         if bad:
             raise ValueError(
                 f"{WHERE}: Argument `sample` must hold finite values. Input "
@@ -128,7 +125,7 @@ def reference_outputs(model, signature, arrays):
                                     for a in arrays]), training=False)
     flat = [np.asarray(keras.ops.convert_to_numpy(t))
             for t in keras.tree.flatten(outputs)]
-    bad = nonfinite_count(flat)
+    bad = _batches.nonfinite_count(flat)
     if bad:
         _check_normalizations(model)  # Names corrupt statistics, if any.
         weights = [w.path for w in model.weights
@@ -235,12 +232,15 @@ def numerics_for_export(model, staged, reduced, progress):
 def numerics_notes(numerics, staged, reduced):
     """A note on per-tensor ONNX int8 where a kernel's channels are far
     apart (the case cross-layer equalization is for)."""
+    from kerasbn.quantization.report import SQNR_GAP_DB
+
     if numerics is None or "onnx_int8" not in staged or reduced.get(
             "per_channel", True):
         return {}
     worst = min(numerics.entries, default=None, key=lambda e: (
         e.sqnr_per_tensor - e.sqnr_per_channel))
-    if worst is None or worst.sqnr_per_channel - worst.sqnr_per_tensor < 6:
+    if worst is None or (worst.sqnr_per_channel - worst.sqnr_per_tensor
+                         < SQNR_GAP_DB):
         return {}
     return {"onnx_int8": [
         f"per-tensor weights: '{worst.layer}' loses "

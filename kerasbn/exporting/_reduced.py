@@ -103,10 +103,12 @@ def worst_layer(fmt, numerics, reduced):
     """`{"layer", "sqnr_db"}` of the layer with the lowest simulated int8
     SQNR (weights in the scheme `fmt` uses, its output per tensor), or
     None (float16, or no report)."""
-    if numerics is None or precision(fmt) != "int8" or not numerics.entries:
+    if numerics is None or precision(fmt) != "int8":
         return None
     per_channel = fmt == "tflite_int8" or reduced.get("per_channel", True)
-    entry = min(numerics.entries, key=lambda e: e.sqnr(per_channel))
+    entry = numerics.worst_for(per_channel)
+    if entry is None:
+        return None
     return {"layer": entry.layer, "sqnr_db": entry.sqnr(per_channel)}
 
 

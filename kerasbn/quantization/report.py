@@ -110,9 +110,14 @@ class QuantizationReport:
     @property
     def worst(self):
         """The entry with the lowest SQNR in the report's scheme, or None."""
+        return self.worst_for(self.per_channel)
+
+    def worst_for(self, per_channel):
+        """The entry with the lowest SQNR with weights per channel or per
+        tensor (`QuantizationEntry.sqnr`), or None without entries."""
         if not self.entries:
             return None
-        return min(self.entries, key=lambda e: e.sqnr(self.per_channel))
+        return min(self.entries, key=lambda e: e.sqnr(per_channel))
 
     @property
     def folded(self):
@@ -363,17 +368,23 @@ def _activation_numerics(model, layers, data, max_samples):
     # 224x224: ~40 MB per image in float32), so chunks are small.
     chunks = [[a[i:i + _CHUNK] for a in flat]
               for i in range(0, int(flat[0].shape[0]), _CHUNK)]
-    low = [math.inf] * len(top)
-    high = [-math.inf] * len(top)
     lows = [None] * len(top)
     highs = [None] * len(top)
     for chunk in chunks:
         for k, out in enumerate(_outputs(probe, chunk)):
-            low[k], high[k] = min(low[k], out.min()), max(high[k], out.max())
             axes = tuple(range(out.ndim - 1))
             lo, hi = out.min(axis=axes), out.max(axis=axes)
             lows[k] = lo if lows[k] is None else np.minimum(lows[k], lo)
             highs[k] = hi if highs[k] is None else np.maximum(highs[k], hi)
+    for k, (path, _) in enumerate(top):
+        if not (np.isfinite(lows[k]).all() and np.isfinite(highs[k]).all()):
+            raise ValueError(
+                f"{WHERE}: layer '{path}' outputs NaN or infinite values on "
+                "`data`, so it has no int8 range. Check the model on this "
+                "data (kerasbn.diagnose; kerasbn.recalibrate for corrupt "
+                "normalization statistics).")
+    low = [float(np.min(v)) for v in lows]
+    high = [float(np.max(v)) for v in highs]
     signal = [0.0] * len(top)
     noise = [0.0] * len(top)
     for chunk in chunks:
