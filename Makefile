@@ -5,6 +5,10 @@
 #                 tests on JAX
 #   make test-torch - install PyTorch into the venv (CPU is enough), run the
 #                 backend-neutral tests on the PyTorch backend
+#   make sweep    - every tf-keras application (tests/stock_files.py), from
+#                 .h5 and SavedModel, to SavedModel and ONNX, and from a
+#                 JAX session; results in sweep-results.json (resumable;
+#                 hours on two cores, most of it the largest models)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # make test-torch TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-jax test-torch bench bench-quick venv clean
+.PHONY: demo test test-jax test-torch sweep bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -48,6 +52,9 @@ test-jax: $(STAMP)
 test-torch: $(STAMP)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	KERASBN_TEST_BACKEND=torch $(BIN)/python -m pytest -p no:cacheprovider
+
+sweep: $(STAMP)
+	$(BIN)/python tools/sweep.py --out sweep-work --results sweep-results.json
 
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py

@@ -266,3 +266,28 @@ def model_from_keras2_config(config, custom_objects=None):
     with legacy, serialization_lib.SafeModeScope(True):
         return saving_utils.model_from_config(
             config, custom_objects=custom_objects)
+
+
+# tf-keras' applications define a few layers of their own; Keras 3's
+# applications define the same classes (same config, same weights, same
+# computation), not exported: `{class name: (module, attribute)}`.
+_STOCK_APPLICATION_LAYERS = {
+    "LayerScale": ("keras.src.applications.convnext", "LayerScale"),
+    "StochasticDepth": ("keras.src.applications.convnext", "StochasticDepth"),
+    "CustomScaleLayer": ("keras.src.applications.inception_resnet_v2",
+                         "CustomScaleLayer"),
+}
+
+
+def stock_application_layer(class_name):
+    """Keras 3's class for a layer class of tf-keras' applications, or
+    None (also when this Keras has moved it)."""
+    import importlib
+
+    where = _STOCK_APPLICATION_LAYERS.get(class_name)
+    if where is None:
+        return None
+    try:
+        return getattr(importlib.import_module(where[0]), where[1])
+    except (ImportError, AttributeError):  # pragma: no cover - Keras moved.
+        return None

@@ -41,14 +41,95 @@ Models (layer names are fixed, so tests can name the layers mapped):
   weight `factor` per channel, multiplied in).
 - `mixed`: mixed_float16 layers (Conv2D, renorm BN, pooling) and a float32
   output layer.
+- `users`: tf.keras code as users write it (`users_model`): TensorFlow
+  functions on Keras tensors (hard-swish, squeeze-excite gate, resize,
+  concat, slicing, reshape, reductions, clipping), an unnamed input, a
+  nested Sequential, Keras 2's hard_sigmoid (a Dense activation and an
+  Activation layer); `users_mixed` is the same code under mixed_float16.
+- `ops`: `ops_<k>.h5` for the k-th function of `TF_FUNCTION_CALLS`, each
+  with its `.npz` oracle and `ops_<k>.json`, the TensorFlow names tf-keras
+  saved for its calls.
 """
 
+import json
 import os
 import subprocess
 import sys
 
 ALL = ("model", "zoo", "nested", "sequential", "custom", "mixed",
-       "mobilenet", "savedmodel", "weights")
+       "mobilenet", "savedmodel", "weights", "users", "users_mixed", "ops")
+
+# tf.keras code calling TensorFlow functions on Keras tensors (each call is
+# a TFOpLambda in the file), one model per translated function: the key is
+# the name tf-keras saves (`kerasbn.layers.tf_function.FUNCTIONS`), the
+# expressions use inputs `x` and `y` (batch, 6, 6, 4), `tf` and `keras`; each
+# expression is one output. `ops_<k>.h5` is written for the k-th key.
+TF_FUNCTION_CALLS = {
+    "__operators__.add": ["x + 3.0", "x + y"],
+    "math.add": ["tf.add(x, y)"],
+    "math.add_n": ["tf.add_n([x, y, x])"],
+    "math.subtract": ["x - y", "2.0 - x"],
+    "math.multiply": ["x * y", "x * 0.5"],
+    "math.truediv": ["x / 6.0", "x / (tf.abs(y) + 1.0)",
+                     "tf.math.divide(x, 4.0)"],
+    "math.pow": ["x ** 2", "tf.pow(tf.abs(x), 1.5)"],
+    "math.maximum": ["tf.maximum(x, y)", "tf.maximum(x, 0.1)"],
+    "math.minimum": ["tf.minimum(x, 0.5)"],
+    "math.squared_difference": ["tf.math.squared_difference(x, y)"],
+    "math.negative": ["-x"],
+    "math.abs": ["tf.abs(x)"],
+    "math.exp": ["tf.exp(x)"],
+    "math.log": ["tf.math.log(tf.abs(x) + 0.5)"],
+    "math.sqrt": ["tf.sqrt(tf.abs(x))"],
+    "math.rsqrt": ["tf.math.rsqrt(tf.abs(x) + 0.5)"],
+    "math.square": ["tf.square(x)"],
+    "math.reciprocal": ["tf.math.reciprocal(tf.abs(x) + 0.5)"],
+    "math.sign": ["tf.sign(x)"],
+    "math.sigmoid": ["tf.sigmoid(x)", "tf.nn.sigmoid(x)"],
+    "math.tanh": ["tf.tanh(x)"],
+    "math.erf": ["tf.math.erf(x)"],
+    "math.softplus": ["tf.nn.softplus(x)"],
+    "nn.relu": ["tf.nn.relu(x)"],
+    "nn.relu6": ["tf.nn.relu6(x * 4.0)"],
+    "nn.elu": ["tf.nn.elu(x)"],
+    "nn.selu": ["tf.nn.selu(x)"],
+    "nn.silu": ["tf.nn.swish(x)", "tf.nn.silu(x)"],
+    "nn.gelu": ["tf.nn.gelu(x)", "tf.nn.gelu(x, approximate=True)"],
+    "nn.leaky_relu": ["tf.nn.leaky_relu(x)", "tf.nn.leaky_relu(x, 0.1)"],
+    "nn.softmax": ["tf.nn.softmax(x)", "tf.nn.softmax(x, axis=1)"],
+    "linalg.matmul": ["tf.matmul(x, y, transpose_b=True)",
+                      "tf.matmul(x, y, transpose_a=True)"],
+    "concat": ["tf.concat([x, y], axis=-1)", "tf.concat([x, y, x], 1)"],
+    "stack": ["tf.stack([x, y], axis=1)"],
+    "reshape": ["tf.reshape(x, (-1, 36, 4))", "tf.reshape(x, [-1, 144])"],
+    "expand_dims": ["tf.expand_dims(x, 1)", "tf.expand_dims(x, -1)"],
+    "compat.v1.squeeze": ["tf.squeeze(x[:, :1], axis=1)",
+                          "tf.squeeze(x[:, :1, :1])"],
+    "compat.v1.transpose": ["tf.transpose(x, [0, 2, 1, 3])",
+                            "tf.transpose(x[:, 0])"],
+    "math.reduce_mean": ["tf.reduce_mean(x, axis=[1, 2], keepdims=True)",
+                         "tf.reduce_mean(x, -1)"],
+    "math.reduce_sum": ["tf.reduce_sum(x, axis=-1)"],
+    "math.reduce_max": ["tf.reduce_max(x, axis=1)"],
+    "math.reduce_min": ["tf.reduce_min(x, axis=[1, 2])"],
+    "math.reduce_prod": ["tf.reduce_prod(x, axis=-1, keepdims=True)"],
+    "clip_by_value": ["tf.clip_by_value(x, -0.5, 0.5)"],
+    "cast": ["tf.cast(tf.cast(x, tf.float16), tf.float32)"],
+    "ones_like": ["tf.ones_like(x) + x"],
+    "zeros_like": ["tf.zeros_like(x) + x"],
+    "tile": ["tf.tile(x, [1, 2, 1, 1])"],
+    "compat.v1.pad": ["tf.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]])",
+            "tf.pad(x, [[0, 0], [1, 1], [2, 0], [0, 0]], mode='REFLECT')",
+            "tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], "
+            "constant_values=2.0)"],
+    "image.resize": ["tf.image.resize(x, (12, 12))",
+                     "tf.image.resize(x, (3, 3), method='nearest')",
+                     "tf.image.resize(x, (9, 9), method='bicubic')"],
+    "identity": ["tf.identity(x)"],
+    "stop_gradient": ["tf.stop_gradient(x)"],
+    "__operators__.getitem": ["x[:, 1:5, ::2, :3]", "x[..., 0]",
+                              "x[:, -1]", "x[:, tf.newaxis, 2]"],
+}
 
 # The batch of every oracle: `zoo` has virtual_batch_size=2, which needs a
 # batch that is a multiple of 2.
@@ -245,9 +326,69 @@ def mobilenet_model():
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
 
 
-BUILDERS = {"mobilenet": mobilenet_model, "model": renorm_model, "zoo": zoo_model, "nested": nested_model,
+def users_model():
+    """tf.keras code written the way users write it: TensorFlow functions on
+    Keras tensors for hard-swish, squeeze-excite, a resized side branch,
+    slicing and a concat, BN after each convolution, a nested Sequential."""
+    x = keras.Input((16, 16, 3))
+    y = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x / 255.0)
+    y = L.BatchNormalization()(y)
+    y = y * tf.nn.relu6(y + 3.0) / 6.0
+    gate = tf.reduce_mean(y, axis=[1, 2], keepdims=True)
+    gate = tf.sigmoid(L.Conv2D(8, 1)(gate))
+    y = y * gate
+    side = tf.image.resize(L.Conv2D(4, 1)(x), (8, 8))
+    side = L.BatchNormalization()(side)
+    y = tf.concat([y, tf.nn.relu(side)], axis=-1)
+    y = keras.Sequential([L.DepthwiseConv2D(3, padding="same"),
+                          L.BatchNormalization(), L.ReLU()],
+                         name="block")(y)
+    y = y[:, 1:-1, 1:-1, :]
+    y = tf.reshape(y, (-1, 36, 12))
+    y = tf.reduce_max(y, axis=1) + tf.reduce_mean(y, axis=1)
+    # Keras 2's hard_sigmoid (0.2 x + 0.5, clipped), not Keras 3's.
+    y = L.Dense(6, activation="hard_sigmoid")(y)
+    y = L.Activation("hard_sigmoid")(L.Dense(5)(y) * 4.0)
+    return keras.Model(x, tf.clip_by_value(y, -50.0, 50.0), name="users")
+
+
+def users_mixed_model():
+    """`users_model` under the mixed_float16 policy (float16 compute, the
+    TensorFlow functions on float16 tensors), float32 logits."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inner = users_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    out = L.Activation("linear", dtype="float32")(inner.output)
+    return keras.Model(inner.input, out, name="users_mixed")
+
+
+def write_tf_function_calls():
+    """One model per TF_FUNCTION_CALLS key: `ops_<k>.h5` and `.npz`, and
+    `ops_<k>.json`, the functions tf-keras saved in it."""
+    import json
+
+    with open(os.path.join(OUT, "tf_function_calls.json")) as handle:
+        table = json.load(handle)
+    for k, (function, expressions) in enumerate(table.items()):
+        x = keras.Input((6, 6, 4), name="x")
+        y = keras.Input((6, 6, 4), name="y")
+        outputs = [eval(e, {"tf": tf, "x": x, "y": y}) for e in expressions]
+        model = keras.Model([x, y], outputs, name=f"ops_{k}")
+        save(model, f"ops_{k}")
+        saved = sorted({layer.get_config().get("function") for layer in
+                        model.layers if "OpLambda" in type(layer).__name__})
+        with open(os.path.join(OUT, f"ops_{k}.json"), "w") as handle:
+            json.dump(saved, handle)
+
+
+BUILDERS = {"users": users_model, "users_mixed": users_mixed_model,
+            "mobilenet": mobilenet_model, "model": renorm_model, "zoo": zoo_model, "nested": nested_model,
             "sequential": sequential_model, "custom": custom_model,
             "mixed": mixed_model}
+if "ops" in NAMES:
+    write_tf_function_calls()
 for name in NAMES:
     if name not in BUILDERS:
         continue
@@ -287,6 +428,8 @@ def make_keras2_files(directory, names=ALL, timeout=300):
     script = os.path.join(directory, "_make_keras2_files.py")
     with open(script, "w") as handle:
         handle.write(_SCRIPT)
+    with open(os.path.join(directory, "tf_function_calls.json"), "w") as f:
+        json.dump(TF_FUNCTION_CALLS, f)
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
                CUDA_VISIBLE_DEVICES="")
     env.pop("KERAS_BACKEND", None)

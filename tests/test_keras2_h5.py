@@ -46,7 +46,7 @@ RENORM = "BatchNormalization(renorm=True) -> kerasbn.layers.BatchRenormalization
 # (layer path, text of its note) for every mapping each model needs.
 EXPECTED_NOTES = {
     "model": {("bn1", RENORM), ("dw", "groups=1")},
-    "zoo": {("sep", "groups=1"), ("sep", "kernel_initializer=glorot_uniform"),
+    "zoo": {("sep", "groups=1"), ("sep", "kernel_initializer=GlorotUniform"),
             ("bn_clip", RENORM), ("up", "groups=1"), ("bn_rmax", RENORM),
             ("bn_ghost", "virtual_batch_size=2")},
     "nested": {("block/block_bn", RENORM), ("head/tail/tail_dw", "groups=1"),

@@ -14,6 +14,7 @@ from kerasbn.layers.centered import CenteredDense
 from kerasbn.layers.mabn import MABN
 from kerasbn.layers.mabn import MovingAverageBatchNormalization
 from kerasbn.layers.scale_shift import ScaleShift
+from kerasbn.layers.tf_function import TFFunction
 
 __all__ = [
     "BatchNormalization",
@@ -25,4 +26,5 @@ __all__ = [
     "MABN",
     "MovingAverageBatchNormalization",
     "ScaleShift",
+    "TFFunction",
 ]

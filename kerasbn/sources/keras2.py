@@ -13,10 +13,11 @@ layer, the argument and its value):
 
 - `groups=1` on DepthwiseConv1D/2D, SeparableConv1D/2D and the transposed
   convolutions (Keras 2 wrote its base class' default; Keras 3 has no
-  `groups` there), and the `kernel_initializer`, `kernel_regularizer`,
-  `kernel_constraint` Keras 2 wrote on SeparableConv layers at their
-  defaults (its separable convolutions have depthwise and pointwise kernels
-  and never used them): dropped, noted. Another value is an error.
+  `groups` there; another value is an error), and the
+  `kernel_initializer`, `kernel_regularizer`, `kernel_constraint` Keras 2
+  took on SeparableConv layers whatever their value (tf-keras' NASNet
+  passes 'he_normal'; its separable convolutions have depthwise and
+  pointwise kernels and never used them): dropped, noted.
 - BatchNormalization `fused` (chose TensorFlow's kernel, not the maths):
   dropped, noted.
 - BatchNormalization `renorm=True`: `kerasbn.layers.BatchRenormalization`
@@ -47,13 +48,24 @@ layer, the argument and its value):
   of a nested model are numbered from 0 (Keras 2 gave a model with an
   input a node of its own first); a model with one input or output takes
   and returns a tensor, not a list of one, as in Keras 2.
+- Layer names Keras 3 refuses ('/': tf-keras' DenseNet and MobileNetV3
+  write 'conv1/conv') are renamed '/' -> '_' (made unique) wherever the
+  config references them, with a note; the weights, which the file keeps
+  under the Keras 2 names, are matched by those.
+- tf.keras' `TFOpLambda` / `SlicingOpLambda` (a TensorFlow function called
+  on a Keras tensor: `x + 3.0`, `tf.nn.relu6(x)`, `tf.concat`, `x[:, 1:]`)
+  becomes `kerasbn.layers.TFFunction`, the same function with its saved
+  arguments computed by `keras.ops` (`kerasbn.sources._keras2_ops`); a
+  function without a translation is an error naming it and the layer.
+- The layer classes of tf-keras' own applications (ConvNeXt's LayerScale
+  and StochasticDepth, InceptionResNetV2's CustomScaleLayer) are Keras 3's
+  classes of the same name.
 - Lambda layers (Python bytecode) are not loaded: an error that says to
   replace them by a custom layer.
-- A class neither Keras nor `custom_objects` knows (a custom layer, or
-  tf.keras' `TFOpLambda` for a TensorFlow function called on a Keras
-  tensor) is an error that says to pass the module defining it
-  (`--custom-module`, or `custom_objects=` in Python). A registered Keras 2
-  name "package>Name" is also found as "Name" in `custom_objects`.
+- A class neither Keras nor `custom_objects` knows (a custom layer) is an
+  error that says to pass the module defining it (`--custom-module`, or
+  `custom_objects=` in Python). A registered Keras 2 name "package>Name"
+  is also found as "Name" in `custom_objects`.
 
 Weights follow Keras' legacy rule, positional per layer (trainable weights,
 then the others) and checked for count and shape; mapped renorm layers are
@@ -69,6 +81,8 @@ import os
 
 import numpy as np
 
+from kerasbn.sources import _keras2_ops
+
 FLOAT32_MAX = float(np.finfo("float32").max)
 _MODELS = ("Functional", "Model", "Sequential")
 _RENORM_CLASS = "kerasbn>BatchRenormalization"
@@ -76,7 +90,6 @@ _NO_GROUPS = ("DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
               "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose",
               "Conv3DTranspose")
 _SEPARABLE = ("SeparableConv1D", "SeparableConv2D")
-_TF_OPS = ("TFOpLambda", "SlicingOpLambda")
 
 
 class Keras2Error(ValueError):
@@ -95,7 +108,8 @@ def load_h5(path, custom_objects=None):
         `(model, notes)`: a Keras 3 model whose inference outputs are the
         Keras 2 model's, and one line per mapping applied (module docstring),
         e.g. "layer 'dw': dropped Keras 2 argument groups=1 (DepthwiseConv2D
-        has no groups in Keras 3)".
+        has no groups in Keras 3)". `notes.renamed` maps each layer renamed
+        for Keras 3 ('/' in its name) to its Keras 2 name.
 
     Raises:
         Keras2Error: The file is not a Keras 2 model file, or holds
@@ -110,9 +124,10 @@ def load_h5(path, custom_objects=None):
     path = os.fspath(path)
     config, groups = _read_file(path)
     custom_objects = dict(custom_objects or {})
-    notes = []
+    notes = _Notes()
     config = _translate_model(config, "", notes, custom_objects,
                               top=True)
+    notes.summarize()
     try:
         # Keras' reader edits the config it reads: give it a copy.
         model = _keras_internal.model_from_keras2_config(
@@ -125,8 +140,29 @@ def load_h5(path, custom_objects=None):
         raise Keras2Error(
             f"{path} holds a single {type(model).__name__} layer, not a "
             "model: save the Keras 2 model that contains it")
-    _assign(_match_model(model, groups))
+    _assign(_match_model(model, groups, notes.renamed))
     return model, notes
+
+
+class _Notes(list):
+    """The translation's notes (a list of lines), and what it changed that
+    the weights, the summary and the JSON report need: `renamed`
+    (`{Keras 3 layer path: Keras 2 name}`) and `functions` (translated
+    TFOpLambda calls per TensorFlow function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.renamed = {}
+        self.functions = {}
+
+    def summarize(self):
+        if self.functions:
+            shown = ", ".join(f"tf.{name} x{count}" for name, count in
+                              sorted(self.functions.items()))
+            self.append(
+                f"{sum(self.functions.values())} TensorFlow function calls "
+                "(tf-keras TFOpLambda) -> kerasbn.layers.TFFunction with "
+                f"keras.ops: {shown}")
 
 
 # --------------------------------------------------------------------------
@@ -207,8 +243,13 @@ def _attribute_list(group, name):
 def _read_weights(model_weights):
     """Every layer group's `[(name, array)]`, in the file's order."""
     groups = {}
-    for name, group in model_weights.items():
-        if hasattr(group, "attrs"):
+    # By the names Keras 2 listed: a layer named "conv1/conv" (tf-keras'
+    # DenseNet) is the group model_weights["conv1"]["conv"] in HDF5.
+    names = _attribute_list(model_weights, "layer_names") or list(
+        model_weights)
+    for name in names:
+        group = model_weights.get(name)
+        if group is not None and hasattr(group, "attrs"):
             groups[name] = [(n, np.asarray(group[n]))
                             for n in _attribute_list(group, "weight_names")]
     return groups
@@ -225,13 +266,160 @@ def _translate_model(entry, prefix, notes, custom_objects, top=False):
             config, dict) or "layers" not in config:
         return _translate_layer(entry, prefix, notes, custom_objects)
     inner = "" if top else f"{prefix}{config.get('name', '?')}/"
+    config = _rename_layers(config, inner, notes)
     layers = [_translate_model(layer, inner, notes, custom_objects)
               for layer in config["layers"]]
+    layers = _split_hard_sigmoid(entry["class_name"], layers, inner, notes)
     layers = _input_shape_on_inputs(entry["class_name"], layers)
     config = dict(config, layers=layers)
     if entry["class_name"] != "Sequential":
         config = _single_input_output(_shift_model_nodes(config))
     return dict(entry, config=config)
+
+
+# Keras 2's hard_sigmoid is clip(0.2 x + 0.5, 0, 1); Keras 3's, under the
+# same name, is relu6(x + 3) / 6 = clip(x / 6 + 0.5, 0, 1): another function.
+_HARD_SIGMOID = "hard_sigmoid"
+_KERAS2_HARD_SIGMOID = "keras2.hard_sigmoid"
+
+
+def _is_hard_sigmoid(value):
+    if isinstance(value, dict):
+        value = value.get("config") if value.get("class_name") in (
+            "function", "builtins.function") else value.get("class_name")
+    return value == _HARD_SIGMOID
+
+
+def _hard_sigmoid_layer(name, dtype, inbound=None):
+    entry = {"class_name": "kerasbn>TFFunction", "name": name, "config": {
+        "name": name, "trainable": False, "dtype": dtype,
+        "function": _KERAS2_HARD_SIGMOID,
+        "arguments": {"x": {"__tensor__": 0}}}}
+    if inbound is not None:
+        entry["inbound_nodes"] = inbound
+    return entry
+
+
+def _split_hard_sigmoid(class_name, layers, inner, notes):
+    """Layers with Keras 2's `hard_sigmoid` activation, which Keras 3 would
+    read as its own, different function: an Activation layer becomes a
+    TFFunction computing Keras 2's; another layer (Dense, Conv2D...) is
+    renamed '<name>_preact' with activation='linear' and followed by that
+    TFFunction under its own name, so every reference to it still holds.
+    `hard_sigmoid` in another argument (an RNN's recurrent_activation) has
+    no such split: an error."""
+    names = {(layer.get("config") or {}).get("name") for layer in layers}
+    result = []
+    for layer in layers:
+        config = layer.get("config") or {}
+        name = config.get("name")
+        others = [key for key, value in config.items()
+                  if key != "activation" and key.endswith("activation")
+                  and _is_hard_sigmoid(value)]
+        if others:
+            raise Keras2Error(
+                f"layer '{inner}{name}': {others[0]}='hard_sigmoid' is "
+                "Keras 2's clip(0.2 x + 0.5, 0, 1), which Keras 3's "
+                "hard_sigmoid (relu6(x + 3) / 6) is not, and kerasbn cannot "
+                f"split it out of a {layer.get('class_name')}: use "
+                "'sigmoid' or a custom layer in Keras 2 and save again")
+        if not _is_hard_sigmoid(config.get("activation")):
+            result.append(layer)
+            continue
+        dtype = config.get("dtype", "float32")
+        if layer.get("class_name") == "Activation":
+            result.append(_hard_sigmoid_layer(name, dtype,
+                                              layer.get("inbound_nodes")))
+            notes.append(f"layer '{inner}{name}': Activation('hard_sigmoid') "
+                         "-> kerasbn.layers.TFFunction computing Keras 2's "
+                         "hard_sigmoid, clip(0.2 x + 0.5, 0, 1) (Keras 3's "
+                         "is relu6(x + 3) / 6)")
+            continue
+        linear = f"{name}_preact"
+        while linear in names:
+            linear += "_"
+        names.add(linear)
+        notes.renamed[inner + linear] = notes.renamed.get(inner + name, name)
+        result.append(dict(layer, config=dict(config, name=linear,
+                                              activation="linear"),
+                           **({"name": linear} if "name" in layer else {})))
+        inbound = None
+        if "inbound_nodes" in layer:
+            inbound = [[[linear, k, 0, {}]]
+                       for k in range(len(layer["inbound_nodes"]))]
+        result.append(_hard_sigmoid_layer(name, dtype, inbound))
+        notes.append(
+            f"layer '{inner}{name}': activation='hard_sigmoid' split out as "
+            f"'{inner}{linear}' (activation='linear') followed by "
+            f"kerasbn.layers.TFFunction '{inner}{name}' computing Keras 2's "
+            "hard_sigmoid, clip(0.2 x + 0.5, 0, 1) (Keras 3's is "
+            "relu6(x + 3) / 6)")
+    return result
+
+
+def _valid_name(name):
+    """A name Keras 3 takes for a layer ('/' is refused)."""
+    return name.replace("/", "_")
+
+
+def _rename_refs(data, mapping):
+    """`data` with tensor references `[layer, node, tensor(, kwargs)]` to a
+    layer of `mapping` renamed, at any depth (TFOpLambda keyword arguments
+    hold references too)."""
+    if isinstance(data, list):
+        if (len(data) in (3, 4) and isinstance(data[0], str)
+                and data[0] in mapping and isinstance(data[1], int)):
+            return [mapping[data[0]]] + [_rename_refs(d, mapping)
+                                         for d in data[1:]]
+        return [_rename_refs(item, mapping) for item in data]
+    if isinstance(data, dict):
+        return {k: _rename_refs(v, mapping) for k, v in data.items()}
+    return data
+
+
+def _rename_layers(config, inner, notes):
+    """A model config whose layer names Keras 3 refuses (tf-keras'
+    DenseNet writes 'conv1/conv') are renamed, everywhere they are
+    referenced, with a note giving both names; `notes.renamed` maps each
+    Keras 3 path back to the Keras 2 name the file's weights carry."""
+    names = [layer.get("config", {}).get("name")
+             for layer in config["layers"]]
+    taken = {name for name in names if isinstance(name, str)}
+    mapping = {}
+    for name in names:
+        if not isinstance(name, str) or _valid_name(name) == name:
+            continue
+        new = _valid_name(name)
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        mapping[name] = new
+        notes.renamed[inner + new] = name
+    if not mapping:
+        return config
+    shown = [f"'{inner}{old}' -> '{inner}{new}'"
+             for old, new in list(mapping.items())[:3]]
+    more = (f", ... ({len(mapping)} in all; the JSON report's "
+            "source.renamed lists each)" if len(mapping) > 3 else "")
+    notes.append(
+        f"{len(mapping)} layer name(s) with '/' renamed, '/' -> '_' (Keras 3 "
+        "refuses '/' in a layer name; the file's weights are matched by the "
+        "Keras 2 names): " + ", ".join(shown) + more)
+    layers = []
+    for layer in config["layers"]:
+        layer = dict(layer)
+        name = (layer.get("config") or {}).get("name")
+        if name in mapping:
+            layer["config"] = dict(layer["config"], name=mapping[name])
+            if "name" in layer:
+                layer["name"] = mapping[name]
+        if "inbound_nodes" in layer:
+            layer["inbound_nodes"] = _rename_refs(layer["inbound_nodes"],
+                                                  mapping)
+        layers.append(layer)
+    return dict(config, layers=layers, **{
+        key: _rename_refs(config[key], mapping)
+        for key in ("input_layers", "output_layers") if key in config})
 
 
 def _single_input_output(config):
@@ -330,6 +518,12 @@ def _translate_layer(entry, prefix, notes, custom_objects):
     """One layer's config entry, translated; records its notes."""
     where = _layer_path(entry, prefix)
     class_name = entry.get("class_name")
+    if class_name in _keras2_ops.TF_OP_CLASSES and not _is_custom(
+            class_name, custom_objects):
+        translated = _keras2_ops.translate(where, entry, Keras2Error)
+        function = translated["config"]["function"]
+        notes.functions[function] = notes.functions.get(function, 0) + 1
+        return translated
     _check_known(where, class_name, custom_objects)
     if class_name == "Lambda" and not _is_custom(class_name, custom_objects):
         raise Keras2Error(
@@ -371,6 +565,8 @@ def _check_known(where, class_name, custom_objects):
     """Raise Keras2Error unless Keras or `custom_objects` knows the class."""
     import keras
 
+    from kerasbn import _keras_internal
+
     if not isinstance(class_name, str):
         raise Keras2Error(
             f"layer '{where}': its config has no class name (class_name="
@@ -382,6 +578,13 @@ def _check_known(where, class_name, custom_objects):
     if ">" in class_name and short in custom_objects:
         custom_objects[class_name] = custom_objects[short]
         return
+    stock = _keras_internal.stock_application_layer(short)
+    if stock is not None:
+        # A layer class of tf-keras' own applications (ConvNeXt's
+        # LayerScale, InceptionResNetV2's CustomScaleLayer): Keras 3's
+        # applications define the same class, same config, same weights.
+        custom_objects[class_name] = stock
+        return
     known = getattr(keras.layers, class_name, None)
     if isinstance(known, type) and issubclass(known, keras.layers.Layer):
         return
@@ -391,13 +594,6 @@ def _check_known(where, class_name, custom_objects):
 
 
 def _unknown_class_message(where, class_name):
-    if class_name in _TF_OPS:
-        return (
-            f"layer '{where}' is a {class_name} (a TensorFlow function "
-            "called on a Keras tensor in tf.keras), which Keras 3 has no "
-            "equivalent of: wrap the function in a custom Keras layer, "
-            "rebuild and save the model in Keras 2, and pass that layer's "
-            "module with --custom-module")
     return (
         f"layer '{where}' has class '{class_name}', which is not a Keras 3 "
         "layer: pass the module that defines it (a Keras 3 version of the "
@@ -420,38 +616,31 @@ def _drop_default(where, class_name, config, name, default, notes, why):
                  f"{value!r} ({why})")
 
 
-def _is_glorot_uniform(value):
-    if isinstance(value, str):
-        return value in ("glorot_uniform", "GlorotUniform")
-    return (isinstance(value, dict)
-            and value.get("class_name") in ("GlorotUniform", "glorot_uniform")
-            and (value.get("config") or {}).get("seed") is None)
-
-
 def _drop_separable_kernel_args(where, class_name, config, notes):
-    """Keras 2's SeparableConv layers saved their base class' kernel
-    arguments at the defaults and never used them."""
+    """Keras 2's SeparableConv layers took their base class' kernel
+    arguments (tf-keras' NASNet passes kernel_initializer='he_normal') and
+    never used them: the kernels are depthwise_kernel and pointwise_kernel,
+    each with its own initializer, regularizer and constraint."""
     found = {name: config.pop(name) for name in (
         "kernel_initializer", "kernel_regularizer", "kernel_constraint")
         if name in config}
+    found = {name: value for name, value in found.items()
+             if value is not None}
     if not found:
         return
-    for name, value in found.items():
-        default = name != "kernel_initializer" and value is None
-        if not (default or _is_glorot_uniform(value)):
-            raise Keras2Error(
-                f"layer '{where}': Keras 2 argument {name}={value!r} of "
-                f"{class_name} has no Keras 3 equivalent (its kernels are "
-                "depthwise_kernel and pointwise_kernel; tf-keras writes "
-                f"only the unused default here): remove {name} from the "
-                "layer in Keras 2 and save again")
-    shown = ", ".join(
-        f"{name}=" + ("glorot_uniform" if name == "kernel_initializer"
-                      else repr(value)) for name, value in found.items())
+    shown = ", ".join(f"{name}={_short_repr(value)}"
+                      for name, value in found.items())
     notes.append(
         f"layer '{where}': dropped Keras 2 arguments {shown} (Keras 2's "
         f"{class_name} never used them: its kernels are depthwise_kernel "
         "and pointwise_kernel)")
+
+
+def _short_repr(value):
+    """'HeNormal' for a serialized Keras object, else repr."""
+    if isinstance(value, dict) and "class_name" in value:
+        return str(value["class_name"])
+    return repr(value)
 
 
 # --------------------------------------------------------------------------
@@ -650,25 +839,28 @@ def _is_renorm(layer):
     return isinstance(layer, BatchRenormalization)
 
 
-def _match_model(model, groups):
-    """`[(variable, array)]` for every weight of `model`, from `groups`."""
+def _match_model(model, groups, renamed):
+    """`[(variable, array)]` for every weight of `model`, from `groups`;
+    `renamed` gives the Keras 2 name of each renamed layer by path."""
     from kerasbn import _keras_internal
 
     pairs, claimed = [], set()
     for layer in model.layers:
         if not layer.weights:
             continue
-        if layer.name not in groups:
+        name = renamed.get(layer.name, layer.name)
+        if name not in groups:
             raise Keras2Error(
-                f"layer '{layer.name}' has {len(layer.weights)} weights but "
+                f"layer '{name}' has {len(layer.weights)} weights but "
                 "the file has no weights for it: the file's config and "
                 "weights disagree; save the model again with Keras 2")
-        claimed.add(layer.name)
-        entries = groups[layer.name]
+        claimed.add(name)
+        entries = groups[name]
         if _keras_internal.is_graph_model(layer):
-            pairs += _match_nested(layer, entries, f"{layer.name}/")
+            pairs += _match_nested(layer, entries, f"{layer.name}/",
+                                   renamed)
         else:
-            pairs += _match_layer(layer, entries, layer.name)
+            pairs += _match_layer(layer, entries, name)
     extra = sorted(name for name, entries in groups.items()
                    if entries and name not in claimed)
     if extra:
@@ -679,7 +871,7 @@ def _match_model(model, groups):
     return pairs
 
 
-def _match_nested(model, entries, prefix):
+def _match_nested(model, entries, prefix, renamed):
     """Pairs for a nested model from its group's entries, by layer name.
 
     Keras 2 saved a nested model's weights in one group, ordered trainable
@@ -688,8 +880,9 @@ def _match_nested(model, entries, prefix):
     """
     pairs, left = [], list(entries)
     for layer, where in _leaf_layers(model, prefix):
-        own = [e for e in left if e[0].startswith(layer.name + "/")]
-        left = [e for e in left if not e[0].startswith(layer.name + "/")]
+        name = renamed.get(where, layer.name)
+        own = [e for e in left if e[0].startswith(name + "/")]
+        left = [e for e in left if not e[0].startswith(name + "/")]
         pairs += _match_layer(layer, own, where)
     if left:
         raise Keras2Error(
