@@ -125,7 +125,7 @@ def test_each_linear_op_and_form_folds_exactly(tmp_path, op, form):
     assert_close_to_scale(actual["output_0"].numpy(), expected, RTOL)
 
 
-def test_kept_normalizations_say_why(tmp_path):
+def test_unfoldable_normalizations_say_why(tmp_path):
     kernel = _kernel((3, 3, 3, 4))
     stats = _stats(4, seed=1)
 
@@ -143,7 +143,11 @@ def test_kept_normalizations_say_why(tmp_path):
     codes = sorted(e.codes[0] for e in result.fold_report.entries)
     assert codes == ["after_model_input", "after_nonlinear_layer",
                      "producer_output_shared"]
-    assert result.fold_report.kept == 3 and result.fold_report.folded == 0
+    # Each becomes one precomputed multiply-add (the graph's ScaleShift).
+    report = result.fold_report
+    assert (report.replaced, report.scale_shift_layers, report.kept,
+            report.folded, report.normalizations_after) == (3, 3, 0, 0, 0)
+    assert tfgraph.census(_graph_ops(result.artifacts["saved_model"])) == {}
     x = _random((6, 6, 3))
     expected = function(tf.constant(x))
     loaded = tf.saved_model.load(result.artifacts["saved_model"])
@@ -264,9 +268,9 @@ def test_keras_applications_exports_fold_like_kerasbn_fold(tmp_path, arch):
     and the folded SavedModel reproduces the Keras model. MobileNetV2
     (alpha 0.35): BN after convolutions and depthwise convolutions;
     keras-hub's pre-activation ResNet: BN before convolutions, which the
-    graph pass keeps. (keras.applications' ResNet50V2 has the same
-    pre-activation blocks but took 90 s here, its 24M weights frozen
-    into the graph.)"""
+    graph pass turns into multiply-adds where fold puts ScaleShift layers.
+    (keras.applications' ResNet50V2 has the same pre-activation blocks but
+    took 90 s here, its 24M weights frozen into the graph.)"""
     from tests import zoo
     from tests.helpers import randomize_normalizations
 
@@ -283,7 +287,8 @@ def test_keras_applications_exports_fold_like_kerasbn_fold(tmp_path, arch):
         keras_report.normalizations_before)
     assert graph_report.folded == keras_report.folded_backward > 0
     folded = _graph_ops(result.artifacts["saved_model"])
-    assert sum(tfgraph.census(folded).values()) == graph_report.kept
+    assert graph_report.scale_shift_layers == keras_report.scale_shift_layers
+    assert sum(tfgraph.census(folded).values()) == graph_report.kept == 0
     x = _random((32, 32, 3), batch=2)
     loaded = tf.saved_model.load(result.artifacts["saved_model"])
     (actual,) = loaded.signatures["serving_default"](

@@ -38,7 +38,8 @@ class FoldEntry:
         call: Index of this call among the layer's calls in its model
             (0 unless the layer is shared).
         action: "folded" (gone into `into`), "replaced" (by a ScaleShift of
-            the same name) or "kept" (left as it was).
+            the same name; at graph level, `fold_saved_model`, by one
+            multiply-add under the node's name) or "kept" (left as it was).
         direction: "backward" (into the layer before it, whose output it
             normalized), "forward" (into the layer(s) after it), or None.
         into: Names of the layers that absorbed it.
@@ -86,7 +87,8 @@ class FoldReport:
             nested models included (each layer counted once).
         normalizations_after: Normalization layers left in the new model
             (the kept ones).
-        scale_shift_layers: ScaleShift layers fold inserted.
+        scale_shift_layers: ScaleShift layers fold inserted (at graph
+            level: the multiply-adds, `x * scale + shift`).
         forward: Whether forward folds were allowed.
 
     >>> import keras, kerasbn

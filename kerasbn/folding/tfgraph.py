@@ -8,7 +8,7 @@ TensorFlow graphs:
 
 - `FusedBatchNorm`, `FusedBatchNormV2`, `FusedBatchNormV3` with
   `is_training=False` (tf.keras / Keras 2 with `fused=True`, TF1
-  `tf.layers`), channels last;
+  `tf.layers`);
 - the chain `tf.nn.batch_normalization` writes: `x * s + t` as
   `AddV2(Mul(x, s), t)` or `Sub(Mul(x, s), t)`, with `s` and `t` constant
   and `s` computed from an `Rsqrt` (Keras 3's TensorFlow backend, Keras 2
@@ -30,12 +30,25 @@ The rewrite: the linear op reads a new constant kernel; the normalization
 node becomes a `BiasAdd` of the folded bias under the SAME node name, so
 every consumer and every graph output that read it still does; the old
 bias adds are bypassed and the statistics pruned with whatever else no
-output needs. A normalization is kept (and reported with its reason) when
-its input is not a foldable linear op's output, when that output (or a
-step between) has another consumer or is a graph output, when its
-statistics are not constant, or when the layout is channels first.
-Normalizations BEFORE a linear op (pre-activation networks) are not
-folded at graph level; `kerasbn.fold` on the Keras model does that.
+output needs (control edges on constants, which a TF2 function puts on
+every variable read, do not keep them).
+
+A normalization no linear op absorbs -- its input is not a foldable linear
+op's output (an Add, a Concat, an activation, a graph input), that output
+(or a step between) has another consumer or is a graph output, or it is
+channels first -- becomes one precomputed multiply-add under its node
+name, `x * scale + shift` with `kerasbn.fold`'s float64 `(scale, shift)`
+cast once (broadcast `(C,)` channels last, `(C, 1, 1)` for NCHW), the
+graph's `kerasbn.layers.ScaleShift`: reported "replaced", counted in the
+report's `scale_shift_layers`, with the reason it was not folded. This is
+what `kerasbn.fold` does with the ScaleShift layers it leaves (ResNet50V2's
+17 pre-activation BNs, DenseNet121's 62 after a Concatenate). A
+normalization is kept as it is only when it is no constant affine map
+(`is_training=True`, statistics not constant, its batch-statistics outputs
+read) or with `keep_unfolded=True`. Normalizations BEFORE a linear op are
+not folded forward at graph level (`kerasbn.fold` tries that on the Keras
+model; on ResNet50V2, DenseNet121, NASNetMobile, EfficientNetB0 and
+MobileNetV3Small it finds none, so both give the same counts).
 
 Anchor: TensorFlow's `optimize_for_inference` folds only TF1 frozen
 GraphDefs with a `FusedBatchNorm` straight after a `Conv2D` or `MatMul`
@@ -53,6 +66,7 @@ from kerasbn._numerics import bn_scale_shift
 from kerasbn.folding.report import BACKWARD
 from kerasbn.folding.report import FOLDED
 from kerasbn.folding.report import KEPT
+from kerasbn.folding.report import REPLACED
 from kerasbn.folding.report import FoldEntry
 from kerasbn.folding.report import FoldReport
 
@@ -228,10 +242,6 @@ def _match_fused(graph, node):
     if node.attr["is_training"].b:
         raise Kept("training_mode", "is_training=True: it normalizes with "
                    "batch statistics, not constants")
-    if not _channels_last(node):
-        raise Kept("axis_mismatch", "data_format "
-                   f"{node.attr['data_format'].s.decode()}: only channels-"
-                   "last graphs are folded")
     if graph.other_outputs_used(node.name):
         raise Kept("unusual_call", "its batch-statistics outputs are read")
     if not all(graph.is_constant(t) for t in match.statistics.values()):
@@ -270,6 +280,11 @@ def _match_chain(graph, node):
 
 def _find_linear(graph, match):
     """Walk from the normalization's input down to its linear op."""
+    node = graph.nodes[match.node]
+    if match.kind != CHAIN_KIND and not _channels_last(node):
+        raise Kept("axis_mismatch", "data_format "
+                   f"{node.attr['data_format'].s.decode()}: only channels-"
+                   "last normalizations are folded into their linear op")
     tensor = match.data
     for _ in range(8):
         name, index = _split(tensor)
@@ -277,22 +292,25 @@ def _find_linear(graph, match):
         what = f"{node.op} '{readable(name)}'"
         if graph.origin(tensor).op == "Placeholder":
             raise Kept("after_model_input", "it normalizes a graph input")
+        bias = None if node.op in _LINEAR else _bias_of(graph, node)
+        if node.op not in _LINEAR and bias is None and not (
+                node.op in _PASS_THROUGH and _keeps_channels(graph, node)):
+            # Checked before sharing, as kerasbn.fold does: an Add or a
+            # Concat that is also read elsewhere is still no linear op.
+            raise Kept("after_nonlinear_layer",
+                       f"its input comes from {what}, not a linear op")
         if index != 0 or graph.uses(name) != 1 or graph.other_outputs_used(
                 name):
             raise Kept("producer_output_shared",
                        f"the output of {what} is also read elsewhere")
         if node.op in _LINEAR:
             return _check_linear(graph, match, node)
-        bias = _bias_of(graph, node)
         if bias is not None:
             match.steps.append((name, bias))
             tensor = node.input[0] if node.input[1] == bias else node.input[1]
-        elif node.op in _PASS_THROUGH and _keeps_channels(graph, node):
+        else:
             match.steps.append((name, None))
             tensor = node.input[0]
-        else:
-            raise Kept("after_nonlinear_layer",
-                       f"its input comes from {what}, not a linear op")
     raise Kept("producer_unsupported", "no linear op within 8 steps")
 
 
@@ -372,6 +390,11 @@ def _affine(match, values, channels):
             *(_per_channel(stats[r], channels, r)
               for r in ("gamma", "beta", "mean", "variance")),
             match.epsilon)
+    _check_finite(match, scale, shift)
+    return scale, shift
+
+
+def _check_finite(match, scale, shift):
     bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(shift)))
     if bad.size:
         raise ValueError(
@@ -381,7 +404,6 @@ def _affine(match, values, channels):
             "epsilon not positive, or NaN/inf in gamma, beta or the mean). "
             "Fix the model's statistics before folding."
         )
-    return scale, shift
 
 
 def _folded_weights(match, values):
@@ -396,6 +418,36 @@ def _folded_weights(match, values):
             bias = bias + _per_channel(values[tensor], channels, "bias")
     new_kernel, new_bias = _BACKWARD[match.layout](kernel, bias, scale, shift)
     return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+def _multiply_add(match, values, node):
+    """The float64 `(scale, shift)` arrays of `y = x * scale + shift` for a
+    normalization no linear op absorbs, shaped to broadcast against its
+    data as the normalization does: `(C,)` channels last, `(C, 1, 1)` /
+    `(C, 1, 1, 1)` for a channels-first (NCHW / NCDHW) fused op, and the
+    chain's own constants' shapes (it already is `x * s + t`)."""
+    if match.kind == CHAIN_KIND:
+        scale = np.asarray(values[match.statistics["scale"]], np.float64)
+        shift = match.shift_sign * np.asarray(
+            values[match.statistics["shift"]], np.float64)
+    else:
+        stats = [np.asarray(values[match.statistics[r]], np.float64)
+                 for r in ("gamma", "beta", "mean", "variance")]
+        channels = stats[0].size
+        if any(a.size != channels for a in stats):
+            raise Kept("shape", "its statistics differ in size "
+                       f"{[a.size for a in stats]}")
+        scale, shift = bn_scale_shift(*(a.reshape(-1) for a in stats),
+                                      match.epsilon)
+        if not _channels_last(node):
+            layout = node.attr["data_format"].s.decode()
+            trailing = (1,) * (len(layout) - 2)  # NCHW: (C, 1, 1)
+            scale = scale.reshape((channels,) + trailing)
+            shift = shift.reshape((channels,) + trailing)
+    both = np.broadcast_shapes(scale.shape, shift.shape)
+    _check_finite(match, np.broadcast_to(scale, both).reshape(-1),
+                  np.broadcast_to(shift, both).reshape(-1))
+    return scale, shift
 
 
 # -- Rewriting the graph. ----------------------------------------------------
@@ -447,36 +499,96 @@ def _rewrite(nodes, match, kernel, bias):
     nodes[match.node] = new
 
 
+def _replace(nodes, match, scale, shift):
+    """Rewrite `match` in `nodes` as one multiply-add, `x * scale + shift`
+    (the graph's `kerasbn.layers.ScaleShift`): the normalization's node
+    name becomes the `AddV2`, so its consumers and the graph outputs still
+    read it. Float16/bfloat16 data is computed in float32 and cast back, as
+    the fused op (and ScaleShift) do."""
+    import tensorflow as tf
+
+    old = nodes[match.node]
+    dtype = tf.as_dtype(old.attr["T"].type)
+    compute = tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+    base = match.node
+    shapes = old.attr["_output_shapes"].list.shape if (
+        "_output_shapes" in old.attr) else ()
+
+    def add_node(name, op, inputs, **types):
+        node = tf.compat.v1.NodeDef(name=name, op=op)
+        node.input.extend(inputs)
+        for key, value in types.items():
+            node.attr[key].type = value.as_datatype_enum
+        if shapes and match.kind != CHAIN_KIND:  # x's shape throughout.
+            node.attr["_output_shapes"].list.shape.add().CopyFrom(shapes[0])
+        nodes[name] = node
+        return name
+
+    data = match.data
+    if compute != dtype:
+        data = add_node(_unique_name(nodes, f"{base}/kerasbn_cast"), "Cast",
+                        [data], SrcT=dtype, DstT=compute)
+    constants = []
+    for role, array in (("scale", scale), ("shift", shift)):
+        name = _unique_name(nodes, f"{base}/kerasbn_{role}")
+        nodes[name] = _const(name, array.astype(compute.as_numpy_dtype))
+        constants.append(name)
+    product = add_node(_unique_name(nodes, f"{base}/kerasbn_mul"), "Mul",
+                       [data, constants[0]], T=compute)
+    controls = [t for t in old.input if t.startswith("^")]
+    if compute == dtype:
+        add_node(base, "AddV2", [product, constants[1]] + controls, T=compute)
+    else:
+        total = add_node(_unique_name(nodes, f"{base}/kerasbn_add"), "AddV2",
+                         [product, constants[1]], T=compute)
+        add_node(base, "Cast", [total] + controls, SrcT=compute, DstT=dtype)
+
+
 def _candidates(graph):
-    """`(node, _Match or Kept)` for each normalization node, graph order."""
+    """`(node, _Match or None, outcome)` for each normalization node in
+    graph order: the outcome is the `_Match` (foldable into its linear op)
+    or `Kept`; the `_Match` is None when the node cannot even be rewritten
+    as a multiply-add (training mode, statistics not constant, ...)."""
     found = []
     for node in graph.graph_def.node:
-        try:
-            if node.op in FUSED_OPS:
+        if node.op in FUSED_OPS:
+            try:
                 match = _match_fused(graph, node)
-            elif node.op in ("Add", "AddV2", "Sub"):
-                match = _match_chain(graph, node)
-                if match is None:
-                    continue
-            else:
+            except Kept as kept:
+                found.append((node, None, kept))
                 continue
-            found.append((node, _find_linear(graph, match)))
+        elif node.op in ("Add", "AddV2", "Sub"):
+            match = _match_chain(graph, node)
+            if match is None:
+                continue
+        else:
+            continue
+        try:
+            found.append((node, match, _find_linear(graph, match)))
         except Kept as kept:
-            found.append((node, kept))
+            found.append((node, match, kept))
     return found
 
 
-def _entry(node, outcome):
+def _entry(node, outcome, action):
     kind = node.op if node.op in FUSED_OPS else CHAIN_KIND
     if isinstance(outcome, Kept):
-        return FoldEntry(readable(node.name), kind, 0, KEPT,
+        return FoldEntry(readable(node.name), kind, 0, action,
                          reason=f"backward: {outcome}", codes=(outcome.code,))
     return FoldEntry(readable(node.name), kind, 0, FOLDED, BACKWARD,
                      into=(readable(outcome.linear),))
 
 
-def fold_graph_def(graph_def, outputs, name="graph"):
+def fold_graph_def(graph_def, outputs, name="graph", keep_unfolded=False):
     """Fold every foldable batch normalization of a frozen GraphDef.
+
+    A normalization no linear op before it can absorb (after an Add, a
+    Concat, an activation or a graph input; channels first) becomes one
+    precomputed multiply-add, `x * scale + shift` (the graph's
+    `kerasbn.layers.ScaleShift`, reported "replaced"), unless
+    `keep_unfolded`. Only a normalization that is no inference-mode affine
+    map of constants (`is_training=True`, statistics computed from the
+    input, its batch-statistics outputs read) stays as it is ("kept").
 
     Args:
         graph_def: A `tf.compat.v1.GraphDef` with constants for weights
@@ -485,36 +597,71 @@ def fold_graph_def(graph_def, outputs, name="graph"):
         outputs: The graph's output tensor names ("node:0"): they and
             every node name are kept.
         name: The model's name, for the report.
+        keep_unfolded: Leave the normalizations that cannot be folded as
+            they are instead of rewriting them as a multiply-add.
 
     Returns:
         `(graph_def, FoldReport)`: the folded GraphDef (pruned to what
         `outputs` need) and one `FoldEntry` per normalization node, folded
-        (`into` the linear node) or kept with its reason and code.
+        (`into` the linear node), replaced (by a multiply-add) or kept,
+        with its reason and code. The report's `scale_shift_layers` counts
+        the multiply-adds.
 
     Raises:
         ValueError: a normalization with NaN or infinite statistics.
     """
     graph = _Graph(graph_def, outputs)
     found = _candidates(graph)
-    matches = [m for _, m in found if isinstance(m, _Match)]
-    wanted = [m.kernel for m in matches]
+    matches = [m for _, m, _ in found if m is not None]
+    foldable = [m for _, _, m in found if isinstance(m, _Match)]
+    wanted = [m.kernel for m in foldable]
     wanted += [t for m in matches for t in m.statistics.values()]
-    wanted += [t for m in matches for _, t in m.steps if t is not None]
+    wanted += [t for m in foldable for _, t in m.steps if t is not None]
     values = graph.values(wanted)
     nodes = collections.OrderedDict((n.name, n) for n in
                                     _copy(graph_def).node)
     outcomes = []
-    for node, match in found:
-        if isinstance(match, _Match):
+    for node, match, outcome in found:
+        action = KEPT
+        if isinstance(outcome, _Match):
             try:
                 _rewrite(nodes, match, *_folded_weights(match, values))
             except Kept as kept:
-                match = kept
-        outcomes.append(_entry(node, match))
+                outcome = kept
+        if isinstance(outcome, Kept) and match is not None and (
+                not keep_unfolded):
+            try:
+                _replace(nodes, match, *_multiply_add(match, values, node))
+                action = REPLACED
+            except Kept as kept:
+                outcome = kept
+        outcomes.append(_entry(node, outcome, action))
+    _drop_constant_controls(nodes, graph)
     folded = _copy(graph_def, _needed(nodes, outputs))
     kept = sum(e.action == KEPT for e in outcomes)
-    return folded, FoldReport(name, tuple(outcomes), len(outcomes), kept, 0,
-                              forward=False)
+    replaced = sum(e.action == REPLACED for e in outcomes)
+    return folded, FoldReport(name, tuple(outcomes), len(outcomes), kept,
+                              replaced, forward=False)
+
+
+def _drop_constant_controls(nodes, graph):
+    """Remove control inputs on the source graph's constant subgraphs.
+
+    A TF2 function's auto control dependencies make its outputs wait for
+    every variable read (`Identity(..., ^NoOp)`, the NoOp reading each
+    `ReadVariableOp`); frozen, those reads are constants, and the edges
+    would keep every replaced kernel and statistic in the folded graph
+    (and the SavedModel written from it: weights twice over). Waiting on
+    a constant does nothing, so the edges go.
+    """
+    for node in nodes.values():
+        controls = [t for t in node.input if t.startswith("^")]
+        dropped = [t for t in controls if t[1:] in graph.nodes
+                   and graph.is_constant(t[1:])]
+        if dropped:
+            kept = [t for t in node.input if t not in dropped]
+            del node.input[:]
+            node.input.extend(kept)
 
 
 def _needed(nodes, outputs):

@@ -54,6 +54,7 @@ class FrozenGraph(tf.Module):
     def __init__(self, graph_def, input_tensors, output_tensors, input_specs,
                  name, min_weight_size=16):
         super().__init__()
+        graph_def = without_gradient_annotations(graph_def)
         self.graph_def = graph_def
         self.model_name = name
         self.input_tensors = list(input_tensors)
@@ -74,6 +75,31 @@ class FrozenGraph(tf.Module):
 
     def __call__(self, *flat_inputs):
         return list(self._call[0](*flat_inputs))
+
+
+def without_gradient_annotations(graph_def):
+    """`graph_def` without `_gradient_op_type` attributes (a copy if it
+    had any).
+
+    `tf.custom_gradient` (Keras 2's swish with its `beta`, any custom layer
+    with a custom gradient) marks its forward ops with the name of a
+    gradient function registered in the PROCESS that traced or loaded it:
+    `tf.saved_model.load` registers the source's saved gradient functions
+    under new names, and freezing copies the mark onto the frozen nodes.
+    `tf.saved_model.save` of a function over those nodes then looks the
+    name up, traces the source's gradient function, and finds it capturing
+    the source's own tensors ("Found invalid capture ... when saving custom
+    gradients"). A frozen inference graph has no use for gradients: the
+    marks go, the ops (IdentityN) stay.
+    """
+    if not any("_gradient_op_type" in n.attr for n in graph_def.node):
+        return graph_def
+    copy = tf.compat.v1.GraphDef()
+    copy.CopyFrom(graph_def)
+    for node in copy.node:
+        if "_gradient_op_type" in node.attr:
+            del node.attr["_gradient_op_type"]
+    return copy
 
 
 def _weight_names(graph_def, min_size):
@@ -159,7 +185,8 @@ def load_saved_model(path, signature_key="serving_default"):
     specs = tf.nest.flatten(function.structured_input_signature)
     output_names = sorted(function.structured_outputs)
     frozen = _keras_internal.freeze_concrete_function(function, inline=True)
-    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    graph_def = without_gradient_annotations(
+        frozen.graph.as_graph_def(add_shapes=True))
     inputs = [t.name for t in frozen.inputs[:len(specs)]]
     outputs = [t.name for t in frozen.outputs]
     keys = _input_keys(function, specs)
@@ -208,6 +235,7 @@ def load_frozen_graph(path):
     placeholders = [n for n in graph_def.node if n.op == "Placeholder"]
     if not placeholders:
         raise SourceError(f"{path} has no Placeholder input")
+    graph_def = without_gradient_annotations(graph_def)
     read = {i.lstrip("^").split(":")[0] for n in graph_def.node
             for i in n.input}
     outputs = [n.name for n in graph_def.node
