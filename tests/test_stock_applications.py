@@ -49,10 +49,10 @@ FACTOR = 4.0
 # ONNX as well for one model of each kind of graph: TFOpLambda arithmetic
 # and '/' names (MobileNetV3), concatenations (DenseNet), separable
 # convolutions and cropping (NASNet), swish and squeeze-excite
-# (EfficientNet), grouped convolutions (RegNetY). ConvNeXt's exact GELU
-# is TensorFlow's Erfc, which tf2onnx does not convert (issue 33).
+# (EfficientNet), LayerNormalization, LayerScale and exact GELU (Erfc,
+# rewritten for tf2onnx: ConvNeXt), grouped convolutions (RegNetY).
 WITH_ONNX = {"MobileNetV3Small", "DenseNet121", "NASNetMobile",
-             "EfficientNetB0", "RegNetY002"}
+             "EfficientNetB0", "ConvNeXtTiny", "RegNetY002"}
 
 
 @pytest.fixture(scope="session")

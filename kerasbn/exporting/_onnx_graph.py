@@ -30,6 +30,64 @@ _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 
 
+def _erfc(ctx, node, name, args):
+    """TensorFlow's Erfc, which tf2onnx does not convert (Keras 3's exact
+    GELU, 0.5 x erfc(-x / sqrt 2), is written with it), as ONNX
+    `1 - Erf(x)`: exact in float32 within one rounding of the result, an
+    absolute error of ~6e-8 where erfc is small, which GELU multiplies by
+    x, never by a large factor."""
+    from tf2onnx import utils
+
+    dtype = ctx.get_dtype(node.input[0])
+    one = ctx.make_const(utils.make_name(f"{name}_one"), np.array(
+        1.0, dtype=utils.map_onnx_to_numpy_type(dtype)))
+    node.type = "Erf"
+    node.domain = ""
+    output = node.output[0]
+    ctx.insert_new_node_on_output(
+        "Sub", output, name=utils.make_name(f"{name}_one_minus"),
+        inputs=[one.output[0], output])
+
+
+def _expm1(ctx, node, name, args):
+    """TensorFlow's Expm1 (Keras 3's CELU and ELU-family activations), which
+    tf2onnx does not convert, as ONNX ops that keep its precision near 0,
+    where exp(x) - 1 cancels: with u = exp(x),
+
+        expm1(x) = u - 1                    for |x| > 0.5 (no cancellation)
+                 = x                        where u rounds to 1
+                 = (u - 1) * x / log(u)     otherwise (Kahan's correction:
+                                            the rounding of u cancels)
+    """
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    x = node.input[0]
+
+    def const(value, what):
+        return ctx.make_const(utils.make_name(f"{name}_{what}"),
+                              np.array(value, dtype=dtype)).output[0]
+
+    def op(kind, *inputs):
+        return ctx.make_node(kind, list(inputs),
+                             name=utils.make_name(f"{name}_{kind}")).output[0]
+
+    u = op("Exp", x)
+    u_minus_1 = op("Sub", u, const(1.0, "one"))
+    kahan = op("Mul", u_minus_1, op("Div", x, op("Log", u)))
+    small = op("Where", op("Equal", u, const(1.0, "one_eq")), x, kahan)
+    large = op("Greater", op("Abs", x), const(0.5, "half"))
+    shapes, dtypes = node.output_shapes, node.output_dtypes
+    ctx.remove_node(node.name)
+    ctx.make_node("Where", [large, u_minus_1, small], outputs=node.output,
+                  name=name, shapes=shapes, dtypes=dtypes)
+
+
+# Ops TensorFlow writes for Keras 3 layers that tf2onnx leaves unconverted,
+# each with its ONNX rewrite.
+CUSTOM_OPS = {"Erfc": (_erfc, []), "Expm1": (_expm1, [])}
+
+
 def convert(function, input_specs, opset):
     """`(ModelProto, notes)` for a `tf.function` with a fixed signature.
 
@@ -43,7 +101,8 @@ def convert(function, input_specs, opset):
     calls, captured = _uninlinable_calls(concrete), _captured(concrete)
     if not calls and not captured:
         proto, _ = tf2onnx.convert.from_function(
-            function, input_signature=input_specs, opset=opset)
+            function, input_signature=input_specs, opset=opset,
+            custom_op_handlers=dict(CUSTOM_OPS))
         names = [spec.name for spec in input_specs]
         calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
         captured = [i.name for i in proto.graph.input if i.name not in names]
@@ -105,7 +164,8 @@ def _convert_frozen(concrete, n_inputs, opset):
                 del holder.attr[attribute]
     proto, _ = tf2onnx.convert.from_graph_def(
         graph_def, name=concrete.name, input_names=input_names,
-        output_names=output_names, opset=opset, tensors_to_rename=renames)
+        output_names=output_names, opset=opset, tensors_to_rename=renames,
+        custom_op_handlers=dict(CUSTOM_OPS))
     return proto
 
 

@@ -1,0 +1,71 @@
+"""The ONNX rewrites of TensorFlow ops tf2onnx does not convert
+(`kerasbn.exporting._onnx_graph.CUSTOM_OPS`), against TensorFlow's own op.
+
+- Erfc (Keras 3's exact GELU) -> 1 - Erf(x): absolute error within 2e-7,
+  a float32 rounding of values <= 2 (one rounding of Erf, one of the
+  subtraction); erfc's relative precision where it is tiny (x > 3) is not
+  kept, which GELU, x * erfc(-x / sqrt 2) / 2, never needs: there the
+  product is below 1e-5 x.
+- Expm1 (Keras 3's CELU) keeps its relative precision near 0, where
+  exp(x) - 1 cancels: within 4 float32 ulps of TensorFlow's value
+  everywhere, 1e-10 and 1e-30 included (exp(x) - 1 is off by 100% there:
+  `test_naive_expm1_would_fail`).
+"""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+
+from kerasbn.exporting import _onnx_graph
+
+GRID = np.concatenate([
+    np.linspace(-12.0, 12.0, 481),
+    np.array([0.0, 1e-30, -1e-30, 1e-10, -1e-10, 1e-7, -1e-7, 3e-4, -3e-4,
+              0.4999, 0.5, 0.5001, -0.5, 40.0, -90.0]),
+]).astype("float32")
+
+
+def _onnx(fn, x):
+    spec = (tf.TensorSpec((None,), tf.float32, name="x"),)
+    proto, _ = _onnx_graph.convert(tf.function(fn), spec, opset=17)
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x})
+    return y, [node.op_type for node in proto.graph.node]
+
+
+def test_erfc_converts_within_a_rounding():
+    y, ops = _onnx(tf.math.erfc, GRID)
+    assert "Erf" in ops
+    np.testing.assert_allclose(y, tf.math.erfc(GRID).numpy(), rtol=0,
+                               atol=2e-7)
+
+
+def test_expm1_keeps_its_relative_precision():
+    y, ops = _onnx(tf.math.expm1, GRID)
+    expected = tf.math.expm1(GRID).numpy()
+    finite = np.isfinite(expected)
+    ulp = np.spacing(np.abs(expected[finite]).astype("float32"))
+    assert np.all(np.abs(y[finite] - expected[finite]) <= 4 * ulp)
+    assert np.array_equal(y[~finite], expected[~finite])
+
+
+def test_naive_expm1_would_fail():
+    x = np.float32(1e-10)
+    assert np.exp(x) - np.float32(1) == 0  # 100% off: the test can fail
+
+
+@pytest.mark.parametrize("activation", ["gelu", "celu"])
+def test_activation_exports_to_onnx(activation, tmp_path):
+    import keras
+
+    import kerasbn
+
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation(activation)(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    result = kerasbn.export(model, tmp_path / "out", formats=("onnx",))
+    assert all(check["passed"] for check in result.checks)
