@@ -267,7 +267,23 @@ def _load(args):
 
     for spec in args.custom_module:
         _import_custom_module(spec)
+    try:
+        return _read_source(args)
+    except CliError:
+        raise
+    except Exception as error:
+        # Whatever the reader tripped on (h5py's OSError on a truncated
+        # file, a KeyError on a corrupt object header, TensorFlow's
+        # DataLossError): the source is bad input, not a failed export.
+        raise CliError(_unreadable(args.model, args.kind, error)) from error
+
+
+def _read_source(args):
     if args.kind == sources.H5:
+        problem = sources.probe_hdf5(args.model)
+        if problem:
+            raise CliError(f"cannot read {args.model} as a Keras 2 HDF5 "
+                           f"model (truncated or corrupt?): {problem}")
         return _load_h5(args.model)
     if args.kind in _GRAPH_KINDS:
         from kerasbn.exporting import _graph
@@ -275,10 +291,39 @@ def _load(args):
         try:
             source, _ = _graph.read_source(
                 args.model, args.signature or "serving_default")
-        except ValueError as error:
-            raise CliError(str(error)) from None
+        except Exception as error:
+            damage = (sources.saved_model_damage(args.model)
+                      if args.kind == sources.SAVED_MODEL else None)
+            if damage:
+                raise CliError(f"cannot load the SavedModel {args.model}: "
+                               f"{damage}") from error
+            if not isinstance(error, ValueError):
+                raise
+            raise CliError(_first_line(error)) from None
         return source, source.notes
     return load_model(args.model), []
+
+
+_KIND_TEXT = {sources.KERAS: "a Keras 3 .keras file",
+              sources.H5: "a Keras 2 HDF5 model",
+              sources.SAVED_MODEL: "a SavedModel",
+              sources.GRAPH_DEF: "a TensorFlow GraphDef"}
+
+
+def _unreadable(path, kind, error):
+    """One line: `path` could not be read as `kind`, and the reader's
+    reason."""
+    return (f"cannot read {path} as {_KIND_TEXT.get(kind, 'a model')} "
+            f"(truncated or corrupt?): {type(error).__name__}: "
+            f"{_first_line(error, 300) or 'no message'}")
+
+
+def _first_line(error, limit=None):
+    """`kerasbn._checks.first_line`, which imports Keras: loaded here
+    only once the source is read."""
+    from kerasbn import _checks
+
+    return _checks.first_line(error, limit)
 
 
 def _load_h5(path):
@@ -527,6 +572,11 @@ def _report(args, model, result, progress):
     if args.json:
         report = result.to_dict()
         report["source"] = {"path": args.model, "kind": args.kind}
+        renamed = getattr(args, "renamed", None)
+        if renamed:
+            # {Keras 3 layer name: Keras 2 name} for the '/' names an .h5
+            # file's layers had (kerasbn.sources.keras2).
+            report["source"]["renamed"] = dict(renamed)
         if hasattr(model, "count_params"):
             report["parameters"] = {"before": model.count_params(),
                                     "after": result.model.count_params()}
@@ -576,6 +626,7 @@ def run(argv=None, interrupts=None):
 
     progress(f"loading {args.model}")
     model, notes = _load(args)
+    args.renamed = getattr(notes, "renamed", None)
     try:
         result = _export(args, model, formats, progress)
     except VerificationError as error:
@@ -663,6 +714,15 @@ class _Interrupts:
         return 128 + (self.signum or signal.SIGINT)
 
 
+def _one_line(error):
+    """`error`'s message on one line that any terminal prints: a name
+    read from a corrupt file can hold undecodable bytes (lone surrogates),
+    which would make printing the message fail."""
+    text = " ".join(str(error).split("\n"))
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def main(argv=None):
     interrupts = _Interrupts()
     with interrupts.installed():
@@ -670,7 +730,8 @@ def main(argv=None):
             status = run(argv, interrupts)
         except CliError as error:
             if interrupts.signum is None:
-                print(f"kerasbn-fold: error: {error}", file=sys.stderr)
+                print(f"kerasbn-fold: error: {_one_line(error)}",
+                      file=sys.stderr)
                 return EXIT_USAGE
         except KeyboardInterrupt:
             pass

@@ -24,6 +24,7 @@ from kerasbn import cli
 from kerasbn.exporting import ExportError
 from tests.backend_layers import Softsign2
 from tests.helpers import assert_close_to_scale
+from tests.helpers import randomize_normalizations
 
 pytestmark = pytest.mark.any_backend
 
@@ -192,3 +193,89 @@ def test_cli_folds_and_exports_in_this_backend(tmp_path, capsys):
                                    providers=["CPUExecutionProvider"])
     assert_close_to_scale(session.run(["scores"], {"image": x})[0],
                           reference(model, x), RTOL, "onnx from the CLI")
+
+
+def _served_names(result):
+    """`(inputs, outputs)` names of the SavedModel's serving signature and
+    of the ONNX graph, as a client sees them."""
+    loaded = tf.saved_model.load(result.artifacts["saved_model"])
+    serve = loaded.signatures["serving_default"]
+    saved = (sorted(serve.structured_input_signature[1]),
+             sorted(serve.structured_outputs))
+    graph = onnx.load(result.artifacts["onnx"]).graph
+    return saved, ([i.name for i in graph.input],
+                   [o.name for o in graph.output])
+
+
+def test_unnamed_inputs_and_a_folded_output_keep_the_users_names(tmp_path):
+    """Names Keras chose, not the user: two inputs made without `name=`
+    (Keras names their tensors `keras_tensor...`; a reloaded `.keras`
+    file names them after their InputLayers instead) and an output
+    whose BN is folded away (the folded model's output is its Dense).
+    Every backend serves under the names the user's model has; the two
+    inputs have different shapes, so a swap would not run."""
+    keras.Input((3,))  # Unnamed tensors are numbered: not the first one.
+    image, extra = keras.Input((8, 8, 3)), keras.Input((5,))
+    h = keras.layers.Conv2D(4, 3)(image)
+    h = kerasbn.layers.BatchNormalization()(h)
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(h),
+                                    keras.layers.Dense(3)(extra)])
+    scores = keras.layers.Dense(2)(h)
+    normalized = keras.layers.BatchNormalization()(
+        keras.layers.Dense(3)(extra))
+    model = keras.Model([image, extra], [scores, normalized])
+    randomize_normalizations(model, seed=5)
+    inputs = [t.name for t in model.inputs]
+    outputs = list(model.output_names)
+    assert inputs[0].startswith("keras_tensor") and len(set(inputs)) == 2
+    rng = np.random.default_rng(3)
+    x = [rng.normal(size=(3, 8, 8, 3)).astype("float32"),
+         rng.normal(size=(3, 5)).astype("float32")]
+    result = kerasbn.export(model, tmp_path, formats="saved_model,onnx",
+                            sample=x)
+    assert result.passed and result.fold_report.folded == 2
+    saved, graph = _served_names(result)
+    assert saved == (sorted(inputs), sorted(outputs))
+    assert graph == (inputs, outputs)
+
+    # Fed by those names, each artifact gives the user's model's outputs.
+    expected = [keras.ops.convert_to_numpy(t)
+                for t in model(x, training=False)]
+    serve = tf.saved_model.load(result.artifacts["saved_model"]).signatures[
+        "serving_default"]
+    served = serve(**{n: tf.constant(a) for n, a in zip(inputs, x)})
+    session = ort.InferenceSession(result.artifacts["onnx"],
+                                   providers=["CPUExecutionProvider"])
+    ran = session.run(outputs, dict(zip(inputs, x)))
+    for name, want, got in zip(outputs, expected, ran):
+        assert_close_to_scale(served[name].numpy(), want, RTOL, name)
+        assert_close_to_scale(got, want, RTOL, name)
+
+
+@pytest.mark.slow
+def test_a_keras_applications_model_exports_verified(tmp_path):
+    """keras.applications builds its input without `name=`. MobileNetV2
+    at its smallest (alpha 0.35, 32x32) with random BN statistics and
+    logits out (a softmax of random weights would hide errors); ~30 s
+    on JAX, most of it building the model and the TensorFlow writer."""
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        classifier_activation=None)
+    randomize_normalizations(model, seed=11)
+    x = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype(
+        "float32")
+    result = kerasbn.export(model, tmp_path, formats="saved_model,onnx",
+                            sample=x)
+    assert result.passed
+    assert (result.fold_report.folded, result.fold_report.kept) == (52, 0)
+    name = model.inputs[0].name
+    assert _served_names(result) == (([name], ["predictions"]),
+                                     ([name], ["predictions"]))
+    session = ort.InferenceSession(result.artifacts["onnx"],
+                                   providers=["CPUExecutionProvider"])
+    # The fold's float32 rounding through 52 BNs: ~5e-7 of the output
+    # scale measured; 1e-5 as for the small net.
+    assert_close_to_scale(session.run(None, {name: x})[0],
+                          reference(model, x), RTOL, "onnx")
+    assert "BatchNormalization" not in {
+        n.op_type for n in onnx.load(result.artifacts["onnx"]).graph.node}

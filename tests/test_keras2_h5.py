@@ -403,3 +403,13 @@ def test_keras_own_classes_in_custom_objects_are_still_translated(
     model, notes = keras2.load_h5(keras2_dir / "model.h5", custom)
     _assert_notes("model", notes)
     _assert_matches_oracle(model, keras2_dir, "model")
+
+
+def test_truncated_file_is_refused_in_one_line(keras2_dir, tmp_path):
+    data = (keras2_dir / "model.h5").read_bytes()
+    path = tmp_path / "truncated.h5"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Keras2Error, match="truncated or corrupt") as error:
+        keras2.load_h5(path)
+    assert str(path) in str(error.value)
+    _assert_one_line(error)

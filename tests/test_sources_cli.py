@@ -234,3 +234,90 @@ def test_sample_file_for_a_keras_model(tmp_path, capsys):
     assert status == 0, err
     checks = json.loads((tmp_path / "r.json").read_text())["checks"]
     assert sorted({c["batch"] for c in checks}) == [1, 6]
+
+
+# -- Corrupt and misnamed files: exit 2, one line naming the file. -----------
+
+
+def _copy_damaged(source, target, relpath="", keep=None):
+    """`source` (file or directory) copied to `target`, with its file
+    `relpath` cut to its first `keep` bytes (all but the last 100 by
+    default)."""
+    import shutil
+
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy(source, target)
+    victim = target / relpath if relpath else target
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) - 100 if keep is None else keep])
+    return target
+
+
+def test_truncated_h5_is_refused_naming_it(keras2, tmp_path, capsys):
+    path = _copy_damaged(keras2 / "model.h5", tmp_path / "model.h5")
+    status, _, err = run(capsys, path, "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", str(path),
+                   "Keras 2 HDF5 model", "truncated file")
+
+
+@pytest.mark.parametrize("relpath,keep,fragment", [
+    ("saved_model.pb", 0, "saved_model.pb holds no MetaGraph"),
+    ("saved_model.pb", 5000, "saved_model.pb is truncated or corrupt"),
+    (os.path.join("variables", "variables.data-00000-of-00001"), None,
+     os.path.join("variables", "variables.data-00000-of-00001")
+     + " is truncated or corrupt"),
+    (os.path.join("variables", "variables.index"), None,
+     os.path.join("variables", "variables.index")
+     + " is truncated or corrupt"),
+])
+def test_truncated_savedmodel_file_is_named(keras2, tmp_path, capsys,
+                                            relpath, keep, fragment):
+    path = _copy_damaged(keras2 / "keras2_savedmodel", tmp_path / "sm",
+                         relpath, keep)
+    status, _, err = run(capsys, path, "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", str(path), fragment)
+
+
+def test_files_that_are_not_what_their_extension_says(keras2, tmp_path,
+                                                      capsys):
+    import shutil
+
+    h5 = keras2 / "model.h5"
+    inputs = keras.Input((3,), name="x")
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(
+        tmp_path / "real.keras")
+    cases = {  # name: (source, what the line says)
+        "model.keras": (h5, "is an HDF5 file, not a Keras 3 .keras file"),
+        "graph.pb": (h5, "is an HDF5 file, not a TensorFlow GraphDef"),
+        "model.h5": (tmp_path / "real.keras",
+                     "is a zip archive, not a Keras 2 HDF5 file"),
+    }
+    for name, (source, fragment) in cases.items():
+        path = tmp_path / "misnamed" / name
+        path.parent.mkdir(exist_ok=True)
+        shutil.copy(source, path)
+        status, _, err = run(capsys, path, "-o", tmp_path / "o")
+        assert_refused(status, err, tmp_path / "o", str(path), fragment,
+                       "as its extension says")
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes((tmp_path / "real.keras").read_bytes()[:-30])
+    status, _, err = run(capsys, cut, "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", str(cut),
+                   "no zip directory: truncated or corrupt?")
+
+
+def test_a_crash_of_the_hdf5_library_is_refused(keras2, tmp_path, capsys,
+                                                monkeypatch):
+    """A corrupt HDF5 file can make h5py crash the process (SIGSEGV, seen
+    in the fuzz); the file is first read in a child process, whose crash
+    (simulated here) is an exit 2 naming the file."""
+    from kerasbn import sources
+
+    monkeypatch.setattr(sources, "_HDF5_WALK",
+                        "import os, signal; os.kill(os.getpid(), "
+                        "signal.SIGSEGV)")
+    status, _, err = run(capsys, keras2 / "model.h5", "-o", tmp_path / "o")
+    assert_refused(status, err, tmp_path / "o", str(keras2 / "model.h5"),
+                   "crashed the HDF5 library (signal 11)")

@@ -125,6 +125,8 @@ def test_stock_h5_folds_and_exports_verified(stock_dir, tmp_path, capsys,
     assert status == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["fold"]["summary"]["kept"] == 0
+    if name == "DenseNet121":  # '/' in tf-keras' names: both in the report
+        assert report["source"]["renamed"]["conv1_conv"] == "conv1/conv"
     x = oracle["input_0"]
     limit, own = bound(oracle)
     (saved,) = (out / "saved_model").iterdir()

@@ -99,6 +99,49 @@ class ServingSignature:
             [_sanitize(n, f"output_{i}") for i, n in enumerate(names)]
         )
 
+    def described(self):
+        """`{input_names, input_shapes, input_dtypes, output_names}`, plain
+        JSON: what another process needs to serve under these names."""
+        return {
+            "input_names": list(self.input_names),
+            "input_shapes": [None if s.shape.rank is None else
+                             s.shape.as_list() for s in self.input_specs],
+            "input_dtypes": [s.dtype.name for s in self.input_specs],
+            "output_names": list(self.output_names),
+        }
+
+    def renamed(self, described):
+        """This signature under the names of `described()` of another.
+
+        The names a model serves under are its user's: a `.keras` round
+        trip renames an input made without `name=` (`keras.Input` names
+        its tensor `keras_tensor_<n>`, the reloaded one after its
+        InputLayer) and the output a folded BN leaves to its producer, so
+        a process that reloads the model serves under the names the
+        user's process read from the original. The count, shapes and
+        dtypes must be the same; `ValueError` says what differs.
+        """
+        mine = self.described()
+        for key in ("input_shapes", "input_dtypes"):
+            if mine[key] != described[key]:
+                raise ValueError(
+                    f"the reloaded model's {key.replace('_', ' ')} "
+                    f"{mine[key]} differ from the original's "
+                    f"{described[key]}")
+        if len(mine["output_names"]) != len(described["output_names"]):
+            raise ValueError(
+                f"the reloaded model has {len(mine['output_names'])} "
+                f"output(s), the original "
+                f"{len(described['output_names'])}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.input_names = list(described["input_names"])
+        copy.input_specs = [
+            tf.TensorSpec(s.shape, s.dtype, name=name)
+            for s, name in zip(self.input_specs, copy.input_names)]
+        copy.output_names = list(described["output_names"])
+        return copy
+
     def pack(self, flat_inputs):
         """Flat inputs -> the structure the model's `call` expects."""
         return keras.tree.pack_sequence_as(self._input_struct,

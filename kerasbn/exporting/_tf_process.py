@@ -19,6 +19,16 @@ ONNX only. One TensorFlow rebuild gives every format, with the same
 fold-aware writers (pad guard, grouped convolutions) and the same graphs
 on every backend.
 
+The artifacts serve under the names of the user's model, which the
+parent reads (`ServingSignature`) and hands down: the reloaded model may
+name things otherwise (an input made without `name=` is `keras_tensor_<n>`
+in the user's process and takes its InputLayer's name, `input_layer_<n>`,
+when a `.keras` file is loaded; an output BN that was folded away leaves
+the output to its producer), and a TensorFlow process exporting the same
+model would use the user's names. The child serves under those names after
+checking that the reloaded model has the same inputs (shapes, dtypes) and
+number of outputs.
+
 The child needs every class of the model: classes from Keras and kerasbn
 load by name, and a user's own layer class is imported from its module
 (the parent's `sys.path` is handed down). A class defined in `__main__`
@@ -97,8 +107,7 @@ def write(staging, targets, model, signature, opset, progress,
     request = {
         "model": handoff, "targets": targets, "opset": opset,
         "modules": modules, "answer": answer,
-        "input_names": signature.input_names,
-        "output_names": signature.output_names,
+        "signature": signature.described(),
         "options": {k: v for k, v in (reduced or {}).items()
                     if k in _REDUCED_OPTIONS},
     }
@@ -174,14 +183,12 @@ def _serve(request):
         importlib.import_module(module)
     model = keras.saving.load_model(request["model"], compile=False,
                                     safe_mode=False)
-    signature = ServingSignature(model)
-    names = (signature.input_names, signature.output_names)
-    if list(names) != [request["input_names"], request["output_names"]]:
-        raise RuntimeError(
-            "the model reloaded under TensorFlow has other input/output "
-            f"names {names} than the original "
-            f"{(request['input_names'], request['output_names'])}"
-        )
+    # The user's names, not the reloaded model's (`renamed`).
+    try:
+        signature = ServingSignature(model).renamed(request["signature"])
+    except ValueError as error:
+        raise RuntimeError(f"the model reloaded under TensorFlow is not "
+                           f"the original: {error}") from None
     options = {"opset": request["opset"], **request.get("options", {})}
     if "calibration" in request:
         options["calibration"] = _handed_down(request["calibration"])

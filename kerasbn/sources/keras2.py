@@ -183,15 +183,26 @@ def _read_file(path):
         raise Keras2Error(
             f"{path} is not an HDF5 file: pass the file Keras 2's "
             "model.save('model.h5') wrote")
-    with h5py.File(path, "r") as h5:
-        raw = h5.attrs.get("model_config")
-        if raw is None:
-            raise Keras2Error(_no_config_message(path, h5))
-        if "model_weights" not in h5:
-            raise Keras2Error(
-                f"{path} has a model config but no 'model_weights' group: "
-                "save the model again with Keras 2's model.save('model.h5')")
-        groups = _read_weights(h5["model_weights"])
+    try:
+        with h5py.File(path, "r") as h5:
+            raw = h5.attrs.get("model_config")
+            if raw is None:
+                raise Keras2Error(_no_config_message(path, h5))
+            if "model_weights" not in h5:
+                raise Keras2Error(
+                    f"{path} has a model config but no 'model_weights' "
+                    "group: save the model again with Keras 2's "
+                    "model.save('model.h5')")
+            groups = _read_weights(h5["model_weights"])
+    except Keras2Error:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as error:
+        # h5py's errors for a truncated or damaged file (bad superblock,
+        # corrupt object header, unreadable dataset).
+        reason = " ".join(str(error).split())[:200]
+        raise Keras2Error(
+            f"cannot read {path} as a Keras 2 HDF5 model (truncated or "
+            f"corrupt?): {type(error).__name__}: {reason}") from None
     return _decode_config(path, raw), groups
 
 
