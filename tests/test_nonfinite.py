@@ -3,7 +3,9 @@
 One NaN in the data makes every channel's population statistics NaN; a
 non-positive `moving_variance + epsilon` makes fold write NaN kernels. Each
 boundary either refuses with an error naming the cause or, where asked,
-leaves the bad samples out and says how many.
+leaves the bad samples out and says how many. A model that makes NaN or
+inf itself from finite data is refused by recalibrate and diagnose, naming
+the first layer that does (on every backend).
 """
 
 import warnings
@@ -13,6 +15,8 @@ import numpy as np
 import pytest
 
 import kerasbn
+from kerasbn.stats import _plan
+from tests.helpers import to_numpy
 
 
 def _model():
@@ -105,3 +109,159 @@ def test_diagnose_refuses_nonfinite_data_instead_of_reporting_ok():
     with pytest.raises(ValueError, match=r"kerasbn.diagnose: batch 0 .*"
                        r"non-finite"):
         kerasbn.diagnose(_model(), _data(np.nan), verbose=0)
+
+
+# -- NaN and inf the model makes itself, from finite data. -------------------
+#
+# The oracle is NumPy in float32: where `x @ kernel` overflows, batch by
+# batch. The model puts a Dense with weights 3e38 after a first BN; on the
+# data, 10 rows of 200 are far out (5 at +50, 5 at -50), the others near 0.
+# After the BN, those rows are ~4.5 standard deviations out and every
+# product overflows, while a near-zero row's outputs stay below 1e36, also
+# through the next Dense: no rounding decides which values overflow.
+
+_HUGE = 3e38
+
+
+def _overflowing_model():
+    return keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.BatchNormalization(name="bn0"),
+        keras.layers.Dense(
+            4, name="big",
+            kernel_initializer=keras.initializers.Constant(_HUGE)),
+        keras.layers.Dense(4, name="mix"),
+        keras.layers.BatchNormalization(name="bn1"),
+        keras.layers.Dense(1, name="head"),
+    ])
+
+
+def _outlier_data():
+    x = np.random.default_rng(3).normal(0.0, 0.01, (200, 3))
+    x[70:75] = 50.0
+    x[150:155] = -50.0
+    return x.astype("float32")
+
+
+def _first_overflow(z, batch_size=32):
+    """NumPy: (batch, count) of the first batch where `z @ kernel` (the
+    'big' layer, float32) is not finite."""
+    kernel = np.full((3, 4), _HUGE, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = z.astype(np.float32) @ kernel
+    bad = ~np.isfinite(out)
+    for batch in range(0, len(z), batch_size):
+        count = int(bad[batch:batch + batch_size].sum())
+        if count:
+            return batch // batch_size, count
+    return None
+
+
+def _weights(model):
+    return [np.array(to_numpy(w)) for w in model.weights]
+
+
+@pytest.mark.any_backend
+@pytest.mark.parametrize("method", ["staged", "layer_by_layer"])
+def test_recalibrate_names_the_layer_that_makes_inf(method, monkeypatch):
+    model = _overflowing_model()
+    before = _weights(model)
+    x = _outlier_data()
+    # What 'big' receives: x normalized by bn0's recalibrated statistics.
+    x64 = x.astype(np.float64)
+    z = (x64 - x64.mean(axis=0)) / np.sqrt(x64.var(axis=0) + 1e-3)
+    batch, count = _first_overflow(z)
+    assert batch == 2  # rows 70-74; the data are laid out for it
+    if method == "layer_by_layer":
+        monkeypatch.setattr(_plan, "read", _refuse_plan)
+    with pytest.raises(ValueError) as caught:
+        kerasbn.recalibrate(model, x, batch_size=32, inplace=True, verbose=0)
+    message = str(caught.value)
+    assert (f"on batch {batch} of the data (samples {32 * batch} to "
+            f"{32 * batch + 31}), layer 'big' (Dense) outputs {count} "
+            f"non-finite value(s) of {32 * 4}") in message
+    assert "reach normalization layer 'bn1'" in message
+    assert "The data are finite (checked)" in message
+    assert f"largest |weight| {_HUGE:.3g}" in message
+    # bn0 was recalibrated before bn1 was measured: it is set back.
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+
+
+def _refuse_plan(*args, **kwargs):
+    raise _plan.PlanRefused("test: the layer-by-layer method")
+
+
+@pytest.mark.any_backend
+def test_diagnose_says_the_model_makes_them():
+    model = _overflowing_model()
+    # NaN statistics, as a recalibration before this check wrote them.
+    model.get_layer("bn1").moving_mean.assign(np.full(4, np.nan))
+    x = _outlier_data()
+    # bn0 holds mean 0, variance 1: 'big' receives x / sqrt(1 + eps).
+    batch, count = _first_overflow(x.astype(np.float64) / np.sqrt(1.001))
+    with pytest.raises(ValueError) as caught:
+        kerasbn.diagnose(model, x, verbose=0)
+    message = str(caught.value)
+    assert message.startswith("kerasbn.diagnose: the model itself makes NaN")
+    assert (f"on batch {batch} of the data (samples {32 * batch} to "
+            f"{32 * batch + 31}), layer 'big' (Dense) outputs {count} "
+            "non-finite value(s)") in message
+    assert ("The corrupt statistics of 'bn1' are what such inputs give"
+            in message)
+
+
+@pytest.mark.any_backend
+def test_diagnose_advice_on_corrupt_statistics_says_what_recalibrate_fixes():
+    model = _overflowing_model()
+    model.get_layer("big").kernel.assign(np.ones((3, 4), "float32"))
+    model.get_layer("bn0").moving_variance.assign([1.0, np.nan, 1.0])
+    model.get_layer("bn1").moving_variance.assign([1.0, -2.0, 1.0, 1.0])
+    report = kerasbn.diagnose(model, _outlier_data(), verbose=0)
+    first = report.findings_for("bn0")[0]
+    second = report.findings_for("bn1")[0]
+    assert (first.code, second.code) == ("corrupt_statistics",) * 2
+    assert "its inputs on them are finite" in first.suggestion
+    assert "only because 'bn0' before it" in second.suggestion
+    # bn1 receives bn0's NaN: no gap is measured there.
+    layer = [r for r in report.layers if r.name == "bn1"][0]
+    assert layer.mean_gap is None and layer.variance_ratio is None
+    fixed = kerasbn.recalibrate(model, _outlier_data(), verbose=0)
+    assert "corrupt_statistics" not in {
+        code for code, _ in kerasbn.diagnose(fixed, _outlier_data(),
+                                             verbose=0).codes()}
+
+
+class _Block(keras.layers.Layer):
+    """A custom layer: its inner Dense overflows."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(
+            2, name="inner",
+            kernel_initializer=keras.initializers.Constant(_HUGE))
+
+    def call(self, x):
+        return keras.ops.relu(self.inner(x))
+
+
+@pytest.mark.any_backend
+def test_the_layer_inside_a_custom_layer_is_named():
+    inputs = keras.Input((3,))
+    outputs = keras.layers.BatchNormalization(name="bn")(
+        _Block(name="block")(inputs))
+    model = keras.Model(inputs, outputs)
+    x = np.full((8, 3), 1.0, "float32")  # 3 * 3e38 overflows everywhere
+    with pytest.raises(ValueError, match=r"on batch 0 .*, layer 'inner' "
+                       r"\(Dense\) inside 'block' outputs 16 non-finite"):
+        kerasbn.recalibrate(model, x, verbose=0)
+
+
+@pytest.mark.any_backend
+def test_data_beyond_the_input_dtype_are_named_as_such():
+    x = np.zeros((40, 3))
+    x[35, 1] = 1e39  # finite in float64, inf in the float32 input
+    with pytest.raises(ValueError, match=r"batch 1 of the data \(samples 32 "
+                       r"to 39\) holds values beyond float32's range .* 1 "
+                       r"inf in model input"):
+        kerasbn.recalibrate(_model(), x, batch_size=32, verbose=0)

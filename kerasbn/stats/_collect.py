@@ -114,6 +114,7 @@ class Batches:
         _checks.check_int("batch_size", batch_size, 1, what, allow_none=True)
         self._cache = None
         self._one_shot = False
+        self._numbers = []  # The data's batch number of each batch yielded.
         self.batch_size = None
         if _is_array_structure(data):
             x = data
@@ -212,7 +213,7 @@ class Batches:
                 yield _inputs_of(element)
 
     def _read(self):
-        count = skipped = 0
+        count = skipped = kept = 0
         for x in self._raw():
             if self.steps is not None and count >= self.steps:
                 break
@@ -220,8 +221,32 @@ class Batches:
             count += 1
             skipped += dropped
             if x is not None:
+                if kept == len(self._numbers):
+                    self._numbers.append(count - 1)
+                kept += 1
                 yield x
         self.skipped = skipped
+
+    def describe(self, index):
+        """'batch N of the data' for the batch a pass yields as its
+        `index`-th (N differs once `skip_nonfinite` has left out a whole
+        batch), with its samples for array data, as errors name it."""
+        number = (self._numbers[index] if index < len(self._numbers)
+                  else index)
+        text = f"batch {number} of the data"
+        if self._kind == "arrays":
+            start = number * self.batch_size
+            stop = min(start + self.batch_size, self._size)
+            text += f" (samples {start} to {stop - 1})"
+        return text
+
+    def nth(self, index):
+        """The `index`-th batch a pass yields (read again: for error
+        reports, not in a loop)."""
+        for i, x in enumerate(self):
+            if i == index:
+                return x
+        raise IndexError(f"{self.what}: the data holds no batch {index}.")
 
     def _finite(self, x, index):
         """`(x, 0)` if every float value is finite; else the batch without
@@ -281,7 +306,7 @@ class Batches:
 
 
 @contextlib.contextmanager
-def intercept(layers, hook=None, training=None):
+def intercept(layers, hook=None, training=None, after=None):
     """Wrap the `call` of each layer in `layers` while the block runs.
 
     Args:
@@ -291,6 +316,8 @@ def intercept(layers, hook=None, training=None):
             `call`.
         training: If not None, the value of `training` the original `call`
             receives, whatever the model passed.
+        after: Optional `(layer, outputs) -> None`, called with what the
+            original `call` returned.
 
     The wrapper is set on the layer object only (an instance attribute that
     shadows the class's method, as Keras looks `call` up on the instance)
@@ -311,7 +338,10 @@ def intercept(layers, hook=None, training=None):
                          bound.arguments.get("mask"))
                 if training is not None and "training" in _signature.parameters:
                     bound.arguments["training"] = training
-                return _original(*bound.args, **bound.kwargs)
+                outputs = _original(*bound.args, **bound.kwargs)
+                if after is not None:
+                    after(_layer, outputs)
+                return outputs
 
             wrapper.__signature__ = signature
             previous = layer.__dict__.get("call", None)
@@ -362,6 +392,13 @@ class Moments:
     def variance(self):
         """The biased (population) variance."""
         return self.m2 / self.count
+
+    @property
+    def finite(self):
+        """Whether mean and m2 are finite: False when an input was NaN or
+        inf (float64 sums of float32 or narrower values cannot overflow)."""
+        return bool(np.isfinite(self.mean).all()
+                    and np.isfinite(self.m2).all())
 
 
 @tf.function(autograph=False, reduce_retracing=True)
@@ -464,6 +501,7 @@ class InputStatistics:
         self.layers = list(layers)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._active = None
+        self.nonfinite = {}
         self._model = model
         if keras.backend.backend() != "tensorflow":
             self._eager_order(example)
@@ -558,7 +596,11 @@ class InputStatistics:
         A layer called several times pools the positions of all its calls.
         The non-trainable state of the layers is restored afterwards, so a
         layer the model calls with `training=True` leaves no trace.
+        `nonfinite` then maps `id(layer)` to the index of the first batch
+        (as `batches` yields them) on which the layer's inputs held NaN or
+        inf, for the layers where that happened.
         """
+        self.nonfinite = {}
         if self._function is None:
             per_batch = self._eager_moments
         else:
@@ -572,9 +614,10 @@ class InputStatistics:
                 for layer_id, moments in zip(self._ids, per_batch(x, layer)):
                     if moments is None:
                         continue
-                    previous = totals.get(layer_id)
-                    totals[layer_id] = (moments if previous is None
-                                        else previous.merge(moments))
+                    if not moments.finite:
+                        self.nonfinite.setdefault(layer_id, number - 1)
+                    totals[layer_id] = _pooled(totals.get(layer_id), moments,
+                                               layer_id in self.nonfinite)
                 if progbar is not None:
                     progbar.update(number)
         finally:
@@ -592,13 +635,30 @@ class InputStatistics:
         ]
 
 
+def _pooled(previous, moments, nonfinite):
+    """`previous` merged with `moments` (None: `moments`); quietly where
+    NaN or inf are known to be there (inf - inf gives NaN)."""
+    if previous is None:
+        return moments
+    if not nonfinite:
+        return previous.merge(moments)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return previous.merge(moments)
+
+
 def to_numpy(x):
     return keras.tree.map_structure(
         lambda t: t if t is None else np.asarray(t), x)
 
 
 def numpy_moments(inputs, mask, axis):
-    """`batch_moments` in NumPy float64: a `Moments`."""
+    """`batch_moments` in NumPy float64: a `Moments` (not finite, quietly,
+    for inputs holding NaN or inf: `Moments.finite` tells)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _numpy_moments(inputs, mask, axis)
+
+
+def _numpy_moments(inputs, mask, axis):
     x = np.moveaxis(np.asarray(inputs, np.float64), axis, -1)
     channels = x.shape[-1]
     x = x.reshape(-1, channels)

@@ -12,7 +12,9 @@ the data instead.
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 import keras
@@ -22,6 +24,10 @@ from kerasbn import _keras_internal
 from kerasbn.stats import _collect
 
 _MIB = 2.0 ** 20
+_WHAT = "kerasbn.recalibrate"
+# Spill directories are named `kerasbn-recalibrate-<host>-<pid>-<random>`,
+# so a later run can tell those of dead processes on this host.
+_SPILL = "kerasbn-recalibrate-"
 
 
 def _is_tensorflow():
@@ -51,13 +57,57 @@ def default_memory_budget():
         return 2 * 1024 ** 3
 
 
+def _host():
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid):
+    """Whether process `pid` may still run on this host (unsure: yes)."""
+    if pid == os.getpid() or os.name == "nt":
+        # On Windows os.kill(pid, 0) sends CTRL_C_EVENT: never probe there.
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # PermissionError: it exists, under another user.
+    return True
+
+
+def remove_stale_spills(directory=None):
+    """Remove the spill directories that recalibrations killed outright
+    (SIGKILL, power loss) left in `directory` (default: the system's
+    temporary directory), as `export` removes its staging directories.
+
+    Only those of this host whose process is gone: a directory of a live
+    run, or of another host sharing the directory, is left alone.
+    Returns the paths removed.
+    """
+    directory = tempfile.gettempdir() if directory is None else directory
+    pattern = re.compile(re.escape(_SPILL + _host()) + r"-(\d+)-")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class ActivationCache:
     """The values of tensors between stages, keyed by (name, batch).
 
     `mode="auto"` keeps values in memory while the total stays within
     `budget` bytes and writes the rest to `.npy` files; `mode="disk"`
     writes everything. Files go to a new directory under `directory`
-    (default: the system's temporary directory), removed by `close()`.
+    (default: the system's temporary directory), removed by `close()`
+    (one a killed process left: `remove_stale_spills`).
     """
 
     def __init__(self, mode, budget, directory=None):
@@ -81,11 +131,23 @@ class ActivationCache:
         dtype = keras.backend.standardize_dtype(value.dtype)
         if array.dtype.kind not in "biuf":  # bfloat16: kept exactly as fp32
             array = array.astype(np.float32)
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="kerasbn-recalibrate-",
-                                         dir=self._parent)
-        path = os.path.join(self._dir, f"{name}-{batch}.npy")
-        np.save(path, array)
+        try:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(
+                    prefix=f"{_SPILL}{_host()}-{os.getpid()}-",
+                    dir=self._parent)
+            path = os.path.join(self._dir, f"{name}-{batch}.npy")
+            np.save(path, array)
+        except OSError as error:
+            where = self._dir or self._parent or tempfile.gettempdir()
+            raise OSError(
+                error.errno,
+                f"{_WHAT}: cannot keep {size / _MIB:.1f} MiB of activations "
+                f"on disk in {where!r} ({self.on_disk / _MIB:.1f} MiB "
+                f"written so far): {error.strerror or error}. Pass cache_dir "
+                "on a disk with room, a larger memory_budget, or "
+                "cache='none' (recompute instead of keeping); the model "
+                "is unchanged.") from error
         self._files[(name, batch)] = (path, dtype, size)
         self.on_disk += size
         self.peak_disk = max(self.peak_disk, self.on_disk)
@@ -192,7 +254,7 @@ class Stage:
         out = {}
         for step in self.steps:
             if step.index in self.runs:
-                _run(step, values)
+                run_step(step, values)
             if self.number in step.gather_stages:
                 out[f"g{step.index}"] = self._gather(step, values)
         for tensor in self.keeps:
@@ -226,7 +288,7 @@ class Stage:
                 found.append(_moments(layer, inputs, mask))
 
         with _collect.intercept(step.inner, hook):
-            _run(step, dict(values), keep=False)
+            run_step(step, dict(values), keep=False)
         self.order[step.index] = list(seen)
         return found or None
 
@@ -237,7 +299,9 @@ def _arguments(step, values):
     return step.node.arguments.fill_in(known)
 
 
-def _run(step, values, keep=True):
+def run_step(step, values, keep=True):
+    """Call `step`'s operation (in inference mode) on `values` (tensor id ->
+    value); with `keep`, put its outputs into `values`."""
     args, kwargs = _arguments(step, values)
     if "training" in _keras_internal.call_context_args(step.operation):
         kwargs["training"] = False

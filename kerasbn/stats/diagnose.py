@@ -6,7 +6,9 @@ what to do about it. Checks (finding codes):
 
 - `corrupt_statistics`: a stored statistic is NaN or infinite, or a stored
   variance (second moment for MABN) is negative: inference output is NaN
-  or wrong on those channels.
+  or wrong on those channels. The suggestion says whether recalibrating
+  on `data` will give finite statistics (the layer's inputs on it are
+  finite, or NaN only because of an earlier corrupt layer).
 - `stale_statistics`: the stored statistics differ from those of the
   layer's inputs on `data` (in inference mode): the normalized mean gap
   `max_c |mu_data - mu_stored| / sqrt(var_stored + eps)` or the variance
@@ -27,6 +29,11 @@ what to do about it. Checks (finding codes):
 
 The model is never modified: the forward passes run with the layers' state
 saved and restored, and nothing is written to its weights.
+
+Data holding NaN or inf are refused, and so is a model that makes NaN or
+inf itself from finite data (a ValueError names the first layer whose
+output is not finite, the batch and the count): no measurement is
+meaningful after it, and recalibrating would not help.
 """
 
 import dataclasses
@@ -44,6 +51,7 @@ from kerasbn import _keras_internal
 from kerasbn import registry
 from kerasbn.folding import graph as graph_lib
 from kerasbn.stats import _collect
+from kerasbn.stats import _nonfinite
 
 _WHAT = "kerasbn.diagnose"
 
@@ -278,8 +286,8 @@ def _averages(layer, kind, model):
 
 
 def _gaps(layer, kind, moments):
-    if moments is None or moments.count == 0:
-        return None, None
+    if moments is None or moments.count == 0 or not moments.finite:
+        return None, None  # Not reached, or NaN/inf inputs: not comparable.
     epsilon = np.float64(layer.epsilon)
     # Corrupt statistics give NaN here; `_corrupt` reports them.
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -468,6 +476,13 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     Returns:
         A `Diagnosis`; `print` it, or use `to_dict()`/`to_json()`.
 
+    Raises:
+        ValueError: `data` hold NaN or inf, or the model makes NaN or inf
+            itself from them (the error names the first layer in graph
+            order whose output is not finite, the batch and the count);
+            NaN or inf that an earlier normalization with corrupt
+            statistics outputs is a `corrupt_statistics` finding instead.
+
     Example:
 
     >>> import numpy as np, keras, kerasbn
@@ -486,7 +501,8 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     batches = _collect.Batches(data, steps=steps, what=_WHAT)
     layers = registry.normalization_layers(model)
     first = batches.first()
-    moments = _measure(model, layers, batches, verbose)
+    moments, nonfinite = _measure(model, layers, batches, verbose)
+    blamed = _corrupt_sources(model, batches, nonfinite)
     global_batch = _batch_size(batches, batch_size)
     replicas = _replicas(model)
     gap = _output_gap(model, layers, first) if layers else None
@@ -496,7 +512,8 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
         report = _layer_report(layer, moments.get(id(layer)), model)
         reports.append(report)
         findings.extend(_layer_findings(layer, report, thresholds,
-                                        global_batch, replicas))
+                                        global_batch, replicas,
+                                        moments.get(id(layer)), blamed))
     findings.extend(_graph_findings(model))
     findings.extend(_gap_findings(gap, thresholds))
     order = {code: i for i, code in enumerate(CODES)}
@@ -534,14 +551,49 @@ class _Thresholds:
 
 
 def _measure(model, layers, batches, verbose):
-    """`{id(layer): Moments}` of every layer's inputs over all batches."""
+    """`({id(layer): Moments}, nonfinite)`: the moments of every layer's
+    inputs over all batches, and the layers whose inputs held NaN or inf
+    with the first such batch, `[(index, layer)]` in batch order."""
     if not layers:
-        return {}
+        return {}, []
     progbar = None
     if verbose:
         progbar = keras.utils.Progbar(batches.num_batches, verbose=verbose)
-    return _collect.InputStatistics(model, layers, batches.first()).run(
-        batches, progbar=progbar)
+    statistics = _collect.InputStatistics(model, layers, batches.first())
+    moments = statistics.run(batches, progbar=progbar)
+    by_id = {id(layer): layer for layer in layers}
+    nonfinite = sorted(((index, by_id[layer_id]) for layer_id, index
+                        in statistics.nonfinite.items()),
+                       key=lambda item: item[0])
+    return moments, nonfinite
+
+
+def _corrupt_sources(model, batches, nonfinite):
+    """`{id(layer): corrupt normalization layer}` for each layer whose
+    inputs held NaN or inf because an earlier normalization with corrupt
+    statistics outputs them (a finding, not an error).
+
+    The data are finite (checked), so anything else is the model making
+    NaN or inf itself: a ValueError names the first layer that does.
+    """
+    blamed, located = {}, {}
+    for index, layer in nonfinite:  # sorted by batch: one run per batch
+        if index not in located:
+            try:
+                located[index] = _nonfinite.first_source(
+                    model, batches.nth(index))
+            except Exception:  # noqa: BLE001 - model_error reports it.
+                located[index] = None
+        source = located[index]
+        if source is not None and source.layer is not None and (
+                _nonfinite.is_corrupt(source.layer)):
+            blamed[id(layer)] = source.layer
+            continue
+        raise _nonfinite.model_error(
+            _WHAT, batches, _nonfinite.NonFiniteInputs(layer, index), model,
+            corrupt=[other.name for _, other in nonfinite
+                     if _nonfinite.is_corrupt(other)])
+    return blamed
 
 
 def _layer_report(layer, moments, model):
@@ -558,28 +610,37 @@ def _layer_report(layer, moments, model):
     )
 
 
-def _layer_findings(layer, report, thresholds, global_batch, replicas):
-    found = [_corrupt(layer), _stale(report, thresholds),
+def _layer_findings(layer, report, thresholds, global_batch, replicas,
+                    moments, blamed):
+    found = [_corrupt(layer, moments, blamed), _stale(report, thresholds),
              _unconverged(report, thresholds),
              _small_batch(layer, thresholds, global_batch, replicas)]
     return [finding for finding in found if finding is not None]
 
 
-def _corrupt(layer):
-    center, spread = registry.find_statistics(layer).stored(layer)
-    values = [spread] if center is None else [center, spread]
-    bad = ~np.all([np.isfinite(v) for v in values], axis=0)
-    negative = np.isfinite(spread) & (spread < 0)
+def _corrupt(layer, moments, blamed):
+    bad, negative = _nonfinite.corrupt_channels(layer)
     if not (bad.any() or negative.any()):
         return None
+    # What the data showed of the layer's inputs decides the advice (a
+    # model that makes NaN or inf itself was refused by `diagnose`).
+    if moments is not None and moments.count and moments.finite:
+        how = ("on these data: its inputs on them are finite, so the new "
+               "statistics will be too")
+    elif id(layer) in blamed:
+        how = (f"on these data: its inputs on them hold NaN or inf only "
+               f"because '{blamed[id(layer)].name}' before it has corrupt "
+               "statistics too, which recalibrate re-estimates first")
+    else:
+        how = "on finite data that reach the layer (these did not)"
     return Finding(
         CORRUPT, layer.name,
         f"{int(bad.sum())} channel(s) hold a NaN or infinite statistic and "
         f"{int(negative.sum())} a negative variance (channels "
         f"{np.flatnonzero(bad | negative)[:8].tolist()}); inference output "
         "is NaN or wrong there, and kerasbn.fold refuses the layer.",
-        "Re-estimate the statistics with kerasbn.recalibrate(model, data) on "
-        "finite data.",
+        f"Re-estimate the statistics with kerasbn.recalibrate(model, data) "
+        f"{how}.",
     )
 
 

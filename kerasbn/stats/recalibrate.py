@@ -7,7 +7,10 @@ quantization, fine-tuning with frozen statistics) or the data changes.
 layer's inputs over a dataset, as seen by the model in inference mode.
 """
 
+import contextlib
 import os
+import signal
+import threading
 import warnings
 
 import keras
@@ -19,6 +22,7 @@ from kerasbn import _models
 from kerasbn import registry
 from kerasbn.stats import _collect
 from kerasbn.stats import _distributed
+from kerasbn.stats import _nonfinite
 from kerasbn.stats import _plan
 from kerasbn.stats import _staged
 from kerasbn.stats._select import select_layers
@@ -73,6 +77,19 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     No other weight changes. A layer called several times pools all its
     calls.
 
+    All or nothing. With `inplace=True` the model keeps its old values
+    if anything fails (bad data, a full disk, an error raised by the
+    data, KeyboardInterrupt): a layer's statistics must be in place
+    before the layers after it are measured, so they are written as each
+    stage ends, and on any error every statistic written is set back to
+    its old value, bit for bit (a second Ctrl-C waits until that is
+    done). Data holding NaN or inf are refused (see `skip_nonfinite`);
+    so is a model that makes NaN or inf itself from finite data: the
+    inputs of a normalization layer whose float64 sums are not finite
+    are traced back, on that one batch, to the first layer in graph
+    order whose output is not finite, and the ValueError names it, the
+    batch and the count.
+
     Cost. Layers that do not depend on each other are done in the same
     pass, and a layer graph (Functional or Sequential, nested models
     included) is run in *stages*: stage k runs only the layers between
@@ -97,7 +114,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     - "auto" (default): in memory up to `memory_budget` bytes (default:
       half the memory available when the call starts), the rest in `.npy`
       files in a temporary directory (under `cache_dir`), removed at the
-      end: writing and reading them back is the only extra cost;
+      end, also on error (the directory of a run killed outright is
+      removed by the next run that uses the same `cache_dir`): writing
+      and reading them back is the only extra cost;
     - "disk": every kept activation in files (memory stays flat; for
       data far larger than memory);
     - "none": nothing kept; each stage recomputes what it reads from the
@@ -155,8 +174,12 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     Raises:
         TypeError: `model` is not a keras.Model, or cannot be copied.
         ValueError: the model is not built, `data` holds no batches or
-            holds NaN/inf (without `skip_nonfinite`), or a layer in
-            `layers` is not a known normalization layer.
+            holds NaN/inf (without `skip_nonfinite`), the model makes
+            NaN/inf itself from the data (naming the first layer that
+            does), or a layer in `layers` is not a known normalization
+            layer.
+        OSError: the activations could not be written to disk (`cache`);
+            the message says how much and where.
 
     Example:
 
@@ -191,22 +214,24 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     if not targets:
         return work
     batches.first()  # A clear error for empty data, before any work.
+    _staged.remove_stale_spills(cache_dir)
     writer = _Writer(_distributed.worker_strategy(), verbose)
+    # All or nothing: each stage needs the statistics of the stages before
+    # it in place, so they are written as they are found; on any error
+    # (KeyboardInterrupt included) the old values are written back.
+    old = _collect.statistics_state(targets)
     try:
-        plan = _plan.read(work, targets)
-    except _plan.PlanRefused:
-        plan = None
-    if plan is None:
-        reached = _layer_by_layer(work, targets, batches, writer)
-    else:
-        budget = (_staged.default_memory_budget() if memory_budget is None
-                  else memory_budget)
-        store = _staged.ActivationCache(cache, budget, cache_dir)
-        batches.widen(_STAGE_BATCH_BYTES)
         try:
-            reached = _by_stages(plan, batches, store, writer)
-        finally:
-            store.close()
+            reached = _recalibrate(work, targets, batches, writer, cache,
+                                   memory_budget, cache_dir)
+        except _nonfinite.NonFiniteInputs as found:
+            # Located with the statistics in place when it happened.
+            raise _nonfinite.model_error(_WHAT, batches, found,
+                                         work) from None
+    except BaseException:
+        with _interrupts_held():
+            _collect.restore_state(old)
+        raise
     unreached = [layer.name for layer in targets
                  if not any(layer is r for r in reached)]
     if unreached:
@@ -220,6 +245,46 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
             f"{_WHAT}: left out {batches.skipped} sample(s) per pass whose "
             "inputs hold NaN or inf (skip_nonfinite=True).", stacklevel=2)
     return work
+
+
+def _recalibrate(work, targets, batches, writer, cache, memory_budget,
+                 cache_dir):
+    """Write the new statistics of `targets`; returns the layers reached."""
+    try:
+        plan = _plan.read(work, targets)
+    except _plan.PlanRefused:
+        plan = None
+    if plan is None:
+        return _layer_by_layer(work, targets, batches, writer)
+    budget = (_staged.default_memory_budget() if memory_budget is None
+              else memory_budget)
+    store = _staged.ActivationCache(cache, budget, cache_dir)
+    batches.widen(_STAGE_BATCH_BYTES)
+    try:
+        return _by_stages(plan, batches, store, writer)
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold back SIGINT (Ctrl-C) while the block runs, and deliver it
+    after, so that a second Ctrl-C cannot stop the old statistics from
+    being written back half-way. Only the main thread receives signals;
+    elsewhere the block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread()
+            or previous is None):  # None: a handler not set from Python.
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # As the user's handler says.
 
 
 def _check_cache(cache, memory_budget, cache_dir):
@@ -276,6 +341,9 @@ def _layer_by_layer(work, targets, batches, writer):
             progbar = keras.utils.Progbar(batches.num_batches,
                                           verbose=writer.verbose)
         moments = statistics.run(batches, layer, progbar).get(id(layer))
+        if id(layer) in statistics.nonfinite:
+            raise _nonfinite.NonFiniteInputs(
+                layer, statistics.nonfinite[id(layer)])
         if moments is None:
             moments = _collect.Moments(0, 0.0, 0.0)
         writer.write([layer], [moments])
@@ -299,10 +367,13 @@ def _by_stages(plan, batches, store, writer):
     for stage in stages:
         with _staged.tensorflow_graph_optimizer_off():
             totals, count = _run_stage(plan, stage, batches, store, count)
+        _check_finite(plan, stage, totals)
         pooled = {}  # id(layer) -> [layer, Moments]: all its calls.
         for step in plan.gathered_in(stage.number):
             layer = _gathered_layer(step, stage)
-            result = _staged.as_moments(totals.get(f"g{step.index}"))
+            values = [v for v in totals.get(f"g{step.index}", [])
+                      if v is not None]
+            result = _staged.as_moments(values or None)
             if layer is None or result is None:
                 continue
             if id(layer) in pooled:
@@ -324,6 +395,22 @@ def _by_stages(plan, batches, store, writer):
     return reached
 
 
+def _check_finite(plan, stage, totals):
+    """Raise `NonFiniteInputs` for the first batch (then the first layer)
+    whose gathered inputs held NaN or inf."""
+    first = None
+    for step in plan.gathered_in(stage.number):
+        for index, moments in enumerate(totals.get(f"g{step.index}", [])):
+            if moments is not None and not moments.finite:
+                if first is None or index < first[0]:
+                    first = (index, step)
+                break
+    if first is not None:
+        index, step = first
+        layer = _gathered_layer(step, stage)
+        raise _nonfinite.NonFiniteInputs(layer, index)
+
+
 def _gathered_layer(step, stage):
     if step.kind == "target":
         return step.operation
@@ -333,7 +420,8 @@ def _gathered_layer(step, stage):
 
 
 def _run_stage(plan, stage, batches, store, count):
-    """Run `stage` over every batch: `({gather: moments}, batch count)`."""
+    """Run `stage` over every batch: `({gather: [Moments per batch]},
+    batch count)`."""
     touched = [layer for step in stage.steps if step.kind == "opaque"
                for layer in step.inner]
     state = _collect.statistics_state(touched)
@@ -354,7 +442,8 @@ def _run_stage(plan, stage, batches, store, count):
         if max(used) == stage.number:  # Its last reader has run.
             store.drop(_staged.value_name(tensor))
             store.drop(_staged.mask_name(tensor))
-    totals = {name: [v for v in values if v is not None] or None
+    # Per gather, one `Moments` (or None) per batch, in batch order.
+    totals = {name: [_staged.as_moments(v) for v in values]
               for name, values in totals.items()}
     return totals, count
 

@@ -1,0 +1,185 @@
+"""`recalibrate(..., inplace=True)` is all or nothing.
+
+Each stage needs the statistics of the stages before it in place, so they
+are written as stages end; an error in a later stage (the data raise, the
+disk is full, Ctrl-C, a second Ctrl-C while the old values are written
+back) must leave every weight of the model bit for bit as it was. Each
+failure below is injected only once the first stage's statistics are
+written (checked where it is injected), so a missing restore fails the
+test. Spill directories of runs killed outright are removed by the next
+run.
+"""
+
+import errno
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+
+import kerasbn
+from kerasbn.stats import _collect
+from kerasbn.stats import _staged
+from tests.helpers import random_batch
+from tests.helpers import randomize_normalizations
+from tests.helpers import to_numpy
+
+pytestmark = pytest.mark.any_backend
+
+L = keras.layers
+
+
+def _model():
+    """Three normalizations one after another: three stages."""
+    model = keras.Sequential([
+        keras.Input((4,)),
+        L.Dense(5, name="d1"), L.BatchNormalization(name="bn1"),
+        L.Dense(5, name="d2"), L.BatchNormalization(name="bn2"),
+        L.Dense(5, name="d3"), L.BatchNormalization(name="bn3"),
+    ])
+    return randomize_normalizations(model, seed=5)
+
+
+def _weights(model):
+    return [np.array(to_numpy(w)) for w in model.weights]
+
+
+def _assert_unchanged(before, model):
+    after = _weights(model)
+    assert len(before) == len(after)
+    for old, new, weight in zip(before, after, model.weights):
+        assert old.dtype == new.dtype, weight.path
+        np.testing.assert_array_equal(old, new, err_msg=weight.path)
+
+
+class _Data:
+    """Batches of `x`, read anew on every pass; once bn1's statistics
+    have changed (a later stage runs), `fail()` is called at a batch."""
+
+    def __init__(self, model, fail):
+        self.x = random_batch((96, 4), seed=2, loc=1.0, scale=2.0)
+        self.bn1 = model.get_layer("bn1")
+        self.old = np.array(to_numpy(self.bn1.moving_mean))
+        self.fail = fail
+        self.failed = False
+
+    def __iter__(self):
+        for start in range(0, len(self.x), 32):
+            if start and not np.array_equal(
+                    to_numpy(self.bn1.moving_mean), self.old):
+                self.failed = True
+                self.fail()
+            yield self.x[start:start + 32]
+
+
+def _raise(error):
+    def fail():
+        raise error
+    return fail
+
+
+def _sigint():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("fail, expected", [
+    (_raise(RuntimeError("the data source broke")), RuntimeError),
+    (_raise(KeyboardInterrupt()), KeyboardInterrupt),
+    (_sigint, KeyboardInterrupt),
+], ids=["error", "keyboard_interrupt", "sigint"])
+def test_a_failure_in_a_later_stage_leaves_every_weight(fail, expected):
+    model = _model()
+    before = _weights(model)
+    data = _Data(model, fail)
+    with pytest.raises(expected):
+        # cache="none": every stage reads the data again.
+        kerasbn.recalibrate(model, data, inplace=True, cache="none",
+                            verbose=0)
+    assert data.failed  # In a stage after bn1's.
+    _assert_unchanged(before, model)
+
+
+def test_a_full_disk_while_spilling_leaves_every_weight(tmp_path,
+                                                        monkeypatch):
+    model = _model()
+    before = _weights(model)
+    bn1, old = model.get_layer("bn1"), _weights(model.get_layer("bn1"))
+    saved = []
+    save = np.save
+
+    def full_disk(path, array):
+        if not np.array_equal(_weights(bn1)[2], old[2]):  # stage 2 on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        save(path, array)
+
+    monkeypatch.setattr(_staged.np, "save", full_disk)
+    x = random_batch((96, 4), seed=2)
+    with pytest.raises(OSError, match=r"cannot keep .* MiB of activations "
+                       r"on disk in .*No space left on device.*cache_dir"
+                       ) as caught:
+        kerasbn.recalibrate(model, x, batch_size=32, inplace=True,
+                            cache="disk", cache_dir=str(tmp_path), verbose=0)
+    assert caught.value.errno == errno.ENOSPC
+    assert saved  # Stage 1 spilled before the disk filled.
+    _assert_unchanged(before, model)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_ctrl_c_waits_until_the_old_values_are_back(monkeypatch):
+    """Ctrl-C while the old values are written back: held, then raised."""
+    model = _model()
+    before = _weights(model)
+    data = _Data(model, _raise(RuntimeError("the data source broke")))
+    restore = _collect.restore_state
+    sent = []
+
+    def interrupted(state):
+        if data.failed and state and not sent:  # recalibrate's write-back
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        restore(state)
+
+    monkeypatch.setattr(_collect, "restore_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kerasbn.recalibrate(model, data, inplace=True, cache="none",
+                            verbose=0)
+    assert sent
+    _assert_unchanged(before, model)
+
+
+def _pid_max():
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except OSError:
+        return 2 ** 22
+
+
+@pytest.mark.skipif(os.name == "nt", reason="pids are not probed there")
+def test_spill_directories_of_dead_runs_are_removed(tmp_path):
+    host = _staged._host()
+    dead = tmp_path / f"kerasbn-recalibrate-{host}-{_pid_max() + 1}-abc"
+    live = tmp_path / f"kerasbn-recalibrate-{host}-{os.getppid()}-abc"
+    remote = tmp_path / f"kerasbn-recalibrate-elsewhere-{_pid_max() + 1}-a"
+    other = tmp_path / "unrelated-1-abc"
+    for path in (dead, live, remote, other):
+        path.mkdir()
+        (path / "t1-0.npy").write_bytes(b"")
+    seen = set()
+
+    class Data:  # Read in the first stage, while the cache spills.
+        def __iter__(self):
+            for start in range(0, 96, 32):
+                seen.update(os.listdir(tmp_path))
+                yield random_batch((32, 4), seed=start)
+
+    kerasbn.recalibrate(_model(), Data(), inplace=True, cache="disk",
+                        cache_dir=str(tmp_path), verbose=0)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        p.name for p in (live, remote, other))
+    # While it ran, its own directory was named for this host and process.
+    own = seen - {p.name for p in (dead, live, remote, other)}
+    assert len(own) == 1
+    assert own.pop().startswith(f"kerasbn-recalibrate-{host}-{os.getpid()}-")
