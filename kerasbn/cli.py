@@ -633,6 +633,9 @@ def run(argv=None, interrupts=None):
         if notes:
             error.result.notes.setdefault("source", list(notes))
         print(str(error), file=sys.stderr)
+        hint = _mixed_precision_hint(model)
+        if hint:
+            print(hint, file=sys.stderr)
         if args.json:
             _write_json(args.json, error.result.to_dict())
         print("kerasbn-fold: verification failed; nothing was written",
@@ -643,6 +646,20 @@ def run(argv=None, interrupts=None):
         result.notes.setdefault("source", list(notes))
     _report(args, model, result, progress)
     return EXIT_OK
+
+
+def _mixed_precision_hint(model):
+    """A line for a failed check of a mixed precision Keras model, or None:
+    float16 rounds each layer's output to ~1e-3, past the float32 rtol."""
+    policies = {getattr(getattr(layer, "dtype_policy", None), "name", "")
+                for layer in getattr(model, "layers", [])}
+    mixed = sorted(p for p in policies if p.startswith("mixed_"))
+    if not mixed:
+        return None
+    return (f"note: the model computes in reduced precision ({mixed[0]}): "
+            "its own rounding moves the outputs by ~1e-3 of their scale, "
+            "past the default --rtol; if the errors above are of that size, "
+            "check with --rtol 5e-3 (README, Limits: mixed precision)")
 
 
 # -- Signals. -----------------------------------------------------------------

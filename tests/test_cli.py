@@ -184,3 +184,30 @@ def test_verification_failure_exit_code(model_file, tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "nothing was written" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_the_file_system_refuses_is_one_line(model_file):
+    """Permission bits can say yes where the file system says no (root,
+    /proc): found when the export writes, still exit 2 and one line."""
+    path, _ = model_file
+    done = run_cli(path, "-o", "/proc/kerasbn-cannot-write",
+                   "--format", "keras", "--latency-runs", "0")
+    assert_clean_failure(done, "/proc/kerasbn-cannot-write",
+                         "Choose a writable location")
+
+
+def test_mixed_precision_failure_says_why(tmp_path):
+    from kerasbn import cli
+
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
+    keras.config.set_dtype_policy("float32")
+    hint = cli._mixed_precision_hint(model)
+    assert "mixed_float16" in hint and "--rtol" in hint
+    x = keras.Input((3,))
+    plain = keras.Model(x, keras.layers.Dense(2)(x))
+    assert cli._mixed_precision_hint(plain) is None

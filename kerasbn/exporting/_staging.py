@@ -160,6 +160,14 @@ class StagingArea:
             self.path = tempfile.mkdtemp(
                 prefix=f".{base}{_MARK}{os.getpid()}-",
                 dir=_staging_place(directory))
+        except OSError as error:
+            # Permission bits said yes, the file system says no (root on a
+            # read-only mount, /proc, /sys).
+            self._remove_created()
+            raise ExportError(
+                f"Cannot write in output directory {directory!r}: "
+                f"{error.strerror or error}. Choose a writable location."
+            ) from None
         except BaseException:
             self._remove_created()
             raise
