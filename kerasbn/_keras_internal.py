@@ -194,6 +194,73 @@ def freeze_concrete_function(concrete_function, inline=False):
         concrete_function)
 
 
+# Function attributes that stop TensorFlow's graph optimizer from inlining a
+# call: Keras (3, and tf-keras) runs a grouped convolution as a
+# `tf.function(jit_compile=True)`, marked with both.
+NO_INLINE = ("_noinline", "_XlaMustCompile")
+CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+# kerasbn's own node attribute: the node ran inside an XLA-compiled call
+# of the source that `inline_function_calls` inlined.
+XLA_MARK = "_kerasbn_xla_compiled"
+
+
+def inline_function_calls(graph_def, fetches):
+    """A frozen `graph_def` with its remaining function calls inlined.
+
+    `freeze_concrete_function(..., inline=True)` inlines only the calls
+    TensorFlow may inline; this removes the `NO_INLINE` marks (from the
+    library's functions and from the call nodes) and runs Grappler's
+    function inliner again, the pass `convert_variables_to_constants_v2`
+    runs, so a grouped convolution becomes a plain `Conv2D` a folder can
+    rewrite. The nodes of a function that was XLA-compiled get the
+    `XLA_MARK` attribute, so whoever RUNS the graph can compile them again
+    (TensorFlow's CPU kernels without oneDNN refuse a grouped `Conv2D`
+    fused with the `BiasAdd` after it: "Fused conv implementation does not
+    support grouped convolutions"). Grappler keeps the `fetches`
+    ("node:index" tensors: the graph's inputs and outputs) and names an
+    inlined call's nodes under the call's name, its inputs and outputs
+    `Func/<call>/input/_k` / `Func/<call>/output/_k` Identity nodes.
+    Returns `graph_def` itself when it has no call, else a new GraphDef
+    with `_output_shapes` recomputed.
+    """
+    if not any(n.op in CALL_OPS for n in graph_def.node):
+        return graph_def
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    copy = tf.compat.v1.GraphDef()
+    copy.CopyFrom(graph_def)
+    for function in copy.library.function:
+        if "_XlaMustCompile" in function.attr and (
+                function.attr["_XlaMustCompile"].b):
+            for node in function.node_def:
+                node.attr[XLA_MARK].b = True
+    for holder in list(copy.library.function) + list(copy.node):
+        for attribute in NO_INLINE:
+            if attribute in holder.attr:
+                del holder.attr[attribute]
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(copy, name="")
+    meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=copy,
+                                                      graph=graph)
+    # Grappler keeps what the "train_op" collection names.
+    meta_graph.collection_def["train_op"].node_list.value.extend(fetches)
+    config = config_pb2.ConfigProto()
+    rewrite = config.graph_options.rewrite_options
+    rewrite.min_graph_nodes = -1  # Do not skip small graphs.
+    rewrite.optimizers.append("function")
+    rewrite.function_optimization = (
+        rewriter_config_pb2.RewriterConfig.AGGRESSIVE)
+    inlined = tf_optimizer.OptimizeGraph(config, meta_graph)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(inlined, name="")
+    return graph.as_graph_def(add_shapes=True)
+
+
 # -- The check. --------------------------------------------------------------
 
 

@@ -217,6 +217,94 @@ def test_resnet50v2_preactivation_bns_become_multiply_adds(stock_dir,
     _assert_like_keras3_fold("ResNet50V2", report.to_dict())
 
 
+# -- Grouped convolutions: XLA function calls, inlined. ----------------------
+
+
+_GROUPED_SCRIPT = r'''
+import sys
+
+import numpy as np
+import tf_keras as keras
+
+rng = np.random.default_rng(11)
+inputs = keras.Input((8, 8, 4))
+h = keras.layers.Conv2D(6, 3, groups=2, padding="same", name="gconv")(inputs)
+h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
+model = keras.Model(inputs, h)
+bn = model.get_layer("bn")
+bn.gamma.assign(rng.uniform(0.5, 1.5, 6))
+bn.beta.assign(rng.normal(0.0, 0.5, 6))
+bn.moving_mean.assign(rng.normal(0.0, 0.5, 6))
+bn.moving_variance.assign(rng.uniform(0.2, 3.0, 6))
+x = rng.normal(0.0, 1.0, (2, 8, 8, 4)).astype("float32")
+y = np.asarray(model(x, training=False))
+model.save(sys.argv[1] + "/grouped")  # A SavedModel directory.
+np.savez(sys.argv[1] + "/grouped.npz", input_0=x, output_0=y)
+print("done")
+'''
+
+# Runs the folded SavedModel without oneDNN; prints its error / scale.
+_NO_ONEDNN_SCRIPT = r'''
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+oracle = np.load(sys.argv[2])
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+(y,) = serve(tf.constant(oracle["input_0"])).values()
+expected = oracle["output_0"]
+print(float(np.abs(y.numpy() - expected).max() / np.abs(expected).max()))
+'''
+
+
+def test_bn_after_a_grouped_convolution_folds(tmp_path):
+    """tf-keras (and Keras 3) run `Conv2D(groups>1)` as an XLA-compiled
+    function marked not to be inlined; freezing left it a
+    `PartitionedCall`, so the BN after it read a call, no linear op, and
+    became a multiply-add (RegNetY004: 16 of its 53 BNs, all folded from
+    the .h5). The SavedModel reader now inlines those calls too: the BN
+    folds into the grouped `Conv2D`, which the folded SavedModel runs
+    XLA-compiled again, as tf-keras did: a plain grouped `Conv2D` with
+    the folded `BiasAdd` after it is what TensorFlow fuses, and its CPU
+    kernel without oneDNN refuses that ("Fused conv implementation does
+    not support grouped convolutions")."""
+    if importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tf-keras is not installed (pip install 'kerasbn[test]')")
+    script = tmp_path / "write.py"
+    script.write_text(_GROUPED_SCRIPT)
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("KERAS_BACKEND", None)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env=env)
+    if done.returncode != 0 or "done" not in done.stdout:
+        raise RuntimeError(f"tf-keras could not write the SavedModel (exit "
+                           f"{done.returncode}):\n{done.stderr[-4000:]}")
+    source = sources_saved_model.load_saved_model(str(tmp_path / "grouped"))
+    ops = [n.op for n in source.graph_def.node]
+    assert not [op for op in ops if "PartitionedCall" in op]
+    assert not source.notes
+    result = kerasbn.fold_saved_model(tmp_path / "grouped", tmp_path / "out",
+                                      formats="saved_model")
+    report = result.fold_report
+    (entry,) = report.entries
+    assert (entry.action, report.folded, report.replaced,
+            report.normalizations_after) == ("folded", 1, 0, 0), entry
+    assert entry.into == ("model/gconv/Conv2D",)
+    assert not result.notes.get("source")
+    saved = result.artifacts["saved_model"]
+    ops = _check_serving(saved, np.load(tmp_path / "grouped.npz"))
+    assert (ops["Conv2D"], ops["PartitionedCall"]) == (1, 1)
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_ONEDNN_SCRIPT, str(saved),
+         str(tmp_path / "grouped.npz")], capture_output=True, text=True,
+        timeout=300, env=dict(env, TF_ENABLE_ONEDNN_OPTS="0"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) <= RTOL
+
+
 # -- Hand-written graphs: what becomes a multiply-add, what stays. -----------
 
 

@@ -122,7 +122,12 @@ def test_stock_h5_folds_and_exports_verified(stock_dir, tmp_path, capsys,
     # constant images, on which statistics calibrated on images are far
     # off and float32 rounding grows past 1e-4 (EfficientNetB0: 1.6e-4).
     np.savez(tmp_path / "sample.npz", oracle["input_0"])
-    verify = [] if name in WITH_ONNX else ["--no-verify"]
+    limit, _ = bound(oracle)
+    # The CLI's own check at this network's float32 noise bound (its
+    # default 1e-4 is below the noise of the deeper random networks).
+    scale = float(np.max(np.abs(oracle["exact_0"])))
+    verify = (["--rtol", str(limit / scale)] if name in WITH_ONNX
+              else ["--no-verify"])
     status, printed, err = run_cli(
         capsys, stock_dir / f"{name}.h5", "-o", out, "--format", formats,
         "--json", tmp_path / "report.json", "--sample",

@@ -130,11 +130,16 @@ def convert(function, input_specs, opset):
 
 
 def _uninlinable_calls(concrete):
-    """Names of the function's call nodes that TensorFlow will not inline."""
+    """Names of the call nodes that TensorFlow will not inline, in the
+    function's graph or in a function it calls (a graph source's folded
+    `FrozenGraph` holds its grouped convolutions' XLA calls one level
+    down)."""
     graph_def = concrete.graph.as_graph_def()
     blocked = {f.signature.name for f in graph_def.library.function
                if any(f.attr[a].b for a in _NO_INLINE if a in f.attr)}
-    return [n.name for n in graph_def.node
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function
+                                    for n in f.node_def]
+    return [n.name for n in nodes
             if n.op in _CALL_OPS and n.attr["f"].func.name in blocked]
 
 

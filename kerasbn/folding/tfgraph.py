@@ -15,16 +15,19 @@ TensorFlow graphs:
   with `fused=False` or `renorm=True`). A constant `Mul`/`Add` that does
   not come from an `Rsqrt` is not a normalization and is left alone.
 
-and folds each into the linear op that produced its input: `Conv2D`,
-`Conv3D`, `DepthwiseConv2dNative`, `Conv2DBackpropInput` /
-`Conv3DBackpropInputV2` (transposed convolutions), `MatMul` and
-`BatchMatMul` with a constant right-hand side (Dense), through the bias
-add(s) after it and through `Reshape`/`Identity` ops that keep the channel
-(last) dimension (Keras' Dense on a rank-3+ input is MatMul, Reshape,
-BiasAdd). The maths are `kerasbn.fold`'s: the inference map's float64
-`(scale, shift)` from `kerasbn._numerics.bn_scale_shift` (for the fused op)
-and the kernel rewrites of `kerasbn.rules`, computed in float64 and cast
-once to the graph's dtype.
+and folds each into the linear op that produced its input: `Conv2D`
+(grouped ones too: Keras runs them as XLA-compiled function calls marked
+not to be inlined, which `kerasbn.sources.saved_model` inlines all the
+same, so they are plain `Conv2D`s here), `Conv3D`,
+`DepthwiseConv2dNative`, `Conv2DBackpropInput` / `Conv3DBackpropInputV2`
+(transposed convolutions), `MatMul` and `BatchMatMul` with a constant
+right-hand side (Dense), through the bias add(s) after it and through
+`Reshape`/`Identity` ops that keep the channel (last) dimension (Keras'
+Dense on a rank-3+ input is MatMul, Reshape, BiasAdd). The maths are
+`kerasbn.fold`'s: the inference map's float64 `(scale, shift)` from
+`kerasbn._numerics.bn_scale_shift` (for the fused op) and the kernel
+rewrites of `kerasbn.rules`, computed in float64 and cast once to the
+graph's dtype.
 
 The rewrite: the linear op reads a new constant kernel; the normalization
 node becomes a `BiasAdd` of the folded bias under the SAME node name, so
@@ -84,11 +87,15 @@ _CHANNELS_LAST = (b"NHWC", b"NDHWC", b"")
 _PASS_THROUGH = ("Reshape", "Identity")
 _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 _CALL_PREFIX = re.compile(r"^(Func/)?((Stateful)?PartitionedCall(_\d+)?/)+")
+_CALL_SCOPE = re.compile(r"/(Stateful)?PartitionedCall(_\d+)?(?=/)")
 
 
 def readable(node_name):
-    """A node's name without the function-call scopes freezing added."""
-    return _CALL_PREFIX.sub("", node_name) or node_name
+    """A node's name without the function-call scopes freezing (and
+    inlining a layer's own call, e.g. a grouped convolution's) added:
+    `StatefulPartitionedCall/model/gconv/PartitionedCall/Conv2D` ->
+    `model/gconv/Conv2D`."""
+    return _CALL_SCOPE.sub("", _CALL_PREFIX.sub("", node_name)) or node_name
 
 
 def _split(tensor):
@@ -592,8 +599,11 @@ def fold_graph_def(graph_def, outputs, name="graph", keep_unfolded=False):
 
     Args:
         graph_def: A `tf.compat.v1.GraphDef` with constants for weights
-            (frozen) and no function calls around the normalizations.
-            Not modified.
+            (frozen) and its function calls inlined, as
+            `kerasbn.sources.saved_model` reads a SavedModel (every call,
+            a grouped convolution's XLA function too). A normalization
+            inside a call is not seen; one reading a call's output is no
+            linear op's and becomes a multiply-add. Not modified.
         outputs: The graph's output tensor names ("node:0"): they and
             every node name are kept.
         name: The model's name, for the report.

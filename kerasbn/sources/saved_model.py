@@ -4,8 +4,11 @@ A SavedModel directory (written by Keras 2's `model.save(dir)`, Keras 3's
 `model.export(dir)`, `tf.saved_model.save`, or the TF Serving layout's
 `<name>/<version>/`) is read through one of its signatures
 (`serving_default` unless told otherwise), frozen into constants and
-flattened (function calls inlined), so `kerasbn.folding.tfgraph` can fold
-its batch normalization without the Python code that built it. A TF1 frozen
+flattened (every function call inlined, including those marked not to be:
+Keras runs a grouped convolution as an XLA-compiled call, which becomes a
+plain grouped `Conv2D`), so `kerasbn.folding.tfgraph` can fold its batch
+normalization without the Python code that built it (`FrozenGraph` runs
+such a convolution XLA-compiled again, as the source did). A TF1 frozen
 GraphDef (`.pb`) is read directly: its `Placeholder`s are the inputs and
 the nodes nothing reads are the outputs.
 
@@ -16,6 +19,7 @@ the frozen GraphDef. `FrozenGraph` is the folded graph as a callable,
 which the artifact writers trace like a Keras model.
 """
 
+import hashlib
 import keyword
 import os
 import re
@@ -28,7 +32,7 @@ from kerasbn import _keras_internal
 from kerasbn.sources import is_saved_model
 from kerasbn.sources import saved_model_hint
 
-_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+_CALL_OPS = _keras_internal.CALL_OPS
 # Nodes that are never a frozen graph's outputs.
 _NOT_OUTPUTS = ("Const", "NoOp", "Placeholder", "Assert", "SaveV2",
                 "RestoreV2")
@@ -43,7 +47,8 @@ class FrozenGraph(tf.Module):
     """A frozen GraphDef as a function of its input tensors.
 
     Calling it with the flat inputs (in `GraphSource.input_names` order)
-    returns the flat outputs. Its floating-point constants of
+    returns the flat outputs. The convolutions the source ran XLA-compiled
+    run so again (`with_xla_convolutions`). Its floating-point constants of
     `min_weight_size` elements or more (the weights) are held as
     variables, which `tf.saved_model.save` writes to `variables/` as any
     SavedModel does: as graph constants they would make `saved_model.pb`
@@ -54,7 +59,8 @@ class FrozenGraph(tf.Module):
     def __init__(self, graph_def, input_tensors, output_tensors, input_specs,
                  name, min_weight_size=16):
         super().__init__()
-        graph_def = without_gradient_annotations(graph_def)
+        graph_def = with_xla_convolutions(
+            without_gradient_annotations(graph_def))
         self.graph_def = graph_def
         self.model_name = name
         self.input_tensors = list(input_tensors)
@@ -100,6 +106,88 @@ def without_gradient_annotations(graph_def):
         if "_gradient_op_type" in node.attr:
             del node.attr["_gradient_op_type"]
     return copy
+
+
+# The ops Keras runs XLA-compiled (grouped convolutions; Keras 3's NCDHW
+# Conv3D), each (input, filter) -> output of one type T.
+_XLA_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative")
+
+
+def with_xla_convolutions(graph_def):
+    """`graph_def` with each convolution that ran inside an XLA-compiled
+    call of the source (marked by `_keras_internal.inline_function_calls`)
+    in an XLA-compiled call of its own again, as Keras runs it (a copy if
+    any node is marked).
+
+    The reader inlines those calls so a normalization after a grouped
+    convolution can be folded into it; run as a plain op, the folded
+    `Conv2D` + `BiasAdd` is what TensorFlow's graph optimizer fuses, and
+    its CPU kernel without oneDNN (`TF_ENABLE_ONEDNN_OPTS=0`, builds
+    without it) refuses a grouped fused convolution ("Fused conv
+    implementation does not support grouped convolutions"), where the
+    source ran. The call node keeps the convolution's name (its consumers
+    still read it); the other marked nodes (Identity, a Conv1D's
+    reshapes) run as plain ops. ONNX conversion inlines such calls again
+    (`kerasbn.exporting._onnx_graph`).
+    """
+    mark = _keras_internal.XLA_MARK
+    if not any(mark in n.attr for n in graph_def.node):
+        return graph_def
+    copy = tf.compat.v1.GraphDef()
+    copy.CopyFrom(graph_def)
+    functions = {}
+    for node in copy.node:
+        if mark not in node.attr:
+            continue
+        del node.attr[mark]
+        if node.op in _XLA_OPS:
+            function = _xla_function(node)
+            functions[function.signature.name] = function
+            _xla_call(node, function.signature.name)
+    present = {f.signature.name for f in copy.library.function}
+    copy.library.function.extend(
+        f for k, f in sorted(functions.items()) if k not in present)
+    return copy
+
+
+def _xla_function(node):
+    """An XLA-compiled FunctionDef of `node`'s op on its two inputs, named
+    after its content: TensorFlow's function names are global to the
+    process, and one name must always mean one definition."""
+    from tensorflow.core.framework import function_pb2
+
+    dtype = node.attr["T"].type
+    function = function_pb2.FunctionDef()
+    for arg in ("input", "filter"):
+        function.signature.input_arg.add(name=arg, type=dtype)
+    function.signature.output_arg.add(name="output", type=dtype)
+    body = function.node_def.add(name="op", op=node.op,
+                                 input=["input", "filter"])
+    for key, value in node.attr.items():
+        if not key.startswith("_"):
+            body.attr[key].CopyFrom(value)
+    function.ret["output"] = "op:output:0"
+    for attribute in _keras_internal.NO_INLINE:
+        function.attr[attribute].b = True
+    digest = hashlib.sha1(function.SerializeToString(deterministic=True))
+    function.signature.name = (f"kerasbn_xla_{node.op.lower()}_"
+                               f"{digest.hexdigest()[:16]}")
+    return function
+
+
+def _xla_call(node, name):
+    """Make `node` an XLA-compiled call of the function `name` on its
+    inputs."""
+    dtype = node.attr["T"].type
+    call = tf.compat.v1.NodeDef(name=node.name, op="PartitionedCall",
+                                input=node.input)
+    call.attr["Tin"].list.type.extend([dtype, dtype])
+    call.attr["Tout"].list.type.append(dtype)
+    call.attr["f"].func.name = name
+    call.attr["_XlaMustCompile"].b = True
+    if "_output_shapes" in node.attr:
+        call.attr["_output_shapes"].CopyFrom(node.attr["_output_shapes"])
+    node.CopyFrom(call)
 
 
 def _weight_names(graph_def, min_size):
@@ -185,10 +273,14 @@ def load_saved_model(path, signature_key="serving_default"):
     specs = tf.nest.flatten(function.structured_input_signature)
     output_names = sorted(function.structured_outputs)
     frozen = _keras_internal.freeze_concrete_function(function, inline=True)
-    graph_def = without_gradient_annotations(
-        frozen.graph.as_graph_def(add_shapes=True))
     inputs = [t.name for t in frozen.inputs[:len(specs)]]
     outputs = [t.name for t in frozen.outputs]
+    # Freezing leaves the calls TensorFlow may not inline (a grouped
+    # convolution's XLA function): the normalization after one would read
+    # a call, no linear op, and become a multiply-add instead of folding.
+    graph_def = without_gradient_annotations(
+        _keras_internal.inline_function_calls(
+            frozen.graph.as_graph_def(add_shapes=True), inputs + outputs))
     keys = _input_keys(function, specs)
     input_specs, notes = _identifiers(
         [tf.TensorSpec(s.shape, s.dtype, name=k) for s, k in zip(specs, keys)])
@@ -213,8 +305,9 @@ def _call_notes(graph_def):
     calls = [n.name for n in graph_def.node if n.op in _CALL_OPS]
     if not calls:
         return []
-    return [f"{len(calls)} function call(s) stayed after freezing (first: "
-            f"{calls[0]}); normalizations inside them are not folded"]
+    return [f"{len(calls)} function call(s) stayed after freezing and "
+            f"inlining (first: {calls[0]}); normalizations inside them are "
+            "not folded"]
 
 
 def load_frozen_graph(path):
