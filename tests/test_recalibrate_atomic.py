@@ -25,6 +25,16 @@ from tests.helpers import random_batch
 from tests.helpers import randomize_normalizations
 from tests.helpers import to_numpy
 
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """SIGINT raises KeyboardInterrupt here, as in a terminal: a process
+    started in the background by a non-interactive shell (`make test`
+    runs the JAX suite with `&`) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 pytestmark = pytest.mark.any_backend
 
 L = keras.layers
