@@ -430,14 +430,22 @@ def make_keras2_files(directory, names=ALL, timeout=300):
         handle.write(_SCRIPT)
     with open(os.path.join(directory, "tf_function_calls.json"), "w") as f:
         json.dump(TF_FUNCTION_CALLS, f)
+    run_tf_keras(script, [directory, ",".join(names), str(BATCH)],
+                 "the Keras 2 test files", timeout)
+    return directory
+
+
+def run_tf_keras(script, args, what, timeout):
+    """Run `script` (a path) with `args` under tf-keras
+    (`TF_USE_LEGACY_KERAS=1`) in a subprocess of the test interpreter; it
+    must print "done". Raises RuntimeError naming `what` with its stderr."""
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
                CUDA_VISIBLE_DEVICES="")
     env.pop("KERAS_BACKEND", None)
-    done = subprocess.run(
-        [sys.executable, script, directory, ",".join(names), str(BATCH)],
-        capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run([sys.executable, str(script)] + list(args),
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env)
     if done.returncode != 0 or "done" not in done.stdout:
         raise RuntimeError(
-            "tf-keras could not write the Keras 2 test files "
-            f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return directory
+            f"tf-keras could not write {what} (exit {done.returncode}):\n"
+            f"{done.stderr[-4000:]}")

@@ -38,8 +38,8 @@ used (the smallest each accepts, or 32) and the family it belongs to;
 
 import json
 import os
-import subprocess
-import sys
+
+from tests.keras2_files import run_tf_keras
 
 # name: (input size, family)
 FAMILIES = {
@@ -178,15 +178,7 @@ def make_stock_files(directory, names=REPRESENTATIVES, savedmodel=True,
     script = os.path.join(directory, "_make_stock_files.py")
     with open(script, "w") as handle:
         handle.write(_SCRIPT)
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run(
-        [sys.executable, script, directory, json.dumps(todo),
-         "1" if savedmodel else "0", str(BATCH)],
-        capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0 or "done" not in done.stdout:
-        raise RuntimeError(
-            "tf-keras could not write the stock application files "
-            f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+    run_tf_keras(script, [directory, json.dumps(todo),
+                          "1" if savedmodel else "0", str(BATCH)],
+                 "the stock application files", timeout)
     return directory

@@ -47,6 +47,7 @@ from kerasbn import cli
 from kerasbn.folding import tfgraph
 from kerasbn.sources import saved_model as sources_saved_model
 from tests.helpers import assert_close_to_scale
+from tests.keras2_files import run_tf_keras
 
 RTOL = 1e-5
 SIZE = 32
@@ -91,15 +92,8 @@ def stock_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("stock_savedmodels")
     script = directory / "write.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run(
-        [sys.executable, str(script), str(directory), ",".join(STOCK)],
-        capture_output=True, text=True, timeout=600, env=env)
-    if done.returncode != 0 or "done" not in done.stdout:
-        raise RuntimeError(f"tf-keras could not write the stock SavedModels "
-                           f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+    run_tf_keras(script, [str(directory), ",".join(STOCK)],
+                 "the stock SavedModels", 600)
     return pathlib.Path(directory)
 
 
@@ -273,15 +267,7 @@ def test_bn_after_a_grouped_convolution_folds(tmp_path):
         pytest.skip("tf-keras is not installed (pip install 'kerasbn[test]')")
     script = tmp_path / "write.py"
     script.write_text(_GROUPED_SCRIPT)
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300,
-                          env=env)
-    if done.returncode != 0 or "done" not in done.stdout:
-        raise RuntimeError(f"tf-keras could not write the SavedModel (exit "
-                           f"{done.returncode}):\n{done.stderr[-4000:]}")
+    run_tf_keras(script, [str(tmp_path)], "the SavedModel", 300)
     source = sources_saved_model.load_saved_model(str(tmp_path / "grouped"))
     ops = [n.op for n in source.graph_def.node]
     assert not [op for op in ops if "PartitionedCall" in op]
@@ -300,7 +286,8 @@ def test_bn_after_a_grouped_convolution_folds(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", _NO_ONEDNN_SCRIPT, str(saved),
          str(tmp_path / "grouped.npz")], capture_output=True, text=True,
-        timeout=300, env=dict(env, TF_ENABLE_ONEDNN_OPTS="0"))
+        timeout=300, env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0",
+                              TF_CPP_MIN_LOG_LEVEL="2"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) <= RTOL
 

@@ -25,23 +25,10 @@ import re
 import shutil
 import tempfile
 
+from kerasbn._processes import pid_alive
 from kerasbn.exporting._result import ExportError
 
 _MARK = ".kerasbn-staging-"
-
-
-def _pid_alive(pid):
-    """Whether process `pid` may still be running (unsure counts as yes)."""
-    if pid == os.getpid() or os.name == "nt":
-        # On Windows os.kill(pid, 0) sends CTRL_C_EVENT: never probe there.
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True  # PermissionError: it exists, under another user.
-    return True
 
 
 def remove_stale(directory):
@@ -62,7 +49,7 @@ def remove_stale(directory):
             continue
         for entry in names:
             match = pattern.match(entry)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 path = os.path.join(place, entry)
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)

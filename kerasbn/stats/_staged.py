@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from kerasbn import _keras_internal
+from kerasbn._processes import pid_alive
 from kerasbn.stats import _collect
 
 _MIB = 2.0 ** 20
@@ -61,20 +62,6 @@ def _host():
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid):
-    """Whether process `pid` may still run on this host (unsure: yes)."""
-    if pid == os.getpid() or os.name == "nt":
-        # On Windows os.kill(pid, 0) sends CTRL_C_EVENT: never probe there.
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True  # PermissionError: it exists, under another user.
-    return True
-
-
 def remove_stale_spills(directory=None):
     """Remove the spill directories that recalibrations killed outright
     (SIGKILL, power loss) left in `directory` (default: the system's
@@ -93,7 +80,7 @@ def remove_stale_spills(directory=None):
         return removed
     for name in names:
         match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             path = os.path.join(directory, name)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
