@@ -199,6 +199,15 @@ def freeze_concrete_function(concrete_function, inline=False):
 # `tf.function(jit_compile=True)`, marked with both.
 NO_INLINE = ("_noinline", "_XlaMustCompile")
 CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
+
+
+def strip_no_inline(graph_def):
+    """Remove the `NO_INLINE` marks from `graph_def`'s functions and nodes
+    (in place), so TensorFlow's inliner takes every call."""
+    for holder in list(graph_def.library.function) + list(graph_def.node):
+        for attribute in NO_INLINE:
+            if attribute in holder.attr:
+                del holder.attr[attribute]
 # kerasbn's own node attribute: the node ran inside an XLA-compiled call
 # of the source that `inline_function_calls` inlined.
 XLA_MARK = "_kerasbn_xla_compiled"
@@ -237,10 +246,7 @@ def inline_function_calls(graph_def, fetches):
                 function.attr["_XlaMustCompile"].b):
             for node in function.node_def:
                 node.attr[XLA_MARK].b = True
-    for holder in list(copy.library.function) + list(copy.node):
-        for attribute in NO_INLINE:
-            if attribute in holder.attr:
-                del holder.attr[attribute]
+    strip_no_inline(copy)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(copy, name="")

@@ -23,9 +23,6 @@
 
 import numpy as np
 
-# Function attributes that stop TensorFlow's graph optimizer from inlining.
-_NO_INLINE = ("_noinline", "_XlaMustCompile")
-_CALL_OPS = ("StatefulPartitionedCall", "PartitionedCall")
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -97,6 +94,8 @@ def convert(function, input_specs, opset):
     """
     import tf2onnx
 
+    from kerasbn import _keras_internal
+
     concrete = function.get_concrete_function(*input_specs)
     calls, captured = _uninlinable_calls(concrete), _captured(concrete)
     if not calls and not captured:
@@ -104,12 +103,14 @@ def convert(function, input_specs, opset):
             function, input_signature=input_specs, opset=opset,
             custom_op_handlers=dict(CUSTOM_OPS))
         names = [spec.name for spec in input_specs]
-        calls = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
+        calls = [n.name for n in proto.graph.node
+                 if n.op_type in _keras_internal.CALL_OPS]
         captured = [i.name for i in proto.graph.input if i.name not in names]
         if not calls and not captured:
             return proto, []
     proto = _convert_frozen(concrete, len(input_specs), opset)
-    left = [n.name for n in proto.graph.node if n.op_type in _CALL_OPS]
+    left = [n.name for n in proto.graph.node
+            if n.op_type in _keras_internal.CALL_OPS]
     if left:
         raise ValueError(
             f"tf2onnx left {len(left)} TensorFlow function call(s) in the "
@@ -134,13 +135,17 @@ def _uninlinable_calls(concrete):
     function's graph or in a function it calls (a graph source's folded
     `FrozenGraph` holds its grouped convolutions' XLA calls one level
     down)."""
+    from kerasbn import _keras_internal
+
     graph_def = concrete.graph.as_graph_def()
     blocked = {f.signature.name for f in graph_def.library.function
-               if any(f.attr[a].b for a in _NO_INLINE if a in f.attr)}
+               if any(f.attr[a].b for a in _keras_internal.NO_INLINE
+                      if a in f.attr)}
     nodes = list(graph_def.node) + [n for f in graph_def.library.function
                                     for n in f.node_def]
     return [n.name for n in nodes
-            if n.op in _CALL_OPS and n.attr["f"].func.name in blocked]
+            if n.op in _keras_internal.CALL_OPS
+            and n.attr["f"].func.name in blocked]
 
 
 def _captured(concrete):
@@ -163,10 +168,7 @@ def _convert_frozen(concrete, n_inputs, opset):
         concrete, input_names, output_names)
     frozen = _keras_internal.freeze_concrete_function(concrete, inline=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
-    for holder in list(graph_def.library.function) + list(graph_def.node):
-        for attribute in _NO_INLINE:
-            if attribute in holder.attr:
-                del holder.attr[attribute]
+    _keras_internal.strip_no_inline(graph_def)
     proto, _ = tf2onnx.convert.from_graph_def(
         graph_def, name=concrete.name, input_names=input_names,
         output_names=output_names, opset=opset, tensors_to_rename=renames,
