@@ -14,6 +14,8 @@ Checked against: Keras 3.15 (TensorFlow 2.21). `pyproject.toml` asks for
 keras>=3.14, whose layout is the same for everything read here.
 """
 
+import functools
+
 import keras
 
 CHECKED_KERAS = ("3.14", "3.15")
@@ -149,11 +151,30 @@ def batch_norm_moments(layer, inputs, mask):
     """Keras BatchNormalization's batch `(mean, variance)` of `inputs`.
 
     Masked positions left out; all-reduced across replicas when the layer
-    is `synchronized`. kerasbn's BN subclasses reuse it so that their
-    training statistics are Keras' own to the last bit.
+    is `synchronized`, without Keras' cancellation (two centred
+    all-reduces, `kerasbn/layers/_synchronized.py`). kerasbn's BN
+    subclasses reuse it so that their training statistics are Keras' own
+    to the last bit on one replica.
     """
-    return _get(layer, "_moments", "BatchNormalization's batch moments")(
-        inputs, mask)
+    # Keras' own method, also for subclasses that route theirs here.
+    moments = functools.partial(
+        _get(keras.layers.BatchNormalization, "_moments",
+             "BatchNormalization's batch moments"), layer)
+    if not layer.synchronized or keras.backend.backend() != "tensorflow":
+        return moments(inputs, mask)
+    # Keras' own synchronized moments cancel (E[x^2] - E[x]^2 in float32,
+    # even on one replica); kerasbn's are centred, and on one replica they
+    # are the two-pass local ones. See kerasbn/layers/_synchronized.py.
+    from kerasbn.layers._synchronized import synchronized_moments
+
+    axes = _get(layer, "_reduction_axes", "BatchNormalization's axes")
+
+    def local(inputs, mask):
+        if mask is not None:  # Keras' masked moments never synchronize.
+            return moments(inputs, mask)
+        return keras.ops.moments(inputs, axes=axes)
+
+    return synchronized_moments(inputs, mask, axes, local)
 
 
 def training_moments(layer, inputs, mask):

@@ -376,6 +376,62 @@ def test_mirrored_two_replicas_match_one(zero_debias, two_replica_strategy):
     assert_weights_close(mirrored, single, 1e-5)
 
 
+@pytest.mark.parametrize("layer_class", ["BatchNormalization",
+                                         "BatchRenormalization"])
+@pytest.mark.parametrize("loc", [10.0, 100.0, 1000.0, 1e4])
+def test_synchronized_moments_do_not_cancel(layer_class, loc,
+                                            two_replica_strategy):
+    # One training step, momentum 0: the moving statistics are the global
+    # batch's moments. Oracle: NumPy float64 on the same float32 inputs.
+    # Keras' E[x^2] - E[x]^2 is off by 3e-5 at loc/std 10, 0.4 at 1000
+    # and 15x at 1e4 here (issue 29). Bounds: the variance is a centred
+    # float32 sum of 128 terms per channel (a few 1e-7 relative), 1e-5 is
+    # the issue's; the mean is within float32's own rounding of a value
+    # near `loc` (2**-24 relative, bound 4x that).
+    import kerasbn.layers
+
+    x = random_batch((16, 4, 4, 3), seed=29, loc=loc)
+    with two_replica_strategy.scope():
+        model = keras.Sequential([
+            keras.Input((4, 4, 3)),
+            getattr(kerasbn.layers, layer_class)(momentum=0.0,
+                                                 synchronized=True)])
+        model.compile(loss="mse", optimizer=keras.optimizers.SGD(0.0))
+    model.fit(x, np.zeros_like(x), batch_size=16, epochs=1, shuffle=False,
+              verbose=0)
+    bn = model.layers[0]
+    exact = x.astype(np.float64)
+    want_var, want_mean = exact.var(axis=(0, 1, 2)), exact.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(to_numpy(bn.moving_variance), want_var,
+                               rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), want_mean,
+                               rtol=4 * 2.0**-24)
+
+
+def test_synchronized_masked_moments_span_replicas(two_replica_strategy):
+    # Keras' masked moments never synchronize; kerasbn's do. The two
+    # replicas hold different numbers of unmasked steps (Masking drops the
+    # all-zero ones), so a per-replica mean would differ from the global
+    # one. Oracle: NumPy float64 over the unmasked steps of the global batch.
+    x = random_batch((8, 5, 3), seed=30, loc=50.0)
+    x[:4, 3:] = 0.0  # replica 0: 3 of 5 steps kept per sample
+    x[4:, 1:] = 0.0  # replica 1: 1 of 5
+    with two_replica_strategy.scope():
+        model = keras.Sequential([
+            keras.Input((5, 3)), keras.layers.Masking(0.0),
+            BatchNormalization(momentum=0.0, synchronized=True)])
+        model.compile(loss="mse", optimizer=keras.optimizers.SGD(0.0))
+    model.fit(x, np.zeros_like(x), batch_size=8, epochs=1, shuffle=False,
+              verbose=0)
+    kept = x.astype(np.float64)[np.any(x != 0.0, axis=-1)]
+    bn = model.layers[1]
+    # Bounds as in test_synchronized_moments_do_not_cancel.
+    np.testing.assert_allclose(to_numpy(bn.moving_variance), kept.var(0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(bn.moving_mean), kept.mean(0),
+                               rtol=4 * 2.0**-24)
+
+
 # --------------------------------------------------------------------------
 # Bad arguments.
 

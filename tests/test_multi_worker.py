@@ -87,7 +87,7 @@ def test_merge_over_workers_is_numpy_on_the_union(monkeypatch):
 def test_two_workers_recalibrate_as_one_process(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "multi_worker.py"), "--steps", "6",
+        [sys.executable, str(EXAMPLES / "multi_worker.py"), "--steps", "20",
          "--out-dir", str(out), "--timeout", "240"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -97,6 +97,16 @@ def test_two_workers_recalibrate_as_one_process(tmp_path):
     assert summary["trained_weights_differ_between_workers"] == 0.0
     for worker in summary["workers"]:
         assert worker["recalibrated_statistics_max_difference"] <= 1e-5
+        # Training under the strategy vs one process on the same global
+        # batches, 20 steps: with the synchronized moments centred, only
+        # the reduction order differs (measured 1.1e-6 of each weight's
+        # scale, 5e-7 for the statistics; the largest is a BN beta near
+        # zero, off by 7e-9 absolute). With Keras' E[x^2] - E[x]^2 the
+        # gap was 4.8e-3 at step 20 (issue 29). 2e-5: the float32 rounding
+        # of a 64-sample gradient sum relative to a small weight, with room.
+        training = worker["training_vs_one_process"]
+        assert training["weights"] <= 2e-5, training
+        assert training["statistics"] <= 2e-5, training
     assert sorted(summary["workers"][0]["exported"])
     for path in summary["workers"][0]["exported"]:
         assert os.path.exists(path)

@@ -135,6 +135,73 @@ def bench_bn_train_step(quick):
 
 
 # --------------------------------------------------------------------------
+# Issue 29: synchronized BN (2 replicas) vs Keras' synchronized BN.
+
+# Set in the child process bench_sync_bn starts: TensorFlow's logical
+# devices can only be split before its runtime starts.
+_SPLIT_CPUS = "KERASBN_BENCH_SPLIT_CPUS"
+if os.environ.get(_SPLIT_CPUS):
+    import tensorflow as _tf
+
+    _tf.config.set_logical_device_configuration(
+        _tf.config.list_physical_devices("CPU")[0],
+        [_tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def _sync_variance_error(strategy, layer, loc):
+    """Relative error of one step's moving variance against NumPy float64
+    (inputs loc + N(0, 1), momentum 0, the global batch of 16)."""
+    x = np.random.default_rng(29).normal(loc, 1.0, (16, 4, 4, 3)).astype(
+        "float32")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4, 4, 3)),
+                                  layer(momentum=0.0, synchronized=True)])
+        model.compile(loss="mse", optimizer=keras.optimizers.SGD(0.0))
+    model.fit(x, np.zeros_like(x), batch_size=16, verbose=0, shuffle=False)
+    want = x.astype(np.float64).var(axis=(0, 1, 2))
+    got = np.asarray(model.layers[0].moving_variance, np.float64)
+    return float(np.max(np.abs(got - want) / want))
+
+
+def bench_sync_bn(quick):
+    """Train step of the small CNN with `synchronized=True` BNs under a
+    2-replica MirroredStrategy (2 logical CPUs), kerasbn / Keras, and each
+    one's moving-variance error at mean/std 1000 (in the note)."""
+    import subprocess
+    import tempfile
+
+    import tensorflow as tf
+
+    if not os.environ.get(_SPLIT_CPUS):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            command = [sys.executable, os.path.abspath(__file__), "--json",
+                       out, "--only", "sync_bn"] + (
+                ["--quick"] if quick else [])
+            subprocess.run(command, env=dict(os.environ, **{_SPLIT_CPUS: "1"}),
+                           check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                return json.load(f)["rows"]
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    layers = {"keras": keras.layers.BatchNormalization,
+              "kerasbn": kerasbn.layers.BatchNormalization}
+    errors = {name: _sync_variance_error(strategy, layer, 1000.0)
+              for name, layer in layers.items()}
+    batch = 32
+    with strategy.scope():
+        models = {name: small_cnn(lambda l=layer: l(synchronized=True))
+                  for name, layer in layers.items()}
+    per_step = train_step_seconds(models, batch, quick)
+    return [row("sync train step / Keras sync BN",
+                "small CNN, 2 replicas (MirroredStrategy, 2 logical CPUs)",
+                batch, per_step["kerasbn"], per_step["keras"], "<= 1.10",
+                f"moving variance rel. error at mean/std 1000: kerasbn "
+                f"{errors['kerasbn']:.1e}, Keras {errors['keras']:.1e}; "
+                "all-reduces per BN: 2 vs 3")]
+
+
+# --------------------------------------------------------------------------
 # Issue 6: training step of kerasbn.layers.BatchRenormalization vs Keras'
 # renorm layer (whose clipping is constant).
 
@@ -764,6 +831,7 @@ BENCHMARKS = {
     "graph_fold": bench_graph_fold,
     "backends": bench_backends,
     "recalibrate": bench_recalibrate,
+    "sync_bn": bench_sync_bn,
     "quantized": bench_quantized,
 }
 

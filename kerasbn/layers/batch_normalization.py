@@ -95,6 +95,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     With `synchronized=True` under a `tf.distribute` strategy the batch
     statistics are cross-replica, so every replica applies the same update
     and a run on N replicas matches one replica on the same global batch.
+    Unlike Keras' layer, the cross-replica variance is centred (no
+    `E[x^2] - E[x]^2` cancellation at a large mean) and a mask is honoured
+    across replicas: `kerasbn/layers/_synchronized.py`.
 
     Example:
 
@@ -156,6 +159,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             inputs, mean, variance, axis=self.axis, offset=beta,
             scale=gamma, epsilon=self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _moments(self, inputs, mask):
+        # Keras' call() takes its batch moments here: synchronized ones
+        # without cancellation (kerasbn/layers/_synchronized.py).
+        return _keras_internal.batch_norm_moments(self, inputs, mask)
 
     def _update_debiased_statistics(self, mean, variance):
         self.debias_step.assign_add(ops.ones((), dtype="int64"))
