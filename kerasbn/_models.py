@@ -98,3 +98,35 @@ def _clone_uninitialized(model):
         if new.get_config() != config:
             return None
     return copy
+
+
+# -- Mixed precision. --------------------------------------------------------
+
+REDUCED_COMPUTE = ("float16", "bfloat16")
+
+
+def mixed_policy(model):
+    """The name of the first reduced-precision compute policy among
+    `model`'s layers (e.g. "mixed_float16"), or None."""
+    for layer in [model] + _keras_internal.sublayers(model):
+        policy = getattr(layer, "dtype_policy", None)
+        if getattr(policy, "compute_dtype", None) in REDUCED_COMPUTE:
+            return policy.name
+    return None
+
+
+def float32_twin(model, where):
+    """A copy of `model` with its weights whose every layer computes in
+    float32: the model a mixed-precision model means, without the
+    rounding of its float16/bfloat16 compute (its variables are float32
+    already, so nothing is rounded on the way).
+
+    Equal to the same architecture built under the "float32" policy and
+    given the same weights (tested bit for bit).
+    """
+    twin = clone_with_weights(model, where)
+    for layer in [twin] + _keras_internal.sublayers(twin):
+        policy = getattr(layer, "dtype_policy", None)
+        if getattr(policy, "compute_dtype", None) in REDUCED_COMPUTE:
+            layer.dtype_policy = "float32"
+    return twin

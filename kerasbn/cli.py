@@ -46,6 +46,7 @@ from kerasbn.exporting import FORMATS
 from kerasbn.exporting import ExportError
 from kerasbn.exporting import VerificationError
 from kerasbn.exporting import _options
+from kerasbn.exporting._result import precision_line
 from kerasbn.exporting import _staging
 from kerasbn.exporting import export
 from kerasbn.exporting import fold_saved_model
@@ -104,6 +105,12 @@ def _parser():
     parser.add_argument("--rtol", type=float, default=_options.DEFAULT_RTOL,
                         help="allowed error / max|output| (default: "
                         "%(default)g)")
+    parser.add_argument("--precision", choices=("float32", "policy"),
+                        default="float32",
+                        help="for a mixed-precision model: export its "
+                        "float32 twin (default), or keep its float16/"
+                        "bfloat16 compute where the format can "
+                        "(README: mixed precision)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing artifacts")
     parser.add_argument("--latency-runs", type=int, default=20,
@@ -442,7 +449,8 @@ def _export(args, model, formats, progress):
         reduced = dict(min_agreement=args.min_agreement,
                        max_rel_rms=args.max_rel_rms,
                        per_channel=not args.per_tensor,
-                       equalize=args.equalize, int8_io=args.int8_io)
+                       equalize=args.equalize, int8_io=args.int8_io,
+                       precision=args.precision)
         for flag in ("calibration", "validation"):
             path = getattr(args, flag)
             reduced[flag] = (None if path is None
@@ -550,6 +558,8 @@ def _summary(original, result, latency):
     if not result.checks:
         for fmt, path in result.artifacts.items():
             lines.append(f"{fmt:<{width}}  {'not verified':>24}  {path}")
+    if result.precision:
+        lines.append(precision_line(result.precision))
     for fmt, notes in result.notes.items():
         lines.extend(f"note ({fmt}): {note}" for note in notes)
     if latency:
@@ -633,9 +643,6 @@ def run(argv=None, interrupts=None):
         if notes:
             error.result.notes.setdefault("source", list(notes))
         print(str(error), file=sys.stderr)
-        hint = _mixed_precision_hint(model)
-        if hint:
-            print(hint, file=sys.stderr)
         if args.json:
             _write_json(args.json, error.result.to_dict())
         print("kerasbn-fold: verification failed; nothing was written",
@@ -646,20 +653,6 @@ def run(argv=None, interrupts=None):
         result.notes.setdefault("source", list(notes))
     _report(args, model, result, progress)
     return EXIT_OK
-
-
-def _mixed_precision_hint(model):
-    """A line for a failed check of a mixed precision Keras model, or None:
-    float16 rounds each layer's output to ~1e-3, past the float32 rtol."""
-    policies = {getattr(getattr(layer, "dtype_policy", None), "name", "")
-                for layer in getattr(model, "layers", [])}
-    mixed = sorted(p for p in policies if p.startswith("mixed_"))
-    if not mixed:
-        return None
-    return (f"note: the model computes in reduced precision ({mixed[0]}): "
-            "its own rounding moves the outputs by ~1e-3 of their scale, "
-            "past the default --rtol; if the errors above are of that size, "
-            "check with --rtol 5e-3 (README, Limits: mixed precision)")
 
 
 # -- Signals. -----------------------------------------------------------------

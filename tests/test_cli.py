@@ -196,18 +196,3 @@ def test_output_the_file_system_refuses_is_one_line(model_file):
     assert_clean_failure(done, "/proc/kerasbn-cannot-write",
                          "Choose a writable location")
 
-
-def test_mixed_precision_failure_says_why(tmp_path):
-    from kerasbn import cli
-
-    keras.config.set_dtype_policy("mixed_float16")
-    inputs = keras.Input((8, 8, 3))
-    h = keras.layers.Conv2D(8, 3)(inputs)
-    h = keras.layers.BatchNormalization()(h)
-    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
-    keras.config.set_dtype_policy("float32")
-    hint = cli._mixed_precision_hint(model)
-    assert "mixed_float16" in hint and "--rtol" in hint
-    x = keras.Input((3,))
-    plain = keras.Model(x, keras.layers.Dense(2)(x))
-    assert cli._mixed_precision_hint(plain) is None

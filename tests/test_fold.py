@@ -549,7 +549,9 @@ def test_mixed_precision_policy_is_kept():
         model = randomize_normalizations(keras.Model(inputs, x))
     finally:
         keras.config.set_dtype_policy(previous)
-    folded, _ = kerasbn.fold(model)
+    folded, report = kerasbn.fold(model)
+    assert report.dtype_policy == "mixed_float16"
+    assert "dtype policy mixed_float16 kept" in report.headline()
     for layer in folded.layers[1:]:
         assert layer.dtype_policy.name == "mixed_float16"
     assert folded.layers[1].kernel.dtype == "float32"

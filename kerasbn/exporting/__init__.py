@@ -58,7 +58,8 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
            opset=DEFAULT_OPSET, rtol=DEFAULT_RTOL, batch_sizes=(1, 4),
            overwrite=False, progress=None, calibration=None,
            validation=None, min_agreement=0.98, max_rel_rms=None,
-           per_channel=True, int8_io=False, equalize=False):
+           per_channel=True, int8_io=False, equalize=False,
+           precision="float32"):
     """Fold, export and verify `model`; returns an `ExportResult`.
 
     Args:
@@ -116,6 +117,18 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             consecutive layers (`kerasbn.equalize`, cross-layer
             equalization: exact in float, so every format still verifies).
             Worth it for per-tensor int8 (`per_channel=False`).
+        precision: What a model trained in mixed precision (a
+            "mixed_float16" or "mixed_bfloat16" policy) computes in once
+            exported. "float32" (default): its float32 twin (same
+            weights, every layer in float32) is folded and exported, and
+            every artifact is checked against that twin at `rtol`; the gap
+            between the user's mixed model and the twin is reported
+            (`ExportResult.precision`). "policy": the folded model keeps
+            its compute dtype (float16 SavedModel / ONNX / TFLite; bfloat16
+            is refused for the formats whose runtimes do not run it) and
+            is checked against the twin at a bound derived from the
+            measured gap of the unfolded mixed model (stated in the
+            result). Models without a reduced-precision policy ignore it.
 
     Returns:
         `ExportResult`.
@@ -142,6 +155,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     """
     # Keras and TensorFlow load here, on the first export (see above).
     from kerasbn.exporting import _pipeline as steps
+    from kerasbn.exporting import _precision
     from kerasbn.exporting._signature import ServingSignature
 
     progress = progress or _quiet
@@ -154,13 +168,20 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
         model, signature, formats, calibration, validation, inputs, verify,
         min_agreement, max_rel_rms, per_channel, int8_io, equalize)
     targets = _plan_targets(directory, formats, name, version, overwrite)
-    references = [steps.reference_outputs(model, signature, arrays)
+    # A mixed-precision model is checked against (and, by default,
+    # exported as) its float32 twin: `_precision`.
+    exported, meaning, precision = _precision.plan(
+        model, precision, formats, progress)
+    references = [steps.reference_outputs(meaning, signature, arrays)
                   for arrays in inputs]
+    if precision is not None:
+        rtol = _precision.measure(precision, model, signature, inputs,
+                                  references, rtol)
     if reduced.get("validation"):
         reduced["references"] = steps.in_chunks(
-            lambda flat: steps.reference_outputs(model, signature, flat),
+            lambda flat: steps.reference_outputs(meaning, signature, flat),
             reduced["validation"])
-    deployable, fold_report = steps.fold_for_export(model, fold, keep_bn,
+    deployable, fold_report = steps.fold_for_export(exported, fold, keep_bn,
                                                     progress)
     notes = {}
     if equalize:
@@ -168,7 +189,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             deployable, progress)
     return _write_verified(directory, targets, deployable, signature, inputs,
                            references, fold_report, opset, rtol, progress,
-                           overwrite, notes, reduced)
+                           overwrite, notes, reduced, precision)
 
 
 def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
@@ -242,7 +263,7 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
 
 def _write_verified(directory, targets, model, signature, inputs, references,
                     fold_report, opset, rtol, progress, overwrite, notes,
-                    reduced=None):
+                    reduced=None, precision=None):
     """Stage, write, verify and commit the artifacts; the `ExportResult`.
 
     `reduced`: the reduced-precision options (`_pipeline.reduced_options`).
@@ -262,7 +283,8 @@ def _write_verified(directory, targets, model, signature, inputs, references,
         said.update(steps.numerics_notes(numerics, staged, reduced))
         result = ExportResult(directory, final, fold_report, checks,
                               steps.onnx_ops(staged), model=model,
-                              notes={**notes, **said}, numerics=numerics)
+                              notes={**notes, **said}, numerics=numerics,
+                              precision=precision)
         if not result.passed:
             raise VerificationError(
                 "Exported artifacts do not reproduce the original model; "

@@ -74,6 +74,14 @@ class ExportResult:
         numerics: With an int8 format, the `kerasbn.QuantizationReport`
             of the exported model on (256 of) the validation inputs,
             where each int8 check's `worst_layer` comes from.
+        precision: For a model with a mixed-precision policy: `policy`
+            (e.g. "mixed_float16"), `deployed` (what the artifacts compute
+            in), `reference` ("float32 twin": what they were checked
+            against), `mixed_vs_float32` (max |user's model - twin| /
+            max |twin| on the verification inputs: what deploying the
+            twin changes for the user; inf where the mixed model overflows)
+            and, with `precision="policy"`, `rtol` and how it was derived.
+            None for a float32 model.
         passed: Whether every check passed (always True for a returned
             result with `verify=True`: failures raise).
 
@@ -101,6 +109,7 @@ class ExportResult:
     model: Optional[object] = None
     notes: dict = dataclasses.field(default_factory=dict)
     numerics: Optional[object] = None
+    precision: Optional[dict] = None
 
     @property
     def passed(self):
@@ -133,6 +142,7 @@ class ExportResult:
             "notes": {k: list(v) for k, v in self.notes.items()},
             "numerics": (json.loads(self.numerics.to_json())
                          if self.numerics is not None else None),
+            "precision": self.precision,
             "passed": self.passed,
         }
 
@@ -164,8 +174,22 @@ class ExportResult:
                      f"{worst['layer']} ({worst['sqnr_db']:.0f} dB)")
             lines.append(f"{c['format']:<12} {c['batch']:>7}  {share:>15}"
                          f"  {c['rel_rms']:>7.3g}  {worst:<18}  {status}")
+        if self.precision:
+            lines.append(precision_line(self.precision))
         for fmt, path in self.artifacts.items():
             lines.append(f"{fmt}: {path}")
         for fmt, said in self.notes.items():
             lines.extend(f"note ({fmt}): {note}" for note in said)
         return "\n".join(lines)
+
+
+def precision_line(precision):
+    """One line on a mixed-precision model's export (`ExportResult.precision`)."""
+    gap = precision["mixed_vs_float32"]
+    line = (f"precision: the model computes in {precision['policy']}; the "
+            f"artifacts compute in {precision['deployed']} and were checked "
+            f"against its {precision['reference']}")
+    if precision.get("rtol_reason"):
+        line += f" at rtol {precision['rtol']:.2g} ({precision['rtol_reason']})"
+    return (line + f"; the {precision['policy']} model itself differs from "
+            f"that twin by {gap:.2g} of output scale")

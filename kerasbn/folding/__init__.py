@@ -26,6 +26,7 @@ are normalizations or linear layers is `kerasbn.registry`.
 """
 
 from kerasbn import _checks
+from kerasbn import _models
 from kerasbn.folding import graph as _graph
 from kerasbn.folding.rebuild import Folder as _Folder
 from kerasbn.folding.rebuild import count_normalizations
@@ -114,5 +115,6 @@ def fold(model, *, forward=True, keep_unfolded=False):
         normalizations_after=count_normalizations(new_model),
         scale_shift_layers=count_scale_shift(new_model),
         forward=forward,
+        dtype_policy=_models.mixed_policy(model),
     )
     return FoldResult(new_model, report)

@@ -90,6 +90,10 @@ class FoldReport:
         scale_shift_layers: ScaleShift layers fold inserted (at graph
             level: the multiply-adds, `x * scale + shift`).
         forward: Whether forward folds were allowed.
+        dtype_policy: The reduced-precision compute policy of the input
+            model (e.g. "mixed_float16"), which the folded model keeps
+            (folded weights stay float32 variables, computed in the
+            policy's dtype); None for a float32 model.
 
     >>> import keras, kerasbn
     >>> model = keras.Sequential([
@@ -114,6 +118,7 @@ class FoldReport:
     normalizations_after: int
     scale_shift_layers: int
     forward: bool = True
+    dtype_policy: Optional[str] = None
 
     def _count(self, action, direction=None):
         return sum(
@@ -165,6 +170,7 @@ class FoldReport:
         return {
             "model": self.model,
             "forward": self.forward,
+            "dtype_policy": self.dtype_policy,
             "summary": self.summary(),
             "entries": [e.to_dict() for e in self.entries],
         }
@@ -180,6 +186,8 @@ class FoldReport:
             f"({self.folded_backward} backward, {self.folded_forward} "
             f"forward), {self.replaced} replaced by ScaleShift, "
             f"{self.kept} kept"
+            + (f"; dtype policy {self.dtype_policy} kept (float32 weights)"
+               if self.dtype_policy else "")
         )
 
     def __str__(self):
