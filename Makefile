@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # make test-torch TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-jax test-torch sweep bench bench-quick venv clean
+.PHONY: demo test test-jax test-torch sweep op-sweep bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,10 @@ test-torch: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/python tools/sweep.py --out sweep-work --results sweep-results.json
+
+op-sweep: $(STAMP)
+	$(BIN)/python tools/op_sweep.py --results op-sweep-results.json
+	$(BIN)/python tools/op_sweep.py --results op-sweep-results.json --table
 
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py

@@ -34,6 +34,22 @@ def copy_weights(source, target, where):
     for s, t in zip(source_weights, target_weights):
         # TensorFlow's assign copies into the target's own buffer.
         t.assign(s.value if on_tensorflow else value_copy(s))
+    _finalize_state(target)
+
+
+def _finalize_state(layer):
+    """Let layers that derive state from their variables derive it again.
+
+    An adapted `keras.layers.Normalization` computes its `mean` and
+    `variance` tensors from its `adapt_mean`/`adapt_variance` variables in
+    `finalize_state()`, which Keras calls after `adapt` or loading: weights
+    assigned otherwise would leave the copy normalizing with the values of
+    when it was built (zeros and ones).
+    """
+    for inner in [layer] + _keras_internal.sublayers(layer):
+        finalize = getattr(inner, "finalize_state", None)
+        if callable(finalize) and inner.built and inner.weights:
+            finalize()
 
 
 def value_copy(variable):

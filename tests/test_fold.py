@@ -671,3 +671,33 @@ def test_bad_option():
         kerasbn.fold(model, forward=1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         kerasbn.fold(model, fast=True)
+
+
+def test_adapted_normalization_survives_the_copy():
+    # An adapted Normalization derives its mean/variance tensors from its
+    # variables in finalize_state(), which Keras calls after adapt or load:
+    # a copy given the weights by assignment alone normalized with zeros
+    # and ones (issue 33's tabular model: folded output off by 80%). The
+    # oracle: the Keras model itself, and NumPy for the recalibrated BN.
+    x = np.random.default_rng(33).normal(3.0, 2.0, (64, 5)).astype("float32")
+    normalization = L.Normalization()
+    normalization.adapt(x)
+    inputs = keras.Input((5,))
+    dense = L.Dense(4)
+    model = keras.Model(inputs, L.BatchNormalization()(
+        dense(normalization(inputs))))
+    model = randomize_normalizations(model)
+    folded, _ = kerasbn.fold(model)
+    assert_same_outputs(model, folded, x[:8])
+
+    recalibrated = kerasbn.recalibrate(model, x, verbose=0)
+    kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
+    exact = x.astype(np.float64)
+    z = (exact - exact.mean(0)) / np.sqrt(exact.var(0)) @ kernel + bias
+    bn = recalibrated.layers[-1]
+    # float32 activations (Normalization and Dense in float32) against a
+    # float64 oracle: 1e-5 of the deviation / relative.
+    np.testing.assert_allclose(
+        (np.asarray(bn.moving_mean) - z.mean(0)) / z.std(0), 0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), z.var(0),
+                               rtol=1e-5)

@@ -83,6 +83,25 @@ def _expm1(ctx, node, name, args):
 # Ops TensorFlow writes for Keras 3 layers that tf2onnx leaves unconverted,
 # each with its ONNX rewrite.
 CUSTOM_OPS = {"Erfc": (_erfc, []), "Expm1": (_expm1, [])}
+REWRITTEN_AS = {"Erfc": "1 - Erf (exact GELU)",
+                "Expm1": "Exp/Log with Kahan's correction near 0 (CELU)"}
+
+
+def _recording_handlers(used):
+    """`CUSTOM_OPS` whose handlers count each op they rewrite in `used`."""
+    def recording(op, handler):
+        def handle(ctx, node, name, args):
+            used[op] = used.get(op, 0) + 1
+            return handler(ctx, node, name, args)
+        return handle
+    return {op: (recording(op, handler), args)
+            for op, (handler, args) in CUSTOM_OPS.items()}
+
+
+def _rewrite_notes(used):
+    return [f"{count} TensorFlow {op} op(s), which tf2onnx does not "
+            f"convert, rewritten as {REWRITTEN_AS[op]}"
+            for op, count in sorted(used.items())]
 
 
 def convert(function, input_specs, opset):
@@ -99,16 +118,18 @@ def convert(function, input_specs, opset):
     concrete = function.get_concrete_function(*input_specs)
     calls, captured = _uninlinable_calls(concrete), _captured(concrete)
     if not calls and not captured:
+        used = {}
         proto, _ = tf2onnx.convert.from_function(
             function, input_signature=input_specs, opset=opset,
-            custom_op_handlers=dict(CUSTOM_OPS))
+            custom_op_handlers=_recording_handlers(used))
         names = [spec.name for spec in input_specs]
         calls = [n.name for n in proto.graph.node
                  if n.op_type in _keras_internal.CALL_OPS]
         captured = [i.name for i in proto.graph.input if i.name not in names]
         if not calls and not captured:
-            return proto, []
-    proto = _convert_frozen(concrete, len(input_specs), opset)
+            return proto, _rewrite_notes(used)
+    used = {}
+    proto = _convert_frozen(concrete, len(input_specs), opset, used)
     left = [n.name for n in proto.graph.node
             if n.op_type in _keras_internal.CALL_OPS]
     if left:
@@ -116,7 +137,7 @@ def convert(function, input_specs, opset):
             f"tf2onnx left {len(left)} TensorFlow function call(s) in the "
             f"ONNX graph even with calls inlined (first: {left[0]}); no ONNX "
             "runtime can run them")
-    notes = []
+    notes = _rewrite_notes(used)
     if calls:
         notes.append(
             f"{len(calls)} TensorFlow function call(s) that tf2onnx cannot "
@@ -155,7 +176,7 @@ def _captured(concrete):
     return [t for t in concrete.captured_inputs if t.dtype != tf.resource]
 
 
-def _convert_frozen(concrete, n_inputs, opset):
+def _convert_frozen(concrete, n_inputs, opset, used):
     """Convert with variables and captured tensors frozen, calls inlined."""
     import tf2onnx
 
@@ -172,7 +193,7 @@ def _convert_frozen(concrete, n_inputs, opset):
     proto, _ = tf2onnx.convert.from_graph_def(
         graph_def, name=concrete.name, input_names=input_names,
         output_names=output_names, opset=opset, tensors_to_rename=renames,
-        custom_op_handlers=dict(CUSTOM_OPS))
+        custom_op_handlers=_recording_handlers(used))
     return proto
 
 

@@ -5,6 +5,7 @@ and TensorFlow, so it is imported on the first export only.
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -292,11 +293,52 @@ def write_artifacts(staging, targets, model, signature, opset, progress,
             raise ExportError(
                 f"Writing the {fmt} artifact failed: "
                 f"{type(error).__name__}: {error}"
+                + opset_hint(fmt, str(error), opset)
             ) from error
         staged[fmt] = path
         if said:
             notes[fmt] = list(said)
     return {f: staged[f] for f in targets}, notes
+
+
+_NO_OP = re.compile(r"No Op registered for (\w+) with domain_version of "
+                    r"(\d+)")
+_NODE = re.compile(r"node name: ([^\s)]+)")
+
+
+def opset_hint(fmt, message, opset):
+    """What to do when an ONNX artifact fails at a non-default opset: the
+    ONNX op the opset lacks, the layer (where the message names its node)
+    and the first opset that has the op; "" for other formats."""
+    if not fmt.startswith("onnx") or opset is None or opset >= _options.DEFAULT_OPSET:
+        return ""
+    hint = ""
+    missing = _NO_OP.search(message)
+    if missing:
+        since = _first_opset(missing.group(1))
+        hint = (f" ONNX opset {opset} has no {missing.group(1)}"
+                + (f"; it exists from opset {since}" if since else ""))
+    node = _NODE.search(message)
+    if node:
+        parts = node.group(1).split("/")
+        hint += f" (layer {parts[1] if len(parts) > 2 else parts[0]!r})"
+    return (hint + f". Exported at opset {opset}: the default opset "
+            f"{_options.DEFAULT_OPSET} converts every keras.activations function and "
+            "the deployment layers (README: op coverage); pass a higher "
+            "opset if the runtime takes it.")
+
+
+def _first_opset(op):
+    """The first ONNX opset that defines `op` (default domain), or None."""
+    try:
+        import onnx
+
+        versions = [schema.since_version for schema in
+                    onnx.defs.get_all_schemas_with_history()
+                    if schema.name == op and schema.domain == ""]
+    except Exception:  # noqa: BLE001 - only a hint.
+        return None
+    return min(versions) if versions else None
 
 
 def verify_artifacts(staged, signature, inputs, references, rtol, progress,
