@@ -124,17 +124,17 @@ def statistics(model, size, rng):
         layer.momentum = 0.99
 
 
-for name, size in NAMES.items():
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
+def draw(name, size, attempt):
+    """The network of `name` with random statistics (seed: the name's
+    CRC-32 + attempt), an input, tf-keras' float32 output and the exact
+    (float64) one."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + attempt)
     build = getattr(keras.applications, name)
     model = build(input_shape=(size, size, 3), weights=None, classes=10,
                   classifier_activation=None)
     statistics(model, size, rng)
     x = rng.uniform(0.0, 255.0, (BATCH, size, size, 3)).astype("float32")
     y = np.asarray(model(x, training=False))
-    model.save(os.path.join(OUT, name + ".h5"))
-    if SAVEDMODEL:
-        model.save(os.path.join(OUT, name + "_savedmodel"))
     # The same network in float64: the exact outputs, against which
     # tf-keras' own float32 error is measured.
     keras.backend.set_floatx("float64")
@@ -142,6 +142,32 @@ for name, size in NAMES.items():
                  classifier_activation=None)
     twin.set_weights([w.astype("float64") for w in model.get_weights()])
     exact = np.asarray(twin(x.astype("float64"), training=False))
+    keras.backend.set_floatx("float32")
+    return rng, model, twin, x, y, exact
+
+
+for name, size in NAMES.items():
+    # A draw whose own float32 rounding moves its output by more than 1%
+    # of its scale (tf-keras' float32 output against the exact one, or the
+    # exact output of the input scaled by half an ulp; EfficientNetB3's
+    # first draw: 2.6% and 1%) is chaotic: no float32 artifact can be
+    # verified on it. Such a draw is replaced by the next seed's.
+    for attempt in range(5):
+        rng, model, twin, x, y, exact = draw(name, size, attempt)
+        keras.backend.set_floatx("float64")
+        nudged = np.asarray(twin(x.astype("float64") * (1.0 + 2.0**-24),
+                                 training=False))
+        keras.backend.set_floatx("float32")
+        scale = np.max(np.abs(exact))
+        noise = max(np.max(np.abs(y - exact)),
+                    np.max(np.abs(nudged - exact))) / scale
+        if noise <= 1e-2:
+            break
+        keras.backend.clear_session()
+    model.save(os.path.join(OUT, name + ".h5"))
+    if SAVEDMODEL:
+        model.save(os.path.join(OUT, name + "_savedmodel"))
+    keras.backend.set_floatx("float64")
     # ... and its response to the input rounded the other way (a relative
     # 2**-24, half a float32 ulp, of random sign): how far any float32
     # implementation may land from the exact output for rounding alone.

@@ -290,10 +290,13 @@ def write_artifacts(staging, targets, model, signature, opset, progress,
         except ImportError:
             raise
         except Exception as error:
+            # The hint goes on the first line (the CLI prints that one).
+            first, _, rest = str(error).partition("\n")
             raise ExportError(
                 f"Writing the {fmt} artifact failed: "
-                f"{type(error).__name__}: {error}"
-                + opset_hint(fmt, str(error), opset)
+                f"{type(error).__name__}: {first}"
+                f"{opset_hint(fmt, str(error), opset)}"
+                + (f"\n{rest}" if rest else "")
             ) from error
         staged[fmt] = path
         if said:
