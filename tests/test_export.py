@@ -417,3 +417,14 @@ def test_output_path_is_a_file(tmp_path):
     target.write_text("x")
     with pytest.raises(ExportError, match="not a directory"):
         kerasbn.export(sequential_model(), target, formats=["keras"])
+
+
+def test_names_the_artifacts_change_are_noted(tmp_path):
+    # A name a SavedModel signature or ONNX cannot carry (a leading digit,
+    # a space) is changed in the artifacts, and the result says how.
+    inputs = keras.Input((3,), name="1 in")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="1head")(inputs))
+    result = kerasbn.export(model, tmp_path, formats=("keras",))
+    said = " ".join(result.notes["signature"])
+    assert "input '1 in' is named 'input_0_1_in'" in said
+    assert "output '1head' is named 'output_0_1head'" in said

@@ -183,7 +183,8 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             reduced["validation"])
     deployable, fold_report = steps.fold_for_export(exported, fold, keep_bn,
                                                     progress)
-    notes = {}
+    notes = {"signature": signature.name_changes} if (
+        signature.name_changes) else {}
     if equalize:
         deployable, notes["equalize"] = steps.equalize_for_export(
             deployable, progress)

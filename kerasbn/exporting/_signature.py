@@ -98,6 +98,16 @@ class ServingSignature:
         self.output_names = _unique(
             [_sanitize(n, f"output_{i}") for i, n in enumerate(names)]
         )
+        # What the artifacts call differently from the model, and why.
+        self.name_changes = [
+            f"{kind} {str(old)!r} is named {new!r} in the artifacts (a "
+            "SavedModel signature and ONNX need names that start with a "
+            "letter and hold only letters, digits, '_', '.', '-', and "
+            "distinct ones)"
+            for kind, before, after in (
+                ("input", [t.name for t in inputs], self.input_names),
+                ("output", names, self.output_names))
+            for old, new in zip(before, after) if str(old) != new]
 
     def described(self):
         """`{input_names, input_shapes, input_dtypes, output_names}`, plain
