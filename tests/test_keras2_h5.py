@@ -413,3 +413,16 @@ def test_truncated_file_is_refused_in_one_line(keras2_dir, tmp_path):
         keras2.load_h5(path)
     assert str(path) in str(error.value)
     _assert_one_line(error)
+
+
+def test_notes_say_a_dropped_argument_once():
+    notes = keras2._Notes()
+    why = ("dropped Keras 2 argument groups=1 (DepthwiseConv2D has no "
+           "groups in Keras 3)")
+    notes.extend([f"layer 'dw{i}': {why}" for i in range(5)]
+                 + ["layer 'bn': dropped Keras 2 argument fused=True (x)",
+                    "something else"])
+    notes.summarize()
+    assert notes == [f"5 layers ('dw0', 'dw1', 'dw2', ...): {why}",
+                     "layer 'bn': dropped Keras 2 argument fused=True (x)",
+                     "something else"]

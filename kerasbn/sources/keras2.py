@@ -78,6 +78,7 @@ half-loaded model is ever returned.
 import copy
 import json
 import os
+import re
 
 import numpy as np
 
@@ -144,6 +145,9 @@ def load_h5(path, custom_objects=None):
     return model, notes
 
 
+_DROPPED = re.compile(r"^layer '([^']*)': (dropped Keras 2 .*)$", re.S)
+
+
 class _Notes(list):
     """The translation's notes (a list of lines), and what it changed that
     the weights, the summary and the JSON report need: `renamed`
@@ -156,6 +160,26 @@ class _Notes(list):
         self.functions = {}
 
     def summarize(self):
+        # One line per kind of dropped argument, not one per layer (a
+        # stock MobileNet drops groups=1 from 13 layers).
+        dropped, kept = {}, []
+        for note in self:
+            found = _DROPPED.match(note)
+            if found:
+                if found.group(2) not in dropped:
+                    kept.append(found.group(2))
+                dropped.setdefault(found.group(2), []).append(found.group(1))
+            else:
+                kept.append(note)
+        self[:] = [
+            note if note not in dropped else (
+                f"layer '{dropped[note][0]}': {note}"
+                if len(dropped[note]) == 1 else
+                f"{len(dropped[note])} layers ("
+                + ", ".join(f"'{n}'" for n in dropped[note][:3])
+                + (", ..." if len(dropped[note]) > 3 else "")
+                + f"): {note}")
+            for note in kept]
         if self.functions:
             shown = ", ".join(f"tf.{name} x{count}" for name, count in
                               sorted(self.functions.items()))
