@@ -98,9 +98,9 @@ def batch_norms(model):
             yield layer
 
 
-def statistics(model, size, rng):
+def statistics(model, size, rng, spread=1.0):
     """Random gamma/beta; moving statistics from a calibration batch,
-    perturbed (see tests/stock_files.py)."""
+    perturbed (see tests/stock_files.py) by `spread` times the usual."""
     norms = list(batch_norms(model))
     for layer in norms:
         if layer.gamma is not None:  # scale=False in InceptionV3
@@ -118,9 +118,10 @@ def statistics(model, size, rng):
                                                 0.1 * variance.mean()))
         std = np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
         layer.moving_mean.assign(layer.moving_mean.numpy() + rng.uniform(
-            -0.3, 0.3, std.shape) * std)
-        layer.moving_variance.assign(layer.moving_variance.numpy()
-                                     * rng.uniform(0.6, 1.6, std.shape))
+            -0.3, 0.3, std.shape) * spread * std)
+        layer.moving_variance.assign(
+            layer.moving_variance.numpy()
+            * rng.uniform(1.0 - 0.4 * spread, 1.0 + 0.6 * spread, std.shape))
         layer.momentum = 0.99
 
 
@@ -132,7 +133,9 @@ def draw(name, size, attempt):
     build = getattr(keras.applications, name)
     model = build(input_shape=(size, size, 3), weights=None, classes=10,
                   classifier_activation=None)
-    statistics(model, size, rng)
+    # Each redraw halves the perturbation of the statistics: the deep
+    # EfficientNets at 32 px compound it over 50+ blocks.
+    statistics(model, size, rng, spread=0.5**attempt)
     x = rng.uniform(0.0, 255.0, (BATCH, size, size, 3)).astype("float32")
     y = np.asarray(model(x, training=False))
     # The same network in float64: the exact outputs, against which
@@ -151,7 +154,8 @@ for name, size in NAMES.items():
     # of its scale (tf-keras' float32 output against the exact one, or the
     # exact output of the input scaled by half an ulp; EfficientNetB3's
     # first draw: 2.6% and 1%) is chaotic: no float32 artifact can be
-    # verified on it. Such a draw is replaced by the next seed's.
+    # verified on it. Such a draw is replaced by the next seed's, with
+    # half the perturbation of the statistics each time.
     for attempt in range(5):
         rng, model, twin, x, y, exact = draw(name, size, attempt)
         keras.backend.set_floatx("float64")
