@@ -211,3 +211,29 @@ def test_recalibrate_takes_float16_activations_exactly():
         keras.ops.convert_to_numpy(layer.moving_variance), variance,
         rtol=1e-5)
 
+
+
+def test_references_are_computed_in_full_float32():
+    # GPUs default float32 products to TF32 (measured on an H200 with
+    # JAX: MobileNetV2's outputs move by 3.7e-4); the export computes its
+    # references in float32 and gives the setting back. Checked on the
+    # settings themselves (this machine has no GPU to run TF32 on).
+    from kerasbn import _models
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        before = tf.config.experimental.tensor_float_32_execution_enabled()
+        with _models.full_float32():
+            assert not tf.config.experimental.\
+                tensor_float_32_execution_enabled()
+        assert tf.config.experimental.tensor_float_32_execution_enabled() \
+            == before
+    elif backend == "jax":
+        import jax
+
+        before = jax.config.jax_default_matmul_precision
+        with _models.full_float32():
+            assert jax.config.jax_default_matmul_precision == "float32"
+        assert jax.config.jax_default_matmul_precision == before
+    else:
+        pytest.skip(f"no TF32 setting checked on {backend}")

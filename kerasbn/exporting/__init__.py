@@ -155,6 +155,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     """
     # Keras and TensorFlow load here, on the first export (see above).
     from kerasbn.exporting import _pipeline as steps
+    from kerasbn import _models
     from kerasbn.exporting import _precision
     from kerasbn.exporting._signature import ServingSignature
 
@@ -172,15 +173,18 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     # exported as) its float32 twin: `_precision`.
     exported, meaning, precision = _precision.plan(
         model, precision, formats, progress)
-    references = [steps.reference_outputs(meaning, signature, arrays)
-                  for arrays in inputs]
-    if precision is not None:
-        rtol = _precision.measure(precision, model, signature, inputs,
-                                  references, rtol)
-    if reduced.get("validation"):
-        reduced["references"] = steps.in_chunks(
-            lambda flat: steps.reference_outputs(meaning, signature, flat),
-            reduced["validation"])
+    # What the float32 model means, also on GPUs that default to TF32.
+    with _models.full_float32():
+        references = [steps.reference_outputs(meaning, signature, arrays)
+                      for arrays in inputs]
+        if precision is not None:
+            rtol = _precision.measure(precision, model, signature, inputs,
+                                      references, rtol)
+        if reduced.get("validation"):
+            reduced["references"] = steps.in_chunks(
+                lambda flat: steps.reference_outputs(meaning, signature,
+                                                     flat),
+                reduced["validation"])
     deployable, fold_report = steps.fold_for_export(exported, fold, keep_bn,
                                                     progress)
     notes = {"signature": signature.name_changes} if (
@@ -236,6 +240,7 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
             dimensions without `sample`, or a bad argument.
         ExportError, VerificationError: as for `export` (nothing written).
     """
+    from kerasbn import _models
     from kerasbn.exporting import _graph
     from kerasbn.exporting import _pipeline as steps
 
@@ -255,7 +260,8 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
     # Folding first: it names a normalization with corrupt statistics,
     # which would otherwise surface as a source that outputs NaN.
     model, fold_report = _graph.fold(source, name, fold, progress)
-    references = [_graph.reference_outputs(source, a) for a in inputs]
+    with _models.full_float32():
+        references = [_graph.reference_outputs(source, a) for a in inputs]
     return _write_verified(directory, targets, model, graph_signature,
                            inputs, references, fold_report, opset, rtol,
                            progress, overwrite,
@@ -269,6 +275,7 @@ def _write_verified(directory, targets, model, signature, inputs, references,
 
     `reduced`: the reduced-precision options (`_pipeline.reduced_options`).
     """
+    from kerasbn import _models
     from kerasbn.exporting import _pipeline as steps
 
     reduced = reduced or {}
@@ -278,8 +285,10 @@ def _write_verified(directory, targets, model, signature, inputs, references,
                                              reduced)
         numerics = steps.numerics_for_export(model, staged, reduced,
                                              progress)
-        checks = steps.verify_artifacts(staged, signature, inputs, references,
-                                        rtol, progress, reduced, numerics)
+        with _models.full_float32():
+            checks = steps.verify_artifacts(staged, signature, inputs,
+                                            references, rtol, progress,
+                                            reduced, numerics)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
         said.update(steps.numerics_notes(numerics, staged, reduced))
         result = ExportResult(directory, final, fold_report, checks,
