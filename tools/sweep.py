@@ -147,6 +147,10 @@ def _run(script, args, env=None, timeout=3600):
                  if line.strip() and not line.startswith(("I0000", "W0000",
                                                            "E0000"))]
         row["error"] = lines[-1][:300] if lines else ""
+        if done.returncode < 0:  # the last line says nothing then
+            row["error"] = (f"killed by signal {-done.returncode}"
+                            + (" (SIGKILL: out of memory?)"
+                               if done.returncode == -9 else ""))
     row["seconds"] = round(time.time() - start, 1)
     return row
 
