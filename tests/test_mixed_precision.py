@@ -237,3 +237,29 @@ def test_references_are_computed_in_full_float32():
         assert jax.config.jax_default_matmul_precision == before
     else:
         pytest.skip(f"no TF32 setting checked on {backend}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_keras_hub_backbone_exports_its_float32_twin(policy, tmp_path):
+    pytest.importorskip("keras_hub")
+    from tests.zoo import hub_resnet
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = hub_resnet("basic_block", False)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    randomize_normalizations(model, seed=4)
+    twin = hub_resnet("basic_block", False)  # built under float32
+    twin.set_weights(model.get_weights())
+    x = np.random.default_rng(4).uniform(
+        -1, 1, (2,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    result = kerasbn.export(model, tmp_path, formats=("saved_model", "onnx"),
+                            sample=x)
+    assert result.precision["policy"] == policy
+    want = np.asarray(twin(x, training=False))
+    session = ort.InferenceSession(result.artifacts["onnx"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    assert relative(got, want) <= 1e-5
