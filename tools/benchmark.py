@@ -576,7 +576,8 @@ def bench_graph_fold(quick):
                 "source": lambda: source.reference(x)}
             times = interleaved_medians(calls, repeats)
             note = (f"normalization ops {before}; left by kerasbn "
-                    f"{before - result.fold_report.folded}, by "
+                    f"{result.fold_report.kept} (and "
+                    f"{result.fold_report.replaced} multiply-adds), by "
                     f"optimize_for_inference {theirs}")
             rows.append(row("TF latency: graph-folded SavedModel / kerasbn."
                             "export of the Keras model", label, 1,
