@@ -265,3 +265,23 @@ def test_data_beyond_the_input_dtype_are_named_as_such():
                        r"to 39\) holds values beyond float32's range .* 1 "
                        r"inf in model input"):
         kerasbn.recalibrate(_model(), x, batch_size=32, verbose=0)
+
+
+def test_diagnose_says_when_only_the_outputs_overflow():
+    # A layer after the last BN overflows (found by a new user's trial):
+    # diagnose said "output gap nan", leaked a NumPy warning and advised
+    # recalibrating. Now a finding of its own, and JSON without NaN.
+    import json
+
+    model = _model()
+    head = model.get_layer("head")
+    head.kernel.assign(np.full(head.kernel.shape, 3e38, "float32"))
+    x = _data(0.0)
+    assert not np.isfinite(np.asarray(model(x))).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = kerasbn.diagnose(model, x, verbose=0)
+    codes = [code for code, _ in report.codes()]
+    assert codes[0] == "nonfinite_outputs"  # first: it explains the rest
+    assert "train_inference_gap" not in codes
+    assert json.loads(report.to_json())["output_gap"] is None

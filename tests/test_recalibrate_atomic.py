@@ -193,3 +193,22 @@ def test_spill_directories_of_dead_runs_are_removed(tmp_path):
     own = seen - {p.name for p in (dead, live, remote, other)}
     assert len(own) == 1
     assert own.pop().startswith(f"kerasbn-recalibrate-{host}-{os.getpid()}-")
+
+
+def test_statistics_beyond_float32_are_refused_not_stored_as_inf():
+    # Finite float32 data whose float64 variance exceeds float32's range
+    # (found by a new user's trial): the cast would store inf and the BN
+    # would output beta for every input. Refused, and nothing written.
+    inputs = keras.Input((3,))
+    model = randomize_normalizations(keras.Model(
+        inputs, kerasbn.layers.BatchNormalization(name="bn")(inputs)))
+    x = random_batch((128, 3), seed=3)
+    x[100] *= 1e37  # max |x| ~ 1e38, finite; variance ~ 1e73
+    assert np.isfinite(x).all()
+    before = [to_numpy(w).copy() for w in model.weights]
+    with pytest.raises(ValueError, match=r"layer 'bn'.*variance of its "
+                       r"inputs reaches [0-9.e+]+, beyond what its float32 "
+                       r"statistics"):
+        kerasbn.recalibrate(model, x, inplace=True, verbose=0)
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))

@@ -182,11 +182,13 @@ def _weights_note(layer):
     largest = max((float(np.max(np.abs(a))) for _, a in arrays if a.size),
                   default=None)
     if largest is None:
-        return ("its inputs are finite, so it overflows or divides by "
-                "zero; check what it computes")
-    return ("its inputs and weights are finite, so it overflows or "
-            f"divides by zero; check its weights (largest |weight| "
-            f"{largest:.3g}) and activation")
+        return ("its inputs are finite, so it overflows, divides by "
+                "zero or leaves a function's domain (log or sqrt of a "
+                "negative number); check what it computes")
+    return ("its inputs and weights are finite, so it overflows, "
+            "divides by zero or leaves a function's domain (log or sqrt of "
+            "a negative number); check its weights (largest |weight| "
+            f"{largest:.3g}) and what it computes")
 
 
 def cause(source):
@@ -197,7 +199,8 @@ def cause(source):
                 "variance; recalibrate it too (it must be among `layers`)")
     if isinstance(source.layer, keras.layers.Layer):
         return _weights_note(source.layer)
-    return "check that operation's inputs (an overflow or a division by 0)"
+    return ("check that operation's inputs (an overflow, a division by 0, "
+            "or a log or sqrt of a negative number)")
 
 
 def model_error(what, batches, found, model, corrupt=()):
@@ -245,12 +248,15 @@ def model_error(what, batches, found, model, corrupt=()):
         note = (f" The corrupt statistics of {names} are what such inputs "
                 "give: kerasbn.recalibrate cannot repair them until the "
                 "model is fixed.")
+    finite = ("The data are finite (checked)" if not getattr(
+        batches, "skip_nonfinite", False) else
+        "The data skip_nonfinite=True kept are finite (checked; samples "
+        "holding NaN or inf were left out of the batch above)")
     return ValueError(
         f"{what}: the model itself makes NaN or inf from finite data: on "
         f"{batch}, {source.name}{where} outputs "
         f"{source.bad} non-finite value(s) of {source.size}, the first "
         f"call in graph order to do so, and they reach normalization "
-        f"layer '{reached}', whose statistics would be NaN. The data are "
-        f"finite (checked), so the cause is in the model: "
-        f"{cause(source)}.{note}"
+        f"layer '{reached}', whose statistics would be NaN. {finite}, so "
+        f"the cause is in the model: {cause(source)}.{note}"
     )

@@ -62,9 +62,10 @@ REDUNDANT_BIAS = "redundant_bias"
 SMALL_BATCH = "small_batch"
 TRAIN_INFERENCE_GAP = "train_inference_gap"
 CORRUPT = "corrupt_statistics"
+NONFINITE_OUTPUTS = "nonfinite_outputs"
 
-CODES = (CORRUPT, STALE, UNCONVERGED, BEFORE_OUTPUT, REDUNDANT_BIAS,
-         SMALL_BATCH, TRAIN_INFERENCE_GAP)
+CODES = (NONFINITE_OUTPUTS, CORRUPT, STALE, UNCONVERGED, BEFORE_OUTPUT,
+         REDUNDANT_BIAS, SMALL_BATCH, TRAIN_INFERENCE_GAP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,10 @@ class Diagnosis:
             "model": self.model,
             "batch_size": self.batch_size,
             "replicas": self.replicas,
-            "output_gap": self.output_gap,
+            # None where the outputs are not finite (JSON has no NaN).
+            "output_gap": (None if self.output_gap is None
+                           or math.isnan(self.output_gap)
+                           else self.output_gap),
             "layers": [layer.to_dict() for layer in self.layers],
             "findings": [finding.to_dict() for finding in self.findings],
         }
@@ -344,6 +348,8 @@ def _output_gap(model, layers, x):
                     keras.tree.flatten(training)):
         a = np.asarray(ops.convert_to_numpy(a), np.float64)
         b = np.asarray(ops.convert_to_numpy(b), np.float64)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return float("nan")  # `_gap_findings` says why.
         scale = math.sqrt(float(np.mean(a * a)))
         difference = math.sqrt(float(np.mean((a - b) ** 2)))
         gaps.append(difference / scale if scale > 0 else difference)
@@ -733,6 +739,18 @@ def _graph_findings(model):
 
 
 def _gap_findings(gap, thresholds):
+    if gap is not None and math.isnan(gap):
+        return [Finding(
+            NONFINITE_OUTPUTS, None,
+            "on the first batch the model outputs NaN or inf (with its "
+            "stored statistics or with batch statistics), after the last "
+            "normalization had finite inputs: a layer after the "
+            "normalizations overflows, divides by zero or leaves a "
+            "function's domain.",
+            "Check the layers after the last normalization on that batch "
+            "(their weights and what they compute); recalibrating cannot "
+            "change their outputs.",
+        )]
     if gap is None or gap <= thresholds.output_gap:
         return []
     return [Finding(

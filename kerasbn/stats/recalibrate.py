@@ -302,6 +302,30 @@ def _check_cache(cache, memory_budget, cache_dir):
         )
 
 
+def _check_storable(layer, center, spread):
+    """Refuse statistics the layer's variables cannot hold: finite float64
+    moments of finite float32 activations can still exceed float32's range
+    (a variance of activations near 1e20 is 1e40), and the cast would
+    store inf, which normalizes every output to beta."""
+    dtype = np.dtype(keras.backend.standardize_dtype(
+        layer.moving_variance.dtype if hasattr(layer, "moving_variance")
+        else "float32"))
+    largest = float(np.finfo(dtype).max)
+    for what, value in (("mean", center), ("variance", spread)):
+        value = np.asarray(value, np.float64)
+        if np.any(np.abs(value) > largest):
+            raise ValueError(
+                f"{_WHAT}: layer '{layer.name}' ({type(layer).__name__}): "
+                f"the population {what} of its inputs reaches "
+                f"{float(np.max(np.abs(value))):.3g}, beyond what its "
+                f"{dtype.name} statistics can hold ({largest:.3g}); stored, "
+                "it would be inf and the layer would output its beta for "
+                "every input. The activations reaching it are that large "
+                f"(largest |{what}| channel: "
+                f"{int(np.argmax(np.abs(value).ravel()))}): rescale the "
+                "data or the layers before it. Nothing was written.")
+
+
 class _Writer:
     """Merges a stage's moments over workers, writes them, reports."""
 
@@ -320,6 +344,7 @@ class _Writer:
                 continue
             kind = registry.find_statistics(layer)
             center, spread = kind.from_moments(result.mean, result.variance)
+            _check_storable(layer, center, spread)
             kind.write(layer, center, spread)
             if self.verbose == 2:
                 print(f"  '{layer.name}': {int(result.count)} positions, "
