@@ -263,3 +263,29 @@ def test_keras_hub_backbone_exports_its_float32_twin(policy, tmp_path):
     session = ort.InferenceSession(result.artifacts["onnx"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     assert relative(got, want) <= 1e-5
+
+
+def test_policy_onnx_that_tf2onnx_cannot_convert_is_one_clear_error(
+        tmp_path):
+    # A bilinear resize under mixed_float16 (found by a new user's trial):
+    # tf2onnx's float16 graph fails ONNX shape inference; the error says so
+    # and what to do, and nothing is written.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(
+            inputs))
+        h = keras.layers.UpSampling2D(interpolation="bilinear")(h)
+        model = keras.Model(inputs, h)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    with pytest.raises(kerasbn.exporting.ExportError,
+                       match=r"precision='policy': tf2onnx could not convert "
+                       r"the model's float16 graph.*precision='float32'"):
+        kerasbn.export(model, tmp_path / "out", formats=("onnx",),
+                       precision="policy")
+    assert not (tmp_path / "out").exists() or not list(
+        (tmp_path / "out").iterdir())
+    # The default exports it.
+    kerasbn.export(model, tmp_path / "ok", formats=("onnx",))

@@ -192,9 +192,15 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     if equalize:
         deployable, notes["equalize"] = steps.equalize_for_export(
             deployable, progress)
-    return _write_verified(directory, targets, deployable, signature, inputs,
-                           references, fold_report, opset, rtol, progress,
-                           overwrite, notes, reduced, precision)
+    try:
+        return _write_verified(directory, targets, deployable, signature,
+                               inputs, references, fold_report, opset, rtol,
+                               progress, overwrite, notes, reduced, precision)
+    except ExportError as error:
+        clearer = _precision.policy_write_error(precision, error)
+        if clearer is None:
+            raise
+        raise clearer from error
 
 
 def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,

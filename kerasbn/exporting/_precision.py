@@ -27,6 +27,8 @@ to that size would let wrong artifacts through. So:
   refused.
 """
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -43,6 +45,17 @@ MAX_POLICY_RTOL = 0.05
 # tflite_fp16 format); the int8 and fp16 formats quantize the float32 model.
 POLICY_FORMATS = {"float16": ("saved_model", "onnx", "keras"),
                   "bfloat16": ("saved_model", "keras")}
+
+
+# Why precision="policy" refuses a format, per compute dtype.
+WHY_NOT = {
+    "float16": {"tflite": "TFLite converts no float16 compute graph; its "
+                          "float16 form is float16 weights, tflite_fp16"},
+    "bfloat16": {"onnx": "ONNX Runtime has no bfloat16 convolution",
+                 "tflite": "TFLite has no bfloat16 kernels"},
+    "reduced": "the int8 and fp16 formats quantize the float32 model: "
+               "export them with precision='float32'",
+}
 
 
 def plan(model, precision, formats, progress):
@@ -62,15 +75,15 @@ def plan(model, precision, formats, progress):
     if precision == "policy":
         refused = [f for f in formats if f not in POLICY_FORMATS[compute]]
         if refused:
+            why = {f: WHY_NOT[compute].get(f, WHY_NOT["reduced"])
+                   for f in refused}
             raise ValueError(
                 f"{WHERE}: precision='policy' keeps {policy}'s {compute} "
-                f"compute, which the {', '.join(refused)} format(s) cannot "
-                f"hold (in {compute}: {', '.join(POLICY_FORMATS[compute])}; "
-                "ONNX Runtime and TFLite have no bfloat16 convolutions, "
-                "TFLite converts no float16 compute graph, tflite_fp16 is "
-                "its float16-weights form). Export those with "
-                "precision='float32' (the default: the model's float32 "
-                "twin, verified).")
+                f"compute, which these formats cannot hold: "
+                + "; ".join(f"{f} ({reason})" for f, reason in why.items())
+                + f". In {compute}: {', '.join(POLICY_FORMATS[compute])}. "
+                "Export the others with precision='float32' (the default: "
+                "the model's float32 twin, verified).")
     twin = _models.float32_twin(model, WHERE)
     info = {"policy": policy, "reference": "float32 twin"}
     if precision == "float32":
@@ -100,6 +113,13 @@ def measure(info, model, signature, inputs, references, rtol):
             gap = max(gap, error / scale if scale > 0 else error)
     info["mixed_vs_float32"] = gap
     if info["deployed"] == "float32":
+        if gap == float("inf"):
+            warnings.warn(
+                f"{WHERE}: the {info['policy']} model itself outputs NaN or "
+                "inf on the verification inputs (its reduced-precision "
+                "activations overflow); its float32 twin, which is "
+                "exported, does not. Check the model you trained.",
+                stacklevel=3)
         return rtol
     eps = _epsilon(info["deployed"])
     bound = max(rtol, 2.0 * gap, 2.0 * eps)
@@ -122,3 +142,19 @@ def measure(info, model, signature, inputs, references, rtol):
 def _epsilon(dtype):
     """Machine epsilon of float16 (2**-10) or bfloat16 (2**-7)."""
     return {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+
+
+def policy_write_error(info, error):
+    """The clearer error for a reduced-precision ONNX graph tf2onnx could
+    not convert (e.g. a bilinear resize under mixed_float16), or None."""
+    from kerasbn.exporting._result import ExportError
+
+    if info is None or info["deployed"] == "float32" or not str(
+            error).startswith("Writing the onnx artifact failed"):
+        return None
+    first = str(error).splitlines()[0]
+    return ExportError(
+        f"{WHERE}: precision='policy': tf2onnx could not convert the "
+        f"model's {info['deployed']} graph ({first}). Export ONNX with "
+        "precision='float32' (the default: its float32 twin, verified), "
+        "and keep 'policy' for saved_model and keras.")

@@ -191,5 +191,10 @@ def precision_line(precision):
             f"against its {precision['reference']}")
     if precision.get("rtol_reason"):
         line += f" at rtol {precision['rtol']:.2g} ({precision['rtol_reason']})"
+    if gap != gap or gap == float("inf"):  # NaN or inf
+        return (line + f"; WARNING: the {precision['policy']} model itself "
+                "outputs NaN or inf on the verification inputs (its reduced-"
+                "precision activations overflow), which its float32 twin and "
+                "the artifacts do not: check the model you trained")
     return (line + f"; the {precision['policy']} model itself differs from "
             f"that twin by {gap:.2g} of output scale")
