@@ -240,6 +240,14 @@ def _line(key, row):
            f"{row.get('seconds')} s)"
 
 
+def _result(row):
+    if row["verified"]:
+        return "verified"
+    if row.get("status") == -9:
+        return "not run: out of memory (SIGKILL)"
+    return "FAILED"
+
+
 def table(results):
     """The README's table: one row per application and source."""
     lines = ["| application | source | backend | BN folded / multiply-add / "
@@ -254,6 +262,7 @@ def table(results):
                   f"{row.get('kept', '')}" if "folded" in row else "")
         h5 = results.get(f"{row['model']}/h5/tensorflow", {})
         if row["source"] == "saved_model" and "folded" in h5 and (
+                "folded" in row) and (
                 (row.get("folded"), row.get("replaced"))
                 != (h5["folded"], h5["replaced"])):
             # The graph-level fold should find what kerasbn.fold finds on
@@ -263,7 +272,7 @@ def table(results):
             f"| {row['model']} | {row['source']} | {row['backend']} | "
             f"{counts} | {row.get('bn_ops_left', '')} | {worst:.1e} "
             f"({row['bound']:.0e}) | "
-            f"{'verified' if row['verified'] else 'FAILED'} |")
+            f"{_result(row)} |")
     return "\n".join(lines)
 
 
