@@ -128,3 +128,20 @@ def test_an_opset_without_the_op_is_refused_naming_it(tmp_path):
         kerasbn.export(model, tmp_path / "out", formats=("onnx",), opset=8)
     assert not (tmp_path / "out").exists() or not list(
         (tmp_path / "out").iterdir())
+
+
+def test_celu_converts_from_opset_9(tmp_path):
+    # The Expm1 rewrite compares with Less (floats from opset 7), not
+    # Equal (floats from opset 11): CELU converts wherever Where exists
+    # (found by a new user's trial at opsets 9 and 10). Tiny inputs too,
+    # where exp(x) - 1 cancels.
+    model = randomize_normalizations(ACTIVATIONS["celu"](), seed=5)
+    x = np.concatenate([
+        np.random.default_rng(0).uniform(-2.0, 2.0, (3, 12)),
+        np.full((1, 12), -1e-7)]).astype("float32")
+    result = kerasbn.export(model, tmp_path, formats=("onnx",), opset=9,
+                            sample=x)
+    session = ort.InferenceSession(result.artifacts["onnx"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    want = np.asarray(model(x, training=False), np.float64)
+    assert np.max(np.abs(got - want)) <= RTOL * np.max(np.abs(want))

@@ -72,7 +72,11 @@ def _expm1(ctx, node, name, args):
     u = op("Exp", x)
     u_minus_1 = op("Sub", u, const(1.0, "one"))
     kahan = op("Mul", u_minus_1, op("Div", x, op("Log", u)))
-    small = op("Where", op("Equal", u, const(1.0, "one_eq")), x, kahan)
+    # "u rounds to 1" as |u - 1| < 1e-30 (the smallest nonzero |u - 1| is
+    # ~6e-8): ONNX's Equal takes floats only from opset 11, Less from 7,
+    # so CELU converts from opset 9 (Where) on.
+    small = op("Where", op("Less", op("Abs", u_minus_1),
+                           const(1e-30, "tiny")), x, kahan)
     large = op("Greater", op("Abs", x), const(0.5, "half"))
     shapes, dtypes = node.output_shapes, node.output_dtypes
     ctx.remove_node(node.name)

@@ -325,10 +325,10 @@ def opset_hint(fmt, message, opset):
     if node:
         parts = node.group(1).split("/")
         hint += f" (layer {parts[1] if len(parts) > 2 else parts[0]!r})"
-    return (hint + f". Exported at opset {opset}: the default opset "
-            f"{_options.DEFAULT_OPSET} converts every keras.activations function and "
-            "the deployment layers (README: op coverage); pass a higher "
-            "opset if the runtime takes it.")
+    return (hint + f". Tried at opset {opset} (nothing written): the "
+            f"default opset {_options.DEFAULT_OPSET} converts every "
+            "keras.activations function and the deployment layers (README: "
+            "op coverage); pass a higher opset if the runtime takes it.")
 
 
 def _first_opset(op):
