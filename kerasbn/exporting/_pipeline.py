@@ -313,7 +313,8 @@ def opset_hint(fmt, message, opset):
     """What to do when an ONNX artifact fails at a non-default opset: the
     ONNX op the opset lacks, the layer (where the message names its node)
     and the first opset that has the op; "" for other formats."""
-    if not fmt.startswith("onnx") or opset is None or opset >= _options.DEFAULT_OPSET:
+    if (not fmt.startswith("onnx") or opset is None
+            or opset >= _options.DEFAULT_OPSET):
         return ""
     hint = ""
     missing = _NO_OP.search(message)

@@ -184,7 +184,8 @@ class ExportResult:
 
 
 def precision_line(precision):
-    """One line on a mixed-precision model's export (`ExportResult.precision`)."""
+    """One line on a mixed-precision model's export
+    (`ExportResult.precision`)."""
     gap = precision["mixed_vs_float32"]
     line = (f"precision: the model computes in {precision['policy']}; the "
             f"artifacts compute in {precision['deployed']} and were checked "
