@@ -27,6 +27,7 @@ to that size would let wrong artifacts through. So:
   refused.
 """
 
+import re
 import warnings
 
 import keras
@@ -149,8 +150,13 @@ def policy_write_error(info, error):
     not convert (e.g. a bilinear resize under mixed_float16), or None."""
     from kerasbn.exporting._result import ExportError
 
-    if info is None or info["deployed"] == "float32" or not str(
-            error).startswith("Writing the onnx artifact failed"):
+    # In-process writers say "Writing the onnx artifact failed"; the
+    # TensorFlow subprocess (JAX/PyTorch sessions) names the formats it
+    # wrote, "Writing the onnx, tflite artifact(s) failed".
+    written = re.match(r"Writing the (.+?) artifact(?:\(s\))? failed",
+                       str(error))
+    if info is None or info["deployed"] == "float32" or written is None or (
+            "onnx" not in written.group(1).split(", ")):
         return None
     first = str(error).splitlines()[0]
     return ExportError(
