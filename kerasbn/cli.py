@@ -39,6 +39,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 import zipfile
 
 # Light modules only: Keras and TensorFlow load after the arguments pass.
@@ -46,6 +47,7 @@ from kerasbn.exporting import FORMATS
 from kerasbn.exporting import ExportError
 from kerasbn.exporting import VerificationError
 from kerasbn.exporting import _options
+from kerasbn.exporting._result import openvino_lines
 from kerasbn.exporting._result import precision_line
 from kerasbn.exporting import _staging
 from kerasbn.exporting import export
@@ -72,8 +74,8 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog="kerasbn-fold",
         description="Fold batch normalization into neighbouring layers and "
-        "export the model to SavedModel/ONNX/Keras/TFLite, verified against "
-        "the original.",
+        "export the model to SavedModel/ONNX/Keras/TFLite/OpenVINO, verified "
+        "against the original.",
     )
     parser.add_argument("model", help="trained model: .keras, Keras 2 .h5, "
                         "SavedModel directory, or TF1 frozen .pb")
@@ -118,6 +120,15 @@ def _parser():
     parser.add_argument("--sample", metavar="FILE.npz",
                         help="verify on these inputs: one array per input "
                         "name (or a single array for a one-input model)")
+    _add_precision_options(parser)
+    parser.add_argument("--signature", default=None, metavar="NAME",
+                        help="SavedModel signature to fold (default: "
+                        "serving_default)")
+    return parser
+
+
+def _add_precision_options(parser):
+    """The int8/float16 and OpenVINO precision options."""
     parser.add_argument("--calibration", metavar="FILE.npz",
                         help="representative inputs for the int8 formats "
                         "(onnx_int8, tflite_int8): one array per input "
@@ -141,10 +152,12 @@ def _parser():
                         "exact in float; for --per-tensor)")
     parser.add_argument("--int8-io", action="store_true",
                         help="tflite_int8 takes and returns int8 tensors")
-    parser.add_argument("--signature", default=None, metavar="NAME",
-                        help="SavedModel signature to fold (default: "
-                        "serving_default)")
-    return parser
+    parser.add_argument("--openvino-precision", choices=("f32", "bf16"),
+                        default="f32",
+                        help="what the openvino artifact's config.json pins "
+                        "OpenVINO's CPU plugin to (default: %(default)s; "
+                        "bf16 is faster on CPUs with AVX512-BF16/AMX and "
+                        "verified at a bfloat16 bound)")
 
 
 # -- Checks that need no TensorFlow. ------------------------------------------
@@ -437,11 +450,32 @@ def _progress(message):
 
 def _export(args, model, formats, progress):
     """`kerasbn.export` (or `fold_saved_model` for a graph) with the CLI's
-    options; VerificationError passes."""
+    options; VerificationError passes. kerasbn's own warnings (e.g.
+    OpenVINO's defaults change the numbers) print as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            return _export_quietly(args, model, formats, progress)
+        finally:
+            _say_warnings(caught)
+
+
+def _say_warnings(caught):
+    own = os.path.dirname(os.path.abspath(__file__))
+    for w in caught:
+        if os.path.abspath(w.filename).startswith(own + os.sep):
+            print(f"[kerasbn-fold] warning: {w.message}", file=sys.stderr,
+                  flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename,
+                                 w.lineno)
+
+
+def _export_quietly(args, model, formats, progress):
     sample = None if args.sample is None else _load_sample(args.sample)
     common = dict(verify=not args.no_verify, name=args.name,
                   version=args.version, opset=args.opset, rtol=args.rtol,
-                  overwrite=args.overwrite, progress=progress, sample=sample)
+                  overwrite=args.overwrite, progress=progress, sample=sample,
+                  openvino_precision=args.openvino_precision)
     try:
         if args.kind in _GRAPH_KINDS:
             return fold_saved_model(model, args.output, formats,
@@ -558,6 +592,7 @@ def _summary(original, result, latency):
     if not result.checks:
         for fmt, path in result.artifacts.items():
             lines.append(f"{fmt:<{width}}  {'not verified':>24}  {path}")
+    lines.extend(openvino_lines(result.checks))
     if result.precision:
         lines.append(precision_line(result.precision))
     for fmt, notes in result.notes.items():

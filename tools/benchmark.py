@@ -822,6 +822,83 @@ def bench_quantized(quick):
     return rows
 
 
+def bench_openvino(quick):
+    """OpenVINO / ONNX Runtime latency of the same folded model, float32
+    and int8, batch 1 and 32, side by side in one process (issue 31).
+
+    Each runtime runs the file kerasbn wrote: ONNX Runtime the `.onnx` and
+    `_int8.onnx` (spin-waiting off, as in `quantized`); OpenVINO the IR
+    compiled with its `config.json` (f32) and the same `_int8.onnx` (it
+    reads QDQ natively), both with PERFORMANCE_HINT=LATENCY (one stream
+    over every core, as ONNX Runtime's one session). A third row times
+    the IR at OpenVINO's plain defaults (bf16 on CPUs with AVX512-BF16)
+    against the pinned f32, with the error that costs (the export's own
+    figure)."""
+    import tempfile
+
+    import onnxruntime as ort
+    import openvino as ov
+
+    rows = []
+    repeats = 3 if quick else 10
+    latency = {"PERFORMANCE_HINT": "LATENCY"}
+    for arch in ("ResNet50", "MobileNetV2"):
+        model = _application(arch, classifier_activation=None)
+        rng = np.random.default_rng(0)
+        calibration = rng.standard_normal((32, 224, 224, 3)).astype("f4")
+        with tempfile.TemporaryDirectory() as tmp:
+            result = kerasbn.export(
+                model, tmp, ("onnx", "onnx_int8", "openvino"), name="m",
+                calibration=calibration, min_agreement=0.0, max_rel_rms=1.0)
+            paths = result.artifacts
+            xml = os.path.join(paths["openvino"], "model.xml")
+            with open(os.path.join(os.path.dirname(paths["openvino"]),
+                                   "config.json")) as f:
+                pinned = json.load(f)["model_config_list"][0]["config"][
+                    "plugin_config"]
+            defaults = max(c["defaults"]["rel_error"] for c in result.checks
+                           if "defaults" in c)
+            core = ov.Core()
+            compiled = {
+                "ov_f32": core.compile_model(xml, "CPU",
+                                             {**pinned, **latency}),
+                "ov_defaults": core.compile_model(xml, "CPU", latency),
+                "ov_int8": core.compile_model(paths["onnx_int8"], "CPU",
+                                              {**pinned, **latency})}
+            precision = compiled["ov_defaults"].get_property(
+                "INFERENCE_PRECISION_HINT").get_type_name()
+            quiet = ort.SessionOptions()
+            quiet.add_session_config_entry(
+                "session.intra_op.allow_spinning", "0")
+            sessions = {
+                name: ort.InferenceSession(
+                    paths[fmt], quiet, providers=["CPUExecutionProvider"])
+                for name, fmt in (("ort_f32", "onnx"),
+                                  ("ort_int8", "onnx_int8"))}
+            for batch in (1, 32):
+                x = calibration[:batch]
+                runners = {}
+                for name, session in sessions.items():
+                    feed = {session.get_inputs()[0].name: x}
+                    runners[name] = (lambda s=session, f=feed: s.run(None, f))
+                for name, net in compiled.items():
+                    request = net.create_infer_request()
+                    runners[name] = (lambda r=request: r.infer([x]))
+                times = interleaved_medians(runners, repeats)
+                rows.append(row("OpenVINO / ONNX Runtime: f32", arch, batch,
+                                times["ov_f32"], times["ort_f32"],
+                                "(context)", "IR with its config.json"))
+                rows.append(row("OpenVINO / ONNX Runtime: int8", arch, batch,
+                                times["ov_int8"], times["ort_int8"],
+                                "(context)", "the same _int8.onnx"))
+                rows.append(row(f"OpenVINO defaults ({precision}) / f32",
+                                arch, batch, times["ov_defaults"],
+                                times["ov_f32"], "(context)",
+                                f"rel error at defaults {defaults:.2g}"))
+        keras.backend.clear_session()
+    return rows
+
+
 BENCHMARKS = {
     "bn_train_step": bench_bn_train_step,
     "renorm": bench_renorm,
@@ -834,6 +911,7 @@ BENCHMARKS = {
     "recalibrate": bench_recalibrate,
     "sync_bn": bench_sync_bn,
     "quantized": bench_quantized,
+    "openvino": bench_openvino,
 }
 
 

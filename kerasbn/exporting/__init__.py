@@ -24,6 +24,9 @@ Layout (`name` defaults to the model's name, `version` to 1):
     <directory>/<name>.onnx                     tf2onnx, dynamic batch
     <directory>/<name>.keras                    the folded Keras model
     <directory>/<name>.tflite                   optional
+    <directory>/openvino/<name>/<version>/      OpenVINO IR, model.xml/.bin
+    <directory>/openvino/<name>/config.json     its OpenVINO Model Server
+                                                configuration (precision)
 
 >>> import keras, kerasbn, tempfile
 >>> inputs = keras.Input((8,), name="features")
@@ -59,7 +62,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
            overwrite=False, progress=None, calibration=None,
            validation=None, min_agreement=0.98, max_rel_rms=None,
            per_channel=True, int8_io=False, equalize=False,
-           precision="float32"):
+           precision="float32", openvino_precision="f32"):
     """Fold, export and verify `model`; returns an `ExportResult`.
 
     Args:
@@ -129,6 +132,13 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             is checked against the twin at a bound derived from the
             measured gap of the unfolded mixed model (stated in the
             result). Models without a reduced-precision policy ignore it.
+        openvino_precision: What the `"openvino"` artifact's
+            `config.json` pins OpenVINO's CPU plugin to: "f32" (default;
+            verified at `rtol`) or "bf16" (faster on CPUs with AVX512-BF16
+            or AMX; verified at the stated bfloat16 bound,
+            `formats.OPENVINO_BF16_RTOL`). Either way the IR is also run
+            at OpenVINO's plain defaults, and the result says (and warns)
+            when they change the numbers past `rtol`.
 
     Returns:
         `ExportResult`.
@@ -168,7 +178,9 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     reduced = steps.reduced_options(
         model, signature, formats, calibration, validation, inputs, verify,
         min_agreement, max_rel_rms, per_channel, int8_io, equalize)
-    targets = _plan_targets(directory, formats, name, version, overwrite)
+    reduced.update(steps.openvino_options(formats, openvino_precision))
+    targets = _plan_targets(directory, formats, name, version, overwrite,
+                            reduced)
     # A mixed-precision model is checked against (and, by default,
     # exported as) its float32 twin: `_precision`.
     exported, meaning, precision = _precision.plan(
@@ -207,7 +219,7 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
                      signature="serving_default", fold=True, sample=None,
                      verify=True, name=None, version=1, opset=DEFAULT_OPSET,
                      rtol=DEFAULT_RTOL, batch_sizes=(1, 4), overwrite=False,
-                     progress=None):
+                     progress=None, openvino_precision="f32"):
     """Fold a SavedModel's batch normalization without its Keras code.
 
     For models that exist only as a SavedModel directory (Keras 2's
@@ -227,14 +239,14 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
         source: SavedModel directory, frozen GraphDef file, or a
             `kerasbn.sources.saved_model.GraphSource` already read.
         directory: Export directory; created if missing.
-        formats: From "saved_model", "onnx", "tflite".
+        formats: From "saved_model", "onnx", "tflite", "openvino".
         signature: The SavedModel signature to fold and serve.
         fold: Fold (False: re-export as it is, verified).
         sample: Inputs to verify on (array, list, or dict by input name).
             Needed when an input has unknown non-batch dimensions.
         verify, name, version, opset, rtol, batch_sizes, overwrite,
-        progress: As for `export`; `name` defaults to the source's
-            directory or file name.
+        progress, openvino_precision: As for `export`; `name` defaults
+            to the source's directory or file name.
 
     Returns:
         `ExportResult`, whose `fold_report` names each normalization node
@@ -258,11 +270,13 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
     if "keras" in formats:
         raise ValueError(f"{_graph.WHERE}: the keras format needs a Keras "
                          "model; a SavedModel or GraphDef has none. Choose "
-                         "from saved_model, onnx, tflite.")
+                         "from saved_model, onnx, tflite, openvino.")
     directory = os.path.abspath(os.fspath(directory))
     inputs = _graph.verification_inputs(graph_signature, sample, batch_sizes,
                                         verify)
-    targets = _plan_targets(directory, formats, name, version, overwrite)
+    options = steps.openvino_options(formats, openvino_precision)
+    targets = _plan_targets(directory, formats, name, version, overwrite,
+                            options)
     # Folding first: it names a normalization with corrupt statistics,
     # which would otherwise surface as a source that outputs NaN.
     model, fold_report = _graph.fold(source, name, fold, progress)
@@ -271,7 +285,8 @@ def fold_saved_model(source, directory, formats=GRAPH_FORMATS, *,
     return _write_verified(directory, targets, model, graph_signature,
                            inputs, references, fold_report, opset, rtol,
                            progress, overwrite,
-                           {"source": source.notes} if source.notes else {})
+                           {"source": source.notes} if source.notes else {},
+                           options)
 
 
 def _write_verified(directory, targets, model, signature, inputs, references,
@@ -289,6 +304,7 @@ def _write_verified(directory, targets, model, signature, inputs, references,
         staged, said = steps.write_artifacts(staging, targets, model,
                                              signature, opset, progress,
                                              reduced)
+        companions = _stage_companions(staging, directory, targets, reduced)
         numerics = steps.numerics_for_export(model, staged, reduced,
                                              progress)
         with _models.full_float32():
@@ -307,23 +323,68 @@ def _write_verified(directory, targets, model, signature, inputs, references,
                 "nothing was written.\n" + str(result), result
             )
         progress(f"{COMMIT_STAGE} {directory}")
-        staging.commit(targets.values(), overwrite)
+        staging.commit(list(targets.values()) + companions, overwrite)
     return result
+
+
+def _companions(targets, options):
+    """`{relpath: bytes}`: the files the formats in `targets` are served
+    with (`formats.OpenVinoFormat.companions`)."""
+    files = {}
+    for fmt, relpath in targets.items():
+        companions = getattr(FORMATS[fmt], "companions", None)
+        if companions is not None:
+            name, version = _name_version(relpath)
+            files.update(companions(name, version, options or {}))
+    return files
+
+
+def _name_version(relpath):
+    """The artifact name and version a versioned `relpath` ends with."""
+    parts = relpath.split(os.sep)
+    return parts[-2], int(parts[-1])
+
+
+def _stage_companions(staging, directory, targets, options):
+    """Stage the companion files; returns the relpaths to commit (a file
+    already in place with the same bytes is left as it is)."""
+    commit = []
+    for relpath, data in _companions(targets, options).items():
+        with open(staging.new(relpath), "wb") as f:
+            f.write(data)
+        if not _same_file(os.path.join(directory, relpath), data):
+            commit.append(relpath)
+    return commit
+
+
+def _same_file(path, data):
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
 
 
 def _quiet(message):
     """The default `progress`: say nothing."""
 
 
-def _plan_targets(directory, formats, name, version, overwrite):
+def _plan_targets(directory, formats, name, version, overwrite,
+                  options=None):
     """`{format: path inside directory}`; refuses existing paths.
 
     Without `overwrite`, any existing target is an `ExportError` before
-    anything is folded or written.
+    anything is folded or written; so is an existing companion file
+    (OpenVINO's `config.json`) with other contents than this export's.
     """
     targets = {f: FORMATS[f].relpath(name, version) for f in formats}
     existing = [os.path.join(directory, p) for p in targets.values()
                 if os.path.lexists(os.path.join(directory, p))]
+    existing += [
+        os.path.join(directory, p)
+        for p, data in _companions(targets, options).items()
+        if os.path.lexists(os.path.join(directory, p))
+        and not _same_file(os.path.join(directory, p), data)]
     if existing and not overwrite:
         raise ExportError(
             f"Refusing to overwrite existing artifact(s) {existing}. Pass "

@@ -13,6 +13,7 @@ import numpy as np
 from kerasbn import _batches
 from kerasbn import _checks
 from kerasbn import registry
+from kerasbn.exporting import _openvino
 from kerasbn.exporting import _options
 from kerasbn.exporting._result import ExportError
 from kerasbn.exporting.formats import FORMATS
@@ -198,6 +199,25 @@ def reduced_options(model, signature, formats, calibration, validation,
     return options
 
 
+def openvino_options(formats, openvino_precision):
+    """`{"openvino_precision": ...}` when the openvino format is asked for
+    (OpenVINO imported first, so a missing install is said before any
+    work); the value is checked either way."""
+    from kerasbn.exporting.formats import OpenVinoFormat
+    from kerasbn.exporting.formats import _require
+
+    choices = sorted(OpenVinoFormat.PRECISIONS)
+    if openvino_precision not in choices:
+        raise _checks.argument_error(
+            "openvino_precision", f"one of {choices}", openvino_precision,
+            WHERE, hint="It is the precision the OpenVINO artifact's "
+            "config.json pins the CPU plugin to.")
+    if "openvino" not in formats:
+        return {}
+    _require("openvino", "openvino")
+    return {"openvino_precision": openvino_precision}
+
+
 def equalize_for_export(model, progress):
     """`(equalized model, [note])` (`kerasbn.equalize`)."""
     from kerasbn.quantization import equalize
@@ -371,24 +391,45 @@ def verify_artifacts(staged, signature, inputs, references, rtol, progress,
             outputs = in_chunks(
                 lambda flat, f=fmt, p=path: _run(f, p, signature, flat),
                 reduced["validation"])
-            checks.append(_reduced.check(
+            check = _reduced.check(
                 fmt, reduced["references"], outputs,
                 reduced["min_agreement"], reduced["max_rel_rms"],
-                _reduced.worst_layer(fmt, numerics, reduced)))
+                _reduced.worst_layer(fmt, numerics, reduced))
+            check.update(_openvino.also_in_openvino(
+                fmt, path, signature, reduced, outputs, check))
+            checks.append(check)
     for arrays, reference in zip(inputs, references):
         batch = int(arrays[0].shape[0]) if arrays else 0
         for fmt, path in exact.items():
-            max_abs, rel = compare(reference,
-                                   _run(fmt, path, signature, arrays))
+            bound = _bound(fmt, rtol, reduced)
+            if fmt == "openvino":  # Twice: as configured, at defaults.
+                outputs, extra = _run(fmt, path, signature, arrays, lambda: (
+                    _openvino.verify(path, signature, arrays, reference,
+                                     bound)))
+            else:
+                outputs, extra = _run(fmt, path, signature, arrays), {}
+            max_abs, rel = compare(reference, outputs)
             checks.append({
                 "format": fmt, "batch": batch, "max_abs_error": max_abs,
-                "rel_error": rel, "rtol": rtol, "passed": rel <= rtol,
-            })
+                "rel_error": rel, "rtol": bound, "passed": rel <= bound,
+                **extra})
+    _openvino.warn_at_defaults(checks)
     return checks
 
 
-def _run(fmt, path, signature, arrays):
+def _bound(fmt, rtol, reduced):
+    """The error bound of a float artifact: `rtol`, or for an OpenVINO IR
+    pinned to bfloat16 the stated bfloat16 bound."""
+    if fmt == "openvino" and reduced.get("openvino_precision") == "bf16":
+        return max(rtol, _openvino.BF16_RTOL)
+    return rtol
+
+
+def _run(fmt, path, signature, arrays, run=None):
+    """`FORMATS[fmt].run` (or `run()`), its errors said as the artifact's."""
     try:
+        if run is not None:
+            return run()
         return FORMATS[fmt].run(path, signature, arrays)
     except ImportError:
         raise

@@ -54,6 +54,11 @@ WHY_NOT = {
                           "float16 form is float16 weights, tflite_fp16"},
     "bfloat16": {"onnx": "ONNX Runtime has no bfloat16 convolution",
                  "tflite": "TFLite has no bfloat16 kernels"},
+    # The IR's compute precision is OpenVINO's setting, not the graph's:
+    # export the float32 twin and pin it with openvino_precision.
+    "openvino": "OpenVINO sets the compute precision when it compiles, "
+                "whatever the IR holds: export the float32 twin and choose "
+                "openvino_precision='f32' or 'bf16'",
     "reduced": "the int8 and fp16 formats quantize the float32 model: "
                "export them with precision='float32'",
 }
@@ -76,8 +81,8 @@ def plan(model, precision, formats, progress):
     if precision == "policy":
         refused = [f for f in formats if f not in POLICY_FORMATS[compute]]
         if refused:
-            why = {f: WHY_NOT[compute].get(f, WHY_NOT["reduced"])
-                   for f in refused}
+            why = {f: WHY_NOT[compute].get(f, WHY_NOT.get(
+                f, WHY_NOT["reduced"])) for f in refused}
             raise ValueError(
                 f"{WHERE}: precision='policy' keeps {policy}'s {compute} "
                 f"compute, which these formats cannot hold: "

@@ -62,7 +62,13 @@ class ExportResult:
         checks: One dict per (artifact, batch size): `format`, `batch`,
             `max_abs_error`, `rel_error` (max abs error / max |reference|),
             `rtol`, `passed`; for an int8/float16 artifact one dict on the
-            validation set (`reduced_checks`).
+            validation set (`reduced_checks`). An openvino check adds
+            `runtime_precision` (what OpenVINO ran it in, configured by its
+            config.json) and `defaults` (`precision`, `max_abs_error`,
+            `rel_error`, `within_rtol` at OpenVINO's plain defaults); an
+            onnx_int8/onnx_fp16 check, where OpenVINO is installed,
+            `openvino` (the same figures in OpenVINO, and against ONNX
+            Runtime's outputs).
         onnx_ops: `{op_type: count}` of the ONNX graph, when ONNX was written.
         model: The Keras model that was exported (the folded one with
             `fold=True`), in memory; for `fold_saved_model`, the folded
@@ -174,6 +180,7 @@ class ExportResult:
                      f"{worst['layer']} ({worst['sqnr_db']:.0f} dB)")
             lines.append(f"{c['format']:<12} {c['batch']:>7}  {share:>15}"
                          f"  {c['rel_rms']:>7.3g}  {worst:<18}  {status}")
+        lines.extend(openvino_lines(self.checks))
         if self.precision:
             lines.append(precision_line(self.precision))
         for fmt, path in self.artifacts.items():
@@ -199,3 +206,16 @@ def precision_line(precision):
                 "the artifacts do not: check the model you trained")
     return (line + f"; the {precision['policy']} model itself differs from "
             f"that twin by {gap:.2g} of output scale")
+
+
+def openvino_lines(checks):
+    """Lines on the OpenVINO runs: the IR at OpenVINO's plain defaults
+    (the worst batch), and the int8/float16 ONNX files in OpenVINO."""
+    from kerasbn.exporting import _openvino
+
+    lines = []
+    worst = _openvino.worst_at_defaults(checks)
+    if worst is not None:
+        lines.append(_openvino.check_line(worst))
+    lines.extend(filter(None, (_openvino.reduced_line(c) for c in checks)))
+    return lines

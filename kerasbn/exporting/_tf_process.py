@@ -46,7 +46,7 @@ import subprocess
 import sys
 
 TENSORFLOW_FORMATS = ("saved_model", "onnx", "tflite", "onnx_int8",
-                      "tflite_int8", "onnx_fp16", "tflite_fp16")
+                      "tflite_int8", "onnx_fp16", "tflite_fp16", "openvino")
 # The reduced-precision options a writer reads (`formats`), handed down.
 _REDUCED_OPTIONS = ("per_channel", "int8_io")
 _OWN_PACKAGES = ("keras", "kerasbn", "keras_hub", "tf_keras")

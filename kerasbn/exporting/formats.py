@@ -7,10 +7,14 @@ trace the same serving function):
 - `relpath(name, version)`: the artifact's path inside the export directory;
 - `write(path, model, signature, options)`: write it (into a staging area);
 - `run(path, signature, arrays)`: run it in its own runtime and return the
-  flat list of outputs, in `signature.output_names` order.
+  flat list of outputs, in `signature.output_names` order;
+- optionally `companions(name, version, options)`: `{relpath: bytes}` of
+  small files the artifact is served with (OpenVINO's `config.json`),
+  staged and committed with it.
 
-Optional tool chains (tf2onnx, onnx, onnxruntime) are imported only when
-their format is asked for, with an install hint if they are missing.
+Optional tool chains (tf2onnx, onnx, onnxruntime, openvino) are imported
+only when their format is asked for, with an install hint if they are
+missing.
 """
 
 import collections
@@ -291,10 +295,106 @@ class TFLiteInt8Format(TFLiteFormat):
             converter.inference_output_type = tf.int8
 
 
+class OpenVinoFormat(OnnxFormat):
+    """OpenVINO IR (`model.xml` + `model.bin`) in OpenVINO Model Server's
+    layout, `openvino/<name>/<version>/`, beside a `config.json` in
+    `openvino/<name>/` whose `plugin_config` pins the execution precision.
+
+    Written from the verified ONNX graph (OpenVINO's ONNX front end is its
+    most complete and the graph is the one ONNX Runtime runs; the IR keeps
+    its input/output names and dynamic batch), with float32 weights
+    (`save_model(compress_to_fp16=False)`: OpenVINO's default stores them
+    in float16). An IR cannot carry its execution precision (its
+    `rt_info` runtime options are ignored by `compile_model`), and
+    OpenVINO's CPU plugin runs float32 models in bfloat16 where the CPU
+    has AVX512-BF16 or AMX: the precision is a compile (server) setting,
+    hence the `config.json`. `run` compiles with that file's
+    `plugin_config`; `run_at_defaults` with none, as a server without it
+    would.
+    """
+
+    name = "openvino"
+    # `openvino_precision` -> the plugin configuration that pins it.
+    PRECISIONS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"},
+                  "bf16": {"INFERENCE_PRECISION_HINT": "bf16"}}
+
+    def relpath(self, name, version):
+        return os.path.join("openvino", name, str(version))
+
+    def companions(self, name, version, options):
+        """`{relpath: bytes}` written beside the IR: the model server's
+        `config.json` (base path relative to it, as OVMS resolves it)."""
+        import json
+
+        precision = options.get("openvino_precision", "f32")
+        config = {"model_config_list": [{"config": {
+            "name": name, "base_path": ".",
+            "plugin_config": dict(self.PRECISIONS[precision])}}]}
+        text = json.dumps(config, indent=2) + "\n"
+        return {os.path.join("openvino", name, "config.json"):
+                text.encode()}
+
+    def write(self, path, model, signature, options):
+        ov = _require("openvino", "openvino")
+        os.makedirs(path, exist_ok=True)
+        source = path + ".onnx"
+        try:
+            notes = super().write(source, model, signature, options)
+            ir = ov.convert_model(source)
+            ov.save_model(ir, os.path.join(path, "model.xml"),
+                          compress_to_fp16=False)
+        finally:
+            if os.path.exists(source):
+                os.remove(source)
+        return notes
+
+    def plugin_config(self, path):
+        """The `plugin_config` of the `config.json` beside the IR at
+        `path` (a version directory)."""
+        import json
+
+        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+            return json.load(f)["model_config_list"][0]["config"][
+                "plugin_config"]
+
+    def run(self, path, signature, arrays):
+        return self.run_configured(path, signature, arrays)[0]
+
+    def run_configured(self, path, signature, arrays):
+        """`(outputs, precision)` compiled with the `config.json`'s
+        `plugin_config`, as the model server runs it."""
+        return self._infer(os.path.join(path, "model.xml"), signature,
+                           arrays, self.plugin_config(path))
+
+    def run_at_defaults(self, path, signature, arrays):
+        """`(outputs, precision)` compiled with no configuration, as a
+        server without the `config.json` runs it; `precision` is the
+        plugin's own answer ("bf16", "f32", ...)."""
+        return self._infer(os.path.join(path, "model.xml"), signature,
+                           arrays, {})
+
+    def _infer(self, xml, signature, arrays, config):
+        return infer_openvino(xml, signature.output_names,
+                              signature.feeds(arrays), config)
+
+
+def infer_openvino(model, output_names, feeds, config):
+    """Run `model` (an IR `.xml` or an `.onnx` path) in OpenVINO's CPU
+    plugin compiled with `config`; `(outputs in output_names order,
+    inference precision the plugin reports)`."""
+    ov = _require("openvino", "openvino")
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    results = compiled.create_infer_request().infer(feeds)
+    outputs = [np.asarray(results[compiled.output(n)]) for n in output_names]
+    return outputs, compiled.get_property(
+        "INFERENCE_PRECISION_HINT").get_type_name()
+
+
 FORMATS = collections.OrderedDict(
     (f.name, f) for f in (SavedModelFormat(), OnnxFormat(), KerasFormat(),
                           TFLiteFormat(), OnnxInt8Format(), OnnxFp16Format(),
-                          TFLiteInt8Format(), TFLiteFp16Format())
+                          TFLiteInt8Format(), TFLiteFp16Format(),
+                          OpenVinoFormat())
 )
 
 

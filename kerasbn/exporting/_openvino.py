@@ -1,0 +1,160 @@
+"""OpenVINO as a verified runtime: its defaults, and the ONNX files in it.
+
+OpenVINO's CPU plugin runs a float32 model in bfloat16 by default where
+the CPU has AVX512-BF16 or AMX (`INFERENCE_PRECISION_HINT` reads "bf16"),
+and in float16 on its GPU plugin: the same IR serves other numbers
+depending on the server's hardware. An IR cannot carry its execution
+precision (`rt_info` runtime options are ignored by `compile_model`), so
+the `"openvino"` artifact ships a `config.json` whose `plugin_config` pins
+it, is verified compiled with that configuration, and is run a second
+time at the plain defaults, whose precision and error are reported
+(`at_defaults`), with a warning when they change the numbers past `rtol`.
+
+The reduced-precision ONNX artifacts (`onnx_int8`, `onnx_fp16`) also run
+in OpenVINO when it is installed (it reads QDQ ONNX natively): the same
+agreement and relative RMS figures, and how far OpenVINO's answers are
+from ONNX Runtime's (`also_in_openvino`). That check reports and warns; it
+does not fail the export, whose artifact is verified in ONNX Runtime.
+"""
+
+import importlib.util
+import warnings
+
+# The error bound of an IR pinned to bfloat16 (`openvino_precision="bf16"`),
+# as a fraction of max |output|: bfloat16 keeps 8 significant bits (unit
+# roundoff 2**-8 = 3.9e-3), and a deep network's rounding adds up over its
+# layers (measured here: 3.4e-3 on MobileNetV2 at 96 px, 3.9e-3 on ResNet50
+# at 160 px, random BN statistics; issue 31's own draw of MobileNetV2:
+# 5.9e-3). 2**-5 is 8 unit roundoffs, 5x the worst measured; a wrong fold
+# is off by O(1).
+BF16_RTOL = 2.0**-5
+# The plugin configuration `also_in_openvino` compiles the ONNX files with
+# (what the openvino artifact's config.json pins by default).
+_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def installed():
+    return importlib.util.find_spec("openvino") is not None
+
+
+def verify(path, signature, arrays, reference, rtol):
+    """The IR at `path` (a version directory) compiled with its
+    `config.json`, then at the plain defaults.
+
+    Returns `(outputs with the configuration, fields for the check)`:
+    `runtime_precision` (what the plugin reports it runs in) and
+    `defaults` (`precision`, `max_abs_error`, `rel_error`, and
+    `within_rtol`). Warns (one line) when the defaults are past `rtol`.
+    """
+    from kerasbn.exporting._pipeline import compare
+    from kerasbn.exporting.formats import FORMATS
+
+    fmt = FORMATS["openvino"]
+    outputs, precision = fmt.run_configured(path, signature, arrays)
+    plain, plain_precision = fmt.run_at_defaults(path, signature, arrays)
+    max_abs, rel = compare(reference, plain)
+    defaults = {"precision": plain_precision, "max_abs_error": max_abs,
+                "rel_error": rel, "within_rtol": rel <= rtol}
+    return outputs, {"runtime_precision": precision, "defaults": defaults}
+
+
+def worst_at_defaults(checks):
+    """The openvino check whose plain-defaults run is furthest off, or
+    None without one."""
+    runs = [c for c in checks if c.get("defaults")]
+    return max(runs, key=lambda c: c["defaults"]["rel_error"], default=None)
+
+
+def warn_at_defaults(checks):
+    """One warning when OpenVINO's plain defaults change the numbers past
+    the artifact's bound (what a server without the config.json serves)."""
+    worst = worst_at_defaults(checks)
+    if worst is None or worst["defaults"]["within_rtol"]:
+        return
+    defaults = worst["defaults"]
+    warnings.warn(
+        f"OpenVINO at its plain defaults runs this model in "
+        f"{defaults['precision']} on this CPU and differs from it by "
+        f"{defaults['rel_error']:.2g} of output scale (bound "
+        f"{worst['rtol']:g}); serve the IR with the written config.json "
+        "(its plugin_config pins the precision) or compile it with "
+        f"that plugin_config ({worst['runtime_precision']} here).",
+        stacklevel=5)
+
+
+def also_in_openvino(fmt, path, signature, reduced, onnxruntime_outputs,
+                     check):
+    """`{"openvino": figures}` for an int8/float16 ONNX artifact run in
+    OpenVINO too (empty for other formats or without OpenVINO):
+    `agreement` and `rel_rms` against the float model, the same against
+    ONNX Runtime's outputs, `precision`, and `passed` (the artifact's own
+    bounds). Warns when OpenVINO's answers are outside those bounds."""
+    from kerasbn.exporting import _pipeline
+    from kerasbn.exporting import _reduced
+    from kerasbn.exporting.formats import infer_openvino
+
+    if fmt not in ("onnx_int8", "onnx_fp16") or not installed():
+        return {}
+    said = {}
+
+    def run(flat):
+        outputs, said["precision"] = infer_openvino(
+            path, signature.output_names, signature.feeds(flat), _F32)
+        return outputs
+
+    outputs = _pipeline.in_chunks(run, reduced["validation"])
+    figures = {
+        "precision": said.get("precision"),
+        "agreement": _reduced.agreement(reduced["references"], outputs),
+        "rel_rms": _reduced.relative_rms(reduced["references"], outputs),
+        "agreement_with_onnxruntime": _reduced.agreement(
+            onnxruntime_outputs, outputs),
+        "rel_rms_vs_onnxruntime": _reduced.relative_rms(
+            onnxruntime_outputs, outputs),
+    }
+    share = figures["agreement"]
+    figures["passed"] = bool(
+        figures["rel_rms"] <= check["max_rel_rms"]
+        and (share is None or share >= check["min_agreement"]))
+    if not figures["passed"]:
+        warnings.warn(
+            f"{fmt} passes in ONNX Runtime but not in OpenVINO: top-1 "
+            f"agreement {_share(share)}, relative RMS "
+            f"{figures['rel_rms']:.3g} (bounds {check['min_agreement']:g}, "
+            f"{check['max_rel_rms']:g}); OpenVINO vs ONNX Runtime: "
+            f"{_share(figures['agreement_with_onnxruntime'])}, "
+            f"{figures['rel_rms_vs_onnxruntime']:.3g}.", stacklevel=5)
+    return {"openvino": figures}
+
+
+def _share(share):
+    return "-" if share is None else f"{share:.4f}"
+
+
+def check_line(check):
+    """One line on an openvino check's plain-defaults run, or None."""
+    defaults = check.get("defaults")
+    if not defaults:
+        return None
+    verdict = (f"within {check['rtol']:g}" if defaults["within_rtol"] else
+               f"WARNING: past {check['rtol']:g}; serve it with the "
+               "config.json")
+    return (f"openvino at plain defaults (batch {check['batch']}): runs in "
+            f"{defaults['precision']}, rel error "
+            f"{defaults['rel_error']:.3g} ({verdict}); with config.json: "
+            f"{check['runtime_precision']}, rel error "
+            f"{check['rel_error']:.3g}")
+
+
+def reduced_line(check):
+    """One line on an int8/float16 ONNX check's OpenVINO run, or None."""
+    figures = check.get("openvino")
+    if not figures:
+        return None
+    return (f"{check['format']} in OpenVINO ({figures['precision']}): "
+            f"top-1 agreement {_share(figures['agreement'])}, rel RMS "
+            f"{figures['rel_rms']:.3g}; vs ONNX Runtime: agreement "
+            f"{_share(figures['agreement_with_onnxruntime'])}, rel RMS "
+            f"{figures['rel_rms_vs_onnxruntime']:.3g}"
+            + ("" if figures["passed"] else " (WARNING: outside the "
+               "artifact's bounds)"))
