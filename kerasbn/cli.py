@@ -103,7 +103,8 @@ def _parser():
                         "repeatable")
     parser.add_argument("--name", help="artifact name (default: model name)")
     parser.add_argument("--version", type=int, default=1,
-                        help="TF Serving version directory (default: 1)")
+                        help="version directory of the SavedModel (TF "
+                        "Serving) and OpenVINO layouts (default: 1)")
     parser.add_argument("--rtol", type=float, default=_options.DEFAULT_RTOL,
                         help="allowed error / max|output| (default: "
                         "%(default)g)")
@@ -188,8 +189,9 @@ def _check_arguments(args):
         raise CliError(f"--name {args.name!r} is not a safe file name: use "
                        "letters, digits, '_', '.', '-'")
     if args.version < 1:
-        raise CliError(f"--version must be a positive integer (TF Serving's "
-                       f"version directory); received {args.version}")
+        raise CliError(f"--version must be a positive integer (the version "
+                       "directory of the SavedModel and OpenVINO layouts); "
+                       f"received {args.version}")
     if not (math.isfinite(args.rtol) and args.rtol > 0):
         raise CliError(f"--rtol must be a positive finite number; received "
                        f"{args.rtol}")
@@ -572,7 +574,9 @@ def _summary(original, result, latency):
         lines.append(f"TensorFlow graph nodes: {len(original.graph_def.node)}"
                      f" before, {len(result.model.graph_def.node)} after")
     width = max(len(f) for f in result.artifacts)
-    lines.append(f"{'artifact':<{width}}  max abs error  rel error  path")
+    if result.max_errors():
+        lines.append(f"{'artifact':<{width}}  max abs error  rel error  "
+                     "path")
     for fmt, (abs_err, rel_err) in result.max_errors().items():
         lines.append(f"{fmt:<{width}}  {abs_err:>13.3g}  {rel_err:>9.3g}  "
                      f"{result.artifacts[fmt]}")

@@ -428,3 +428,21 @@ def test_names_the_artifacts_change_are_noted(tmp_path):
     said = " ".join(result.notes["signature"])
     assert "input '1 in' is named 'input_0_1_in'" in said
     assert "output '1head' is named 'output_0_1head'" in said
+
+
+def test_an_unnamed_input_is_noted_with_the_name_a_reload_gives(tmp_path):
+    # keras.Input without name=: this session calls the tensor
+    # 'keras_tensor...', a saved and loaded copy calls it after its
+    # InputLayer (found by a new user's trial: two exports of one model
+    # served under two names). The note names both; a reload confirms it.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    result = kerasbn.export(model, tmp_path, formats=("keras",))
+    reloaded = keras.saving.load_model(result.artifacts["keras"])
+    said = " ".join(result.notes["signature"])
+    assert f"input {inputs.name!r} has no name of its own" in said
+    assert f"serves it as {reloaded.inputs[0].name!r}" in said
+    named = keras.Input((3,), name="x")
+    result = kerasbn.export(keras.Model(named, keras.layers.Dense(2)(named)),
+                            tmp_path / "named", formats=("keras",))
+    assert "signature" not in result.notes

@@ -164,6 +164,13 @@ def test_bf16_is_pinned_and_verified_at_its_stated_bound(tmp_path):
                           _openvino.BF16_RTOL)
     assert {c["rtol"] for c in result.checks} == {_openvino.BF16_RTOL}
     assert {c["runtime_precision"] for c in result.checks} == {"bf16"}
+    # The IR itself is also held to the float tolerance at f32, so a wrong
+    # artifact cannot hide inside the bfloat16 bound.
+    f32 = ov.Core().compile_model(xml, "CPU", _openvino.F32)
+    exact = f32.create_infer_request().infer([x])[f32.output(0)]
+    assert_close_to_scale(exact, model(x, training=False), RTOL)
+    assert all(c["f32"]["passed"] and c["f32"]["rel_error"] <= 1e-4
+               for c in result.checks)
 
 
 @TF_ONLY
@@ -176,12 +183,12 @@ def test_a_config_that_does_not_pin_float32_is_caught(tmp_path,
     fmt = FORMATS["openvino"]
     real = fmt.companions
 
-    def unpinned(name, version, options):
-        files = {}
-        for path, data in real(name, version, options).items():
+    def unpinned(name, version, options, directory):
+        files = []
+        for path, data, conflict in real(name, version, options, directory):
             config = json.loads(data)
             config["model_config_list"][0]["config"]["plugin_config"] = {}
-            files[path] = json.dumps(config).encode()
+            files.append((path, json.dumps(config).encode(), conflict))
         return files
 
     monkeypatch.setattr(fmt, "companions", unpinned)
@@ -194,23 +201,51 @@ def test_a_config_that_does_not_pin_float32_is_caught(tmp_path,
 
 
 @TF_ONLY
-def test_versions_share_the_config_and_a_different_one_is_refused(tmp_path):
+def test_versions_share_the_config_which_keeps_the_servers_settings(
+        tmp_path):
     model = small_model()
     kerasbn.export(model, tmp_path, formats=("openvino",), verify=False)
-    kerasbn.export(model, tmp_path, formats=("openvino",), version=2,
-                   verify=False)
+    config = tmp_path / "openvino" / "net" / "config.json"
+    # The server's own settings, added by hand, stay through a new version;
+    # verification compiles with them too.
+    edited = json.loads(config.read_text())
+    entry = edited["model_config_list"][0]["config"]
+    entry["nireq"] = 4
+    entry["plugin_config"]["PERFORMANCE_HINT"] = "LATENCY"
+    config.write_text(json.dumps(edited))
+    before = config.read_bytes()
+    result = kerasbn.export(model, tmp_path, formats=("openvino",),
+                            version=2)
+    assert config.read_bytes() == before
+    assert {c["runtime_precision"] for c in result.checks} == {"f32"}
     assert sorted(os.listdir(tmp_path / "openvino" / "net")) == [
         "1", "2", "config.json"]
-    config = tmp_path / "openvino" / "net" / "config.json"
-    before = config.read_bytes()
-    with pytest.raises(ExportError, match="config.json"):
+    # Another precision would change what versions 1 and 2 serve: refused,
+    # saying so, unless overwrite (which keeps the other settings, warns
+    # and notes it).
+    with pytest.raises(ExportError, match=r"config.json pins f32 for every "
+                       r"version of 'net' \(versions there: 1, 2\); this "
+                       r"export pins bf16"):
         kerasbn.export(model, tmp_path, formats=("openvino",), version=3,
                        verify=False, openvino_precision="bf16")
     assert config.read_bytes() == before
     assert not (tmp_path / "openvino" / "net" / "3").exists()
-    kerasbn.export(model, tmp_path, formats=("openvino",), version=3,
-                   verify=False, openvino_precision="bf16", overwrite=True)
-    assert b'"bf16"' in config.read_bytes()
+    with pytest.warns(UserWarning, match="for every version"):
+        result = kerasbn.export(model, tmp_path, formats=("openvino",),
+                                version=3, verify=False,
+                                openvino_precision="bf16", overwrite=True)
+    entry = json.loads(config.read_text())["model_config_list"][0]["config"]
+    assert entry["plugin_config"] == {"INFERENCE_PRECISION_HINT": "bf16",
+                                      "PERFORMANCE_HINT": "LATENCY"}
+    assert entry["nireq"] == 4
+    assert any("replaced by overwrite=True" in n
+               for n in result.notes["openvino"])
+    # A file that is not a configuration is refused, not parsed around.
+    config.write_text("not json")
+    with pytest.raises(ExportError, match="not an OpenVINO Model Server "
+                       "configuration"):
+        kerasbn.export(model, tmp_path, formats=("openvino",), version=4,
+                       verify=False)
 
 
 def test_bad_precision_and_missing_openvino_are_said_before_any_work(
@@ -219,6 +254,10 @@ def test_bad_precision_and_missing_openvino_are_said_before_any_work(
     with pytest.raises(ValueError, match=r"openvino_precision.*'fp16'"):
         kerasbn.export(model, tmp_path, formats=("openvino",),
                        openvino_precision="fp16")
+    with pytest.raises(ValueError, match=r"openvino_precision='bf16'.*not "
+                       r"among formats \['onnx'\]"):
+        kerasbn.export(model, tmp_path, formats=("onnx",),
+                       openvino_precision="bf16")
     monkeypatch.setitem(__import__("sys").modules, "openvino", None)
     with pytest.raises(ImportError, match=r"kerasbn\[openvino\]"):
         kerasbn.export(model, tmp_path, formats=("onnx", "openvino"))
@@ -250,6 +289,11 @@ def test_int8_onnx_also_runs_in_openvino_with_figures(tmp_path):
     agreement = np.mean(by_ov.argmax(1) == want.argmax(1))
     assert figures["agreement"] == pytest.approx(agreement)
     assert figures["passed"] and figures["rel_rms"] < 0.1
+    plain, compiled = run_ir(path, x, {})
+    assert figures["defaults"]["precision"] == compiled.get_property(
+        "INFERENCE_PRECISION_HINT").get_type_name()
+    assert figures["defaults"]["rel_rms"] == pytest.approx(
+        rel_rms(plain, want), rel=1e-3)
     assert "onnx_int8 in OpenVINO" in str(result)
 
 
@@ -260,7 +304,8 @@ def test_cli_and_a_savedmodel_source(tmp_path, capsys):
     assert cli.main([str(tmp_path / "net.keras"), "-o", str(tmp_path / "a"),
                      "--format", "openvino", "--latency-runs", "0"]) == 0
     printed = capsys.readouterr()
-    assert "openvino at plain defaults" in printed.out
+    assert "at OpenVINO's plain defaults" in printed.out
+    assert "serve with" in printed.out and "config.json" in printed.out
     warned = [line for line in printed.err.splitlines()
               if "warning: OpenVINO at its plain defaults" in line]
     if BF16_CPU:
@@ -276,3 +321,20 @@ def test_cli_and_a_savedmodel_source(tmp_path, capsys):
     compiled = ov.Core().compile_model(xml, "CPU", config)
     got = compiled.create_infer_request().infer([x])[compiled.output(0)]
     assert_close_to_scale(got, model(x, training=False), RTOL)
+
+
+def test_mixed_precision_policy_is_refused_with_the_openvino_way(tmp_path):
+    # OpenVINO picks the compute precision when it compiles: a float16 IR
+    # would not stay float16. The float32 twin plus openvino_precision is
+    # the way, and the refusal says so before anything is written.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = small_model()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    with pytest.raises(ValueError, match=r"openvino \(OpenVINO sets the "
+                       r"compute precision.*openvino_precision"):
+        kerasbn.export(model, tmp_path, formats=("openvino",),
+                       precision="policy")
+    assert not os.listdir(tmp_path)

@@ -39,6 +39,7 @@ Layout (`name` defaults to the model's name, `version` to 1):
 """
 
 import os
+import warnings
 
 from kerasbn.exporting import _staging
 from kerasbn.exporting._options import COMMIT_STAGE
@@ -88,7 +89,8 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             the original model in inference mode; raises
             `VerificationError` past `rtol` and writes nothing.
         name: Artifact name (default: the model's name).
-        version: TF Serving version directory (default 1).
+        version: The version directory of the SavedModel (TF Serving) and
+            OpenVINO (Model Server) layouts (default 1).
         opset: ONNX opset for tf2onnx, from 7 to the newest the installed
             tf2onnx writes (18 for tf2onnx 1.17); None: tf2onnx's default.
         rtol: Allowed max abs error as a fraction of max |reference output|.
@@ -304,7 +306,8 @@ def _write_verified(directory, targets, model, signature, inputs, references,
         staged, said = steps.write_artifacts(staging, targets, model,
                                              signature, opset, progress,
                                              reduced)
-        companions = _stage_companions(staging, directory, targets, reduced)
+        companions, said_companions = _stage_companions(
+            staging, directory, targets, reduced)
         numerics = steps.numerics_for_export(model, staged, reduced,
                                              progress)
         with _models.full_float32():
@@ -313,6 +316,8 @@ def _write_verified(directory, targets, model, signature, inputs, references,
                                             reduced, numerics)
         final = {f: os.path.join(directory, p) for f, p in targets.items()}
         said.update(steps.numerics_notes(numerics, staged, reduced))
+        for fmt, more in _openvino_notes(final, said_companions).items():
+            said[fmt] = list(said.get(fmt, [])) + more
         result = ExportResult(directory, final, fold_report, checks,
                               steps.onnx_ops(staged), model=model,
                               notes={**notes, **said}, numerics=numerics,
@@ -323,20 +328,31 @@ def _write_verified(directory, targets, model, signature, inputs, references,
                 "nothing was written.\n" + str(result), result
             )
         progress(f"{COMMIT_STAGE} {directory}")
-        staging.commit(list(targets.values()) + companions, overwrite)
+        staging.commit(list(targets.values()) + companions, overwrite,
+                       replace=companions)
     return result
 
 
-def _companions(targets, options):
-    """`{relpath: bytes}`: the files the formats in `targets` are served
-    with (`formats.OpenVinoFormat.companions`)."""
-    files = {}
+def _companions(directory, targets, options):
+    """`[(relpath, bytes, conflict)]`: the files the formats in `targets`
+    are served with (`formats.OpenVinoFormat.companions`)."""
+    files = []
     for fmt, relpath in targets.items():
         companions = getattr(FORMATS[fmt], "companions", None)
         if companions is not None:
             name, version = _name_version(relpath)
-            files.update(companions(name, version, options or {}))
+            files += companions(name, version, options or {}, directory)
     return files
+
+
+def _openvino_notes(final, said):
+    """Where the OpenVINO IR's `config.json` is, and what it replaced."""
+    if "openvino" not in final:
+        return {}
+    config = os.path.join(os.path.dirname(final["openvino"]), "config.json")
+    return {"openvino": [f"serve with {config} (OpenVINO Model Server: "
+                         "--config_path; its plugin_config pins the "
+                         "precision)"] + said}
 
 
 def _name_version(relpath):
@@ -346,15 +362,20 @@ def _name_version(relpath):
 
 
 def _stage_companions(staging, directory, targets, options):
-    """Stage the companion files; returns the relpaths to commit (a file
-    already in place with the same bytes is left as it is)."""
-    commit = []
-    for relpath, data in _companions(targets, options).items():
+    """Stage the companion files; returns `(relpaths to commit, notes)`
+    (a file already in place with the same bytes is left as it is)."""
+    commit, notes = [], []
+    for relpath, data, conflict in _companions(directory, targets, options):
         with open(staging.new(relpath), "wb") as f:
             f.write(data)
         if not _same_file(os.path.join(directory, relpath), data):
             commit.append(relpath)
-    return commit
+        if conflict is not None:  # Only with overwrite (_plan_targets).
+            notes.append(f"replaced by overwrite=True: {conflict}")
+            warnings.warn(f"kerasbn.export: {conflict.split('. ')[0]}; "
+                          "overwrite=True changes it for every version.",
+                          stacklevel=4)
+    return commit, notes
 
 
 def _same_file(path, data):
@@ -380,11 +401,10 @@ def _plan_targets(directory, formats, name, version, overwrite,
     targets = {f: FORMATS[f].relpath(name, version) for f in formats}
     existing = [os.path.join(directory, p) for p in targets.values()
                 if os.path.lexists(os.path.join(directory, p))]
-    existing += [
-        os.path.join(directory, p)
-        for p, data in _companions(targets, options).items()
-        if os.path.lexists(os.path.join(directory, p))
-        and not _same_file(os.path.join(directory, p), data)]
+    conflicts = [conflict for _, _, conflict in _companions(
+        directory, targets, options) if conflict is not None]
+    if conflicts and not overwrite:
+        raise ExportError(f"Refusing to change {conflicts[0]}.")
     if existing and not overwrite:
         raise ExportError(
             f"Refusing to overwrite existing artifact(s) {existing}. Pass "

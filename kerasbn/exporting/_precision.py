@@ -58,7 +58,8 @@ WHY_NOT = {
     # export the float32 twin and pin it with openvino_precision.
     "openvino": "OpenVINO sets the compute precision when it compiles, "
                 "whatever the IR holds: export the float32 twin and choose "
-                "openvino_precision='f32' or 'bf16'",
+                "f32 or bf16 with openvino_precision (CLI "
+                "--openvino-precision)",
     "reduced": "the int8 and fp16 formats quantize the float32 model: "
                "export them with precision='float32'",
 }

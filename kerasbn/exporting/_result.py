@@ -213,9 +213,6 @@ def openvino_lines(checks):
     (the worst batch), and the int8/float16 ONNX files in OpenVINO."""
     from kerasbn.exporting import _openvino
 
-    lines = []
-    worst = _openvino.worst_at_defaults(checks)
-    if worst is not None:
-        lines.append(_openvino.check_line(worst))
-    lines.extend(filter(None, (_openvino.reduced_line(c) for c in checks)))
-    return lines
+    lines = [_openvino.check_line(checks)]
+    lines.extend(_openvino.reduced_line(c) for c in checks)
+    return [line for line in lines if line]

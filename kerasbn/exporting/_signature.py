@@ -64,6 +64,24 @@ def _no_inputs_error(model):
     )
 
 
+def _unnamed_inputs(inputs, names):
+    """Notes on inputs made without `name=`: Keras calls such a tensor
+    `keras_tensor_<n>` in the session that built it, but after its
+    InputLayer once the model is saved and loaded, so the same model
+    exported twice would serve under two names."""
+    notes = []
+    for tensor, name in zip(inputs, names):
+        layer = getattr(_keras_internal.producing_operation(tensor), "name",
+                        None)
+        if layer and layer != tensor.name:
+            notes.append(
+                f"input {name!r} has no name of its own (keras.Input "
+                f"without name=): the same model saved and loaded serves "
+                f"it as {layer!r}; name the input (keras.Input(..., "
+                "name=...)) to keep one name across exports")
+    return notes
+
+
 class ServingSignature:
     """Input and output names, shapes and dtypes of a built Keras model.
 
@@ -108,6 +126,7 @@ class ServingSignature:
                 ("input", [t.name for t in inputs], self.input_names),
                 ("output", names, self.output_names))
             for old, new in zip(before, after) if str(old) != new]
+        self.name_changes += _unnamed_inputs(inputs, self.input_names)
 
     def described(self):
         """`{input_names, input_shapes, input_dtypes, output_names}`, plain

@@ -166,8 +166,12 @@ class StagingArea:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
-    def commit(self, relpaths, overwrite):
-        """Move the staged artifacts into place; roll back if a move fails."""
+    def commit(self, relpaths, overwrite, replace=()):
+        """Move the staged artifacts into place; roll back if a move fails.
+
+        `replace`: relpaths that may replace an existing file without
+        `overwrite` (a companion file this export updates).
+        """
         moved, backups = [], []
         try:
             for rel in relpaths:
@@ -175,8 +179,8 @@ class StagingArea:
                 self._created += _make_directories(os.path.dirname(final),
                                                    self.directory)
                 if os.path.lexists(final):
-                    backups.append((self._set_aside(final, rel, overwrite),
-                                    final))
+                    backups.append((self._set_aside(
+                        final, rel, overwrite or rel in replace), final))
                 os.replace(os.path.join(self.path, "new", rel), final)
                 moved.append(final)
         except BaseException:

@@ -8,9 +8,9 @@ trace the same serving function):
 - `write(path, model, signature, options)`: write it (into a staging area);
 - `run(path, signature, arrays)`: run it in its own runtime and return the
   flat list of outputs, in `signature.output_names` order;
-- optionally `companions(name, version, options)`: `{relpath: bytes}` of
-  small files the artifact is served with (OpenVINO's `config.json`),
-  staged and committed with it.
+- optionally `companions(name, version, options, directory)`: small files
+  the artifact is served with (OpenVINO's `config.json`), as
+  `[(relpath, bytes, conflict)]`, staged and committed with it.
 
 Optional tool chains (tf2onnx, onnx, onnxruntime, openvino) are imported
 only when their format is asked for, with an install hint if they are
@@ -321,18 +321,62 @@ class OpenVinoFormat(OnnxFormat):
     def relpath(self, name, version):
         return os.path.join("openvino", name, str(version))
 
-    def companions(self, name, version, options):
-        """`{relpath: bytes}` written beside the IR: the model server's
-        `config.json` (base path relative to it, as OVMS resolves it)."""
+    def companions(self, name, version, options, directory):
+        """`[(relpath, bytes, conflict)]` written beside the IR: the model
+        server's `config.json` (base path relative to it, as OVMS resolves
+        it).
+
+        An existing `config.json` in `directory` is updated, not replaced:
+        its other settings (`nireq`, `model_version_policy`, other
+        `plugin_config` keys, other models) stay. `conflict` is None when
+        the update changes nothing the file already pinned, else why it
+        needs `overwrite`: the precision applies to every version of the
+        model, not only to the one being exported.
+        """
         import json
 
-        precision = options.get("openvino_precision", "f32")
-        config = {"model_config_list": [{"config": {
-            "name": name, "base_path": ".",
-            "plugin_config": dict(self.PRECISIONS[precision])}}]}
-        text = json.dumps(config, indent=2) + "\n"
-        return {os.path.join("openvino", name, "config.json"):
-                text.encode()}
+        relpath = os.path.join("openvino", name, "config.json")
+        path = os.path.join(directory, relpath)
+        want = self.PRECISIONS[options.get("openvino_precision", "f32")]
+        entry = {"name": name, "base_path": ".", "plugin_config": dict(want)}
+        if not os.path.lexists(path):
+            return [(relpath, _json_bytes(
+                {"model_config_list": [{"config": entry}]}), None)]
+        try:
+            with open(path, "rb") as f:
+                original = f.read()
+            existing = json.loads(original)
+            mine = [item["config"] for item in existing["model_config_list"]
+                    if item["config"].get("name") == name]
+        except (OSError, ValueError, KeyError, TypeError,
+                AttributeError) as error:
+            return [(relpath, _json_bytes(
+                {"model_config_list": [{"config": entry}]}),
+                f"{path} exists and is not an OpenVINO Model Server "
+                f"configuration kerasbn can update ({type(error).__name__}: "
+                f"{error}); overwrite=True replaces it")]
+        if not mine:
+            existing["model_config_list"].append({"config": entry})
+            return [(relpath, _json_bytes(existing), None)]
+        pinned = {}
+        for config in mine:
+            plugin = config.setdefault("plugin_config", {})
+            pinned[str(plugin.get("INFERENCE_PRECISION_HINT"))] = True
+            plugin.update(want)
+        have = list(pinned)
+        if have == [want["INFERENCE_PRECISION_HINT"]]:
+            return [(relpath, original, None)]  # Already pinned: unchanged.
+        versions = sorted(
+            (d for d in os.listdir(os.path.dirname(path)) if d.isdigit()),
+            key=int)
+        said = ("no precision (OpenVINO's defaults)" if have == ["None"]
+                else " / ".join(have))
+        return [(relpath, _json_bytes(existing),
+                 f"{path} pins {said} for every version of {name!r} "
+                 f"(versions there: {', '.join(versions) or 'none'}); this "
+                 f"export pins {want['INFERENCE_PRECISION_HINT']}. "
+                 "overwrite=True changes it for all of them (its other "
+                 "settings stay); or export under another name")]
 
     def write(self, path, model, signature, options):
         ov = _require("openvino", "openvino")
@@ -363,19 +407,26 @@ class OpenVinoFormat(OnnxFormat):
     def run_configured(self, path, signature, arrays):
         """`(outputs, precision)` compiled with the `config.json`'s
         `plugin_config`, as the model server runs it."""
-        return self._infer(os.path.join(path, "model.xml"), signature,
-                           arrays, self.plugin_config(path))
+        return self.run_with(path, signature, arrays,
+                             self.plugin_config(path))
 
     def run_at_defaults(self, path, signature, arrays):
         """`(outputs, precision)` compiled with no configuration, as a
         server without the `config.json` runs it; `precision` is the
         plugin's own answer ("bf16", "f32", ...)."""
-        return self._infer(os.path.join(path, "model.xml"), signature,
-                           arrays, {})
+        return self.run_with(path, signature, arrays, {})
 
-    def _infer(self, xml, signature, arrays, config):
-        return infer_openvino(xml, signature.output_names,
+    def run_with(self, path, signature, arrays, config):
+        """`(outputs, precision)` compiled with `config`."""
+        return infer_openvino(os.path.join(path, "model.xml"),
+                              signature.output_names,
                               signature.feeds(arrays), config)
+
+
+def _json_bytes(config):
+    import json
+
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 def infer_openvino(model, output_names, feeds, config):
