@@ -18,6 +18,7 @@ missing.
 """
 
 import collections
+import gc
 import importlib
 import os
 import warnings
@@ -434,11 +435,16 @@ def infer_openvino(model, output_names, feeds, config):
     plugin compiled with `config`; `(outputs in output_names order,
     inference precision the plugin reports)`."""
     ov = _require("openvino", "openvino")
-    compiled = ov.Core().compile_model(model, "CPU", config)
+    core = ov.Core()
+    compiled = core.compile_model(model, "CPU", config)
     results = compiled.create_infer_request().infer(feeds)
-    outputs = [np.asarray(results[compiled.output(n)]) for n in output_names]
-    return outputs, compiled.get_property(
+    outputs = [np.array(results[compiled.output(n)]) for n in output_names]
+    precision = compiled.get_property(
         "INFERENCE_PRECISION_HINT").get_type_name()
+    # Nothing of OpenVINO outlives the call (README: Limits, signals).
+    del results, compiled, core
+    gc.collect()
+    return outputs, precision
 
 
 FORMATS = collections.OrderedDict(
