@@ -207,7 +207,12 @@ def _check_arguments(args):
     if "keras" in formats and args.kind in _GRAPH_KINDS:
         raise CliError(f"--format keras needs a Keras model, and {args.model}"
                        " is a TensorFlow graph; choose from saved_model, "
-                       "onnx, tflite")
+                       "onnx, tflite, openvino")
+    if args.openvino_precision != "f32" and "openvino" not in formats:
+        raise CliError(f"--openvino-precision {args.openvino_precision} "
+                       "applies to the openvino format, which is not among "
+                       f"--format {','.join(formats)}: add openvino or leave "
+                       "the option out")
     return formats
 
 

@@ -371,10 +371,12 @@ def _stage_companions(staging, directory, targets, options):
         if not _same_file(os.path.join(directory, relpath), data):
             commit.append(relpath)
         if conflict is not None:  # Only with overwrite (_plan_targets).
-            notes.append(f"replaced by overwrite=True: {conflict}")
-            warnings.warn(f"kerasbn.export: {conflict.split('. ')[0]}; "
-                          "overwrite=True changes it for every version.",
-                          stacklevel=4)
+            said = (f"overwrite=True changed the OpenVINO Model Server "
+                    f"configuration: {conflict}; the versions already there "
+                    "now serve under the new setting too (other settings "
+                    "kept)")
+            notes.append(said)
+            warnings.warn(f"kerasbn.export: {said}.", stacklevel=4)
     return commit, notes
 
 
@@ -404,7 +406,11 @@ def _plan_targets(directory, formats, name, version, overwrite,
     conflicts = [conflict for _, _, conflict in _companions(
         directory, targets, options) if conflict is not None]
     if conflicts and not overwrite:
-        raise ExportError(f"Refusing to change {conflicts[0]}.")
+        raise ExportError(
+            "Refusing to change the OpenVINO Model Server configuration: "
+            f"{conflicts[0]}. overwrite=True changes it for every version "
+            "(settings it does not set are kept), or export under another "
+            "name.")
     if existing and not overwrite:
         raise ExportError(
             f"Refusing to overwrite existing artifact(s) {existing}. Pass "

@@ -442,12 +442,18 @@ def _run(fmt, path, signature, arrays, run=None):
     except ImportError:
         raise
     except Exception as error:
-        hint = (" A subclassed model inside must be registered with "
-                "@keras.saving.register_keras_serializable to load."
-                if fmt == "keras" else "")
+        hint = {"keras": " A subclassed model inside must be registered "
+                "with @keras.saving.register_keras_serializable to load.",
+                "openvino": " (compiled with the plugin_config of its "
+                "config.json)"}.get(fmt, "")
+        # OpenVINO's first line is where in its sources it threw; the
+        # reason is its last line.
+        said = ([line for line in str(error).splitlines() if line.strip()]
+                or [""])[-1] if fmt == "openvino" else _checks.first_line(
+                    error)
         raise ExportError(
             f"Running the written {fmt} artifact failed: "
-            f"{type(error).__name__}: {_checks.first_line(error)}{hint}"
+            f"{type(error).__name__}: {said}{hint}"
         ) from error
 
 

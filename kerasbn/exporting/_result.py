@@ -156,8 +156,9 @@ class ExportResult:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self):
-        lines = ["artifact     batch  max abs error  rel error  status"]
         reduced = self.reduced_checks()
+        lines = (["artifact     batch  max abs error  rel error  status"]
+                 if len(self.checks) > len(reduced) else [])
         for c in self.checks:
             if c["format"] in reduced:
                 continue

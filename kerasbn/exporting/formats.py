@@ -18,7 +18,6 @@ missing.
 """
 
 import collections
-import gc
 import importlib
 import os
 import warnings
@@ -353,16 +352,16 @@ class OpenVinoFormat(OnnxFormat):
                 AttributeError) as error:
             return [(relpath, _json_bytes(
                 {"model_config_list": [{"config": entry}]}),
-                f"{path} exists and is not an OpenVINO Model Server "
-                f"configuration kerasbn can update ({type(error).__name__}: "
-                f"{error}); overwrite=True replaces it")]
+                f"{path} exists and is not one kerasbn can update "
+                f"({type(error).__name__}: {error}), so it would be "
+                "replaced")]
         if not mine:
             existing["model_config_list"].append({"config": entry})
             return [(relpath, _json_bytes(existing), None)]
         pinned = {}
         for config in mine:
             plugin = config.setdefault("plugin_config", {})
-            pinned[str(plugin.get("INFERENCE_PRECISION_HINT"))] = True
+            pinned[str(self.pinned(plugin))] = True
             plugin.update(want)
         have = list(pinned)
         if have == [want["INFERENCE_PRECISION_HINT"]]:
@@ -374,10 +373,19 @@ class OpenVinoFormat(OnnxFormat):
                 else " / ".join(have))
         return [(relpath, _json_bytes(existing),
                  f"{path} pins {said} for every version of {name!r} "
-                 f"(versions there: {', '.join(versions) or 'none'}); this "
-                 f"export pins {want['INFERENCE_PRECISION_HINT']}. "
-                 "overwrite=True changes it for all of them (its other "
-                 "settings stay); or export under another name")]
+                 f"(versions there: {', '.join(versions) or 'none'}) and "
+                 f"this export pins {want['INFERENCE_PRECISION_HINT']}")]
+
+    @staticmethod
+    def pinned(plugin_config):
+        """The precision a `plugin_config` pins: its
+        INFERENCE_PRECISION_HINT, "f32" for EXECUTION_MODE_HINT=ACCURACY
+        alone (OpenVINO then keeps float32), else None (the defaults)."""
+        hint = plugin_config.get("INFERENCE_PRECISION_HINT")
+        if hint is None and str(plugin_config.get(
+                "EXECUTION_MODE_HINT", "")).upper() == "ACCURACY":
+            return "f32"
+        return hint
 
     def write(self, path, model, signature, options):
         ov = _require("openvino", "openvino")
@@ -407,9 +415,13 @@ class OpenVinoFormat(OnnxFormat):
 
     def run_configured(self, path, signature, arrays):
         """`(outputs, precision)` compiled with the `config.json`'s
-        `plugin_config`, as the model server runs it."""
-        return self.run_with(path, signature, arrays,
-                             self.plugin_config(path))
+        `plugin_config`, as the model server runs it (the plugin reads
+        "dynamic" under EXECUTION_MODE_HINT=ACCURACY, which keeps f32)."""
+        config = self.plugin_config(path)
+        outputs, precision = self.run_with(path, signature, arrays, config)
+        if precision == "dynamic" and self.pinned(config) == "f32":
+            precision = "f32"
+        return outputs, precision
 
     def run_at_defaults(self, path, signature, arrays):
         """`(outputs, precision)` compiled with no configuration, as a
@@ -442,8 +454,9 @@ def infer_openvino(model, output_names, feeds, config):
     precision = compiled.get_property(
         "INFERENCE_PRECISION_HINT").get_type_name()
     # Nothing of OpenVINO outlives the call (README: Limits, signals).
+    # No gc.collect() here: a Ctrl-C the CLI turns into an exception would
+    # be swallowed inside another library's garbage-collection callback.
     del results, compiled, core
-    gc.collect()
     return outputs, precision
 
 
