@@ -153,7 +153,8 @@ def _add_precision_options(parser):
                         "exact in float; for --per-tensor)")
     parser.add_argument("--int8-io", action="store_true",
                         help="tflite_int8 takes and returns int8 tensors")
-    parser.add_argument("--openvino-precision", choices=("f32", "bf16"),
+    parser.add_argument("--openvino-precision",
+                        choices=list(FORMATS["openvino"].PRECISIONS),
                         default="f32",
                         help="what the openvino artifact's config.json pins "
                         "OpenVINO's CPU plugin to (default: %(default)s; "

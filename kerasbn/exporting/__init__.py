@@ -138,9 +138,10 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
             `config.json` pins OpenVINO's CPU plugin to: "f32" (default;
             verified at `rtol`) or "bf16" (faster on CPUs with AVX512-BF16
             or AMX; verified at the stated bfloat16 bound,
-            `formats.OPENVINO_BF16_RTOL`). Either way the IR is also run
-            at OpenVINO's plain defaults, and the result says (and warns)
-            when they change the numbers past `rtol`.
+            `_openvino.BF16_RTOL`, and at f32 to `rtol`). Either way the
+            IR is also run at OpenVINO's plain defaults, and the result
+            says (and warns) when they change the numbers past the
+            artifact's bound.
 
     Returns:
         `ExportResult`.

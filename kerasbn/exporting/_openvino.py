@@ -8,7 +8,8 @@ precision (`rt_info` runtime options are ignored by `compile_model`), so
 the `"openvino"` artifact ships a `config.json` whose `plugin_config` pins
 it, is verified compiled with that configuration, and is run a second
 time at the plain defaults, whose precision and error are reported
-(`at_defaults`), with a warning when they change the numbers past `rtol`.
+(`verify`), with a warning when they change the numbers past the
+artifact's bound (`warn_at_defaults`).
 
 The reduced-precision ONNX artifacts (`onnx_int8`, `onnx_fp16`) also run
 in OpenVINO when it is installed (it reads QDQ ONNX natively): the same
@@ -130,32 +131,29 @@ def also_in_openvino(fmt, path, signature, reduced, onnxruntime_outputs,
 
 def _reduced_figures(path, signature, reduced, onnxruntime_outputs, check,
                      config):
+    """The artifact at `path` run in OpenVINO (compiled once with
+    `config`) on the validation inputs, held to `check`'s own bounds by
+    `_reduced.check`; with `onnxruntime_outputs`, also compared with
+    them."""
     from kerasbn.exporting import _pipeline
     from kerasbn.exporting import _reduced
-    from kerasbn.exporting.formats import infer_openvino
+    from kerasbn.exporting.formats import openvino_compiled
 
-    said = {}
-
-    def run(flat):
-        outputs, said["precision"] = infer_openvino(
-            path, signature.output_names, signature.feeds(flat), config)
-        return outputs
-
-    outputs = _pipeline.in_chunks(run, reduced["validation"])
-    figures = {
-        "precision": said.get("precision"),
-        "agreement": _reduced.agreement(reduced["references"], outputs),
-        "rel_rms": _reduced.relative_rms(reduced["references"], outputs),
-    }
+    with openvino_compiled(path, config) as (run, precision):
+        outputs = _pipeline.in_chunks(
+            lambda flat: run(signature.output_names, signature.feeds(flat)),
+            reduced["validation"])
+    checked = _reduced.check(check["format"], reduced["references"],
+                             outputs, check["min_agreement"],
+                             check["max_rel_rms"])
+    figures = {"precision": precision, "agreement": checked["agreement"],
+               "rel_rms": checked["rel_rms"]}
     if onnxruntime_outputs is not None:
         figures["agreement_with_onnxruntime"] = _reduced.agreement(
             onnxruntime_outputs, outputs)
         figures["rel_rms_vs_onnxruntime"] = _reduced.relative_rms(
             onnxruntime_outputs, outputs)
-    share = figures["agreement"]
-    figures["passed"] = bool(
-        figures["rel_rms"] <= check["max_rel_rms"]
-        and (share is None or share >= check["min_agreement"]))
+    figures["passed"] = checked["passed"]
     return figures
 
 

@@ -18,6 +18,7 @@ missing.
 """
 
 import collections
+import contextlib
 import importlib
 import os
 import warnings
@@ -442,22 +443,38 @@ def _json_bytes(config):
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
-def infer_openvino(model, output_names, feeds, config):
-    """Run `model` (an IR `.xml` or an `.onnx` path) in OpenVINO's CPU
-    plugin compiled with `config`; `(outputs in output_names order,
-    inference precision the plugin reports)`."""
+@contextlib.contextmanager
+def openvino_compiled(model, config):
+    """`model` (an IR `.xml` or an `.onnx` path) compiled once in OpenVINO's
+    CPU plugin with `config`: yields `(run, precision)`, where
+    `run(output_names, feeds)` gives the outputs in `output_names` order
+    and `precision` is the inference precision the plugin reports.
+
+    Nothing of OpenVINO outlives the block (README: Limits, signals). No
+    gc.collect() here: a Ctrl-C the CLI turns into an exception would be
+    swallowed inside another library's garbage-collection callback.
+    """
     ov = _require("openvino", "openvino")
     core = ov.Core()
     compiled = core.compile_model(model, "CPU", config)
-    results = compiled.create_infer_request().infer(feeds)
-    outputs = [np.array(results[compiled.output(n)]) for n in output_names]
-    precision = compiled.get_property(
-        "INFERENCE_PRECISION_HINT").get_type_name()
-    # Nothing of OpenVINO outlives the call (README: Limits, signals).
-    # No gc.collect() here: a Ctrl-C the CLI turns into an exception would
-    # be swallowed inside another library's garbage-collection callback.
-    del results, compiled, core
-    return outputs, precision
+    request = compiled.create_infer_request()
+
+    def run(output_names, feeds):
+        results = request.infer(feeds)
+        return [np.array(results[compiled.output(n)]) for n in output_names]
+
+    try:
+        yield run, compiled.get_property(
+            "INFERENCE_PRECISION_HINT").get_type_name()
+    finally:
+        del run, request, compiled, core
+
+
+def infer_openvino(model, output_names, feeds, config):
+    """`(outputs, precision)` of one run of `model` compiled with `config`
+    (`openvino_compiled`)."""
+    with openvino_compiled(model, config) as (run, precision):
+        return run(output_names, feeds), precision
 
 
 FORMATS = collections.OrderedDict(
