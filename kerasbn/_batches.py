@@ -17,8 +17,19 @@ import numpy as np
 BATCH = 32
 
 # What a model's flat inputs must look like: names, shapes (batch axis
-# first, None = any) and NumPy dtypes.
-Inputs = collections.namedtuple("Inputs", ["names", "shapes", "dtypes"])
+# first, None = any) and NumPy dtypes; `aliases`, the name the model
+# itself gives each input where the artifacts change it ("1 in" served as
+# "input_0_1_in"), or None.
+Inputs = collections.namedtuple("Inputs",
+                                ["names", "shapes", "dtypes", "aliases"],
+                                defaults=(None,))
+# The keys a dict (or .npz) may give the one input of a one-input model
+# under, whatever the input is called, when it is the only key: NumPy's
+# name for an array saved without one (`np.savez(path, array)`, read back
+# by `dict(np.load(path))`) and Keras' name for a model's inputs
+# (`model.predict(x)`). Any other key must name an input: a misnamed one
+# is refused, not fed to whichever input there is.
+ONE_INPUT_KEYS = ("arr_0", "x")
 
 
 def model_inputs(model):
@@ -39,14 +50,13 @@ def nonfinite_count(arrays):
 
 def flatten(inputs, sample, what="sample"):
     """User sample (array, list, tuple or dict) -> flat list of arrays cast
-    to `inputs.dtypes`; a `ValueError` names `what` on a mismatch."""
+    to `inputs.dtypes`; a `ValueError` names `what` on a mismatch.
+
+    A dict gives each input under its name (or its alias); other keys are
+    not read. A one-input model also takes a dict of one array under a key
+    of `ONE_INPUT_KEYS`."""
     if isinstance(sample, dict):
-        missing = [n for n in inputs.names if n not in sample]
-        if missing:
-            raise ValueError(
-                f"`{what}` is missing inputs {missing}; the model's "
-                f"inputs are {inputs.names}.")
-        flat = [sample[n] for n in inputs.names]
+        flat = _by_name(inputs, sample, what)
     elif isinstance(sample, (list, tuple)):
         flat = list(sample)
     else:
@@ -56,7 +66,8 @@ def flatten(inputs, sample, what="sample"):
             f"`{what}` gives {len(flat)} input(s) but the model has "
             f"{len(inputs.names)}: {inputs.names}.")
     arrays = []
-    for value, name, shape, dtype in zip(flat, *inputs):
+    for value, name, shape, dtype in zip(flat, inputs.names, inputs.shapes,
+                                         inputs.dtypes):
         with np.errstate(over="ignore", invalid="ignore"):
             # Out-of-range values become inf; the callers report them.
             value = np.asarray(value, dtype=dtype)
@@ -68,6 +79,38 @@ def flatten(inputs, sample, what="sample"):
                 f"model expects {tuple(shape)} (None = any).")
         arrays.append(value)
     return arrays
+
+
+def _by_name(inputs, sample, what):
+    """The arrays of dict `sample` in input order (see `flatten`)."""
+    aliases = inputs.aliases or inputs.names
+    flat, missing = [], []
+    for name, alias in zip(inputs.names, aliases):
+        key = name if name in sample else alias
+        if key in sample:
+            flat.append(sample[key])
+        else:
+            missing.append(name)
+    if not missing:
+        return flat
+    keys = [str(k) for k in sample]
+    if len(inputs.names) > 1:
+        raise ValueError(
+            f"`{what}` is missing inputs {missing} (its keys: {keys}); the "
+            f"model's inputs are {inputs.names}: key each array by the name "
+            "of its input.")
+    if len(keys) == 1 and keys[0] in ONE_INPUT_KEYS:
+        return list(sample.values())
+    name = aliases[0]  # The model's own name for it, which users know.
+    served = (f" (served as {inputs.names[0]!r})"
+              if name != inputs.names[0] else "")
+    saved = (f"np.savez(path, {name}=array)" if name.isidentifier() else
+             f"np.savez(path, **{{{name!r}: array}})")
+    raise ValueError(
+        f"`{what}` has no array for the model's input {name!r}{served}: "
+        f"its key(s) {keys} name no input. Key the array {name!r} (a .npz: "
+        f"{saved}) or pass it unnamed (np.savez(path, array), whose key is "
+        "'arr_0').")
 
 
 def read_batches(inputs, data, what, where, cli_flag=None):

@@ -120,7 +120,8 @@ def _parser():
                         help="timed runs for the latency line (0: skip)")
     parser.add_argument("--sample", metavar="FILE.npz",
                         help="verify on these inputs: one array per input "
-                        "name (or a single array for a one-input model)")
+                        "name (a one-input model: or one array saved "
+                        "unnamed, np.savez(path, x), or keyed x)")
     _add_precision_options(parser)
     parser.add_argument("--signature", default=None, metavar="NAME",
                         help="SavedModel signature to fold (default: "
@@ -133,7 +134,8 @@ def _add_precision_options(parser):
     parser.add_argument("--calibration", metavar="FILE.npz",
                         help="representative inputs for the int8 formats "
                         "(onnx_int8, tflite_int8): one array per input "
-                        "name, or a single array (e.g. x)")
+                        "name (a one-input model: or one array saved "
+                        "unnamed, or keyed x)")
     parser.add_argument("--validation", metavar="FILE.npz",
                         help="inputs the int8/fp16 artifacts are checked on "
                         "(default: the calibration data)")
@@ -364,7 +366,9 @@ def _load_h5(path):
 
 
 def _load_sample(path, flag="--sample"):
-    """The arrays of a .npz file: a dict by name, or the one array."""
+    """The arrays of a .npz file, a dict by key: `kerasbn._batches.flatten`
+    matches the keys to the model's inputs (and refuses a key that names
+    none, rather than feed a misnamed array to the one input there is)."""
     import numpy as np
 
     try:
@@ -375,7 +379,7 @@ def _load_sample(path, flag="--sample"):
                        f"{type(error).__name__}: {error}") from None
     if not arrays:
         raise CliError(f"{flag} {path} holds no arrays")
-    return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    return arrays
 
 
 def load_model(path):

@@ -49,6 +49,9 @@ Models (layer names are fixed, so tests can name the layers mapped):
 - `ops`: `ops_<k>.h5` for the k-th function of `TF_FUNCTION_CALLS`, each
   with its `.npz` oracle and `ops_<k>.json`, the TensorFlow names tf-keras
   saved for its calls.
+- `heads`: Dense -> BN, then two output heads whose names no artifact
+  carries as they are: "1head_dense" (a leading digit) and "2head/dense"
+  ('/', which Keras 3 refuses in a layer name).
 """
 
 import json
@@ -57,7 +60,8 @@ import subprocess
 import sys
 
 ALL = ("model", "zoo", "nested", "sequential", "custom", "mixed",
-       "mobilenet", "savedmodel", "weights", "users", "users_mixed", "ops")
+       "mobilenet", "savedmodel", "weights", "users", "users_mixed", "ops",
+       "heads")
 
 # tf.keras code calling TensorFlow functions on Keras tensors (each call is
 # a TFOpLambda in the file), one model per translated function: the key is
@@ -320,6 +324,14 @@ def mixed_model():
     return keras.Model(x, y, name="mixed")
 
 
+def heads_model():
+    """Output names an artifact must change: a leading digit, a '/'."""
+    x = keras.Input((5,), name="features")
+    y = L.BatchNormalization(name="trunk_bn")(L.Dense(4, name="trunk")(x))
+    return keras.Model(x, [L.Dense(3, name="1head_dense")(y),
+                           L.Dense(2, name="2head/dense")(y)], name="heads")
+
+
 def mobilenet_model():
     """keras.applications code nobody here wrote (tf-keras' own)."""
     return keras.applications.MobileNetV2(
@@ -384,9 +396,10 @@ def write_tf_function_calls():
 
 
 BUILDERS = {"users": users_model, "users_mixed": users_mixed_model,
-            "mobilenet": mobilenet_model, "model": renorm_model, "zoo": zoo_model, "nested": nested_model,
+            "mobilenet": mobilenet_model, "model": renorm_model,
+            "zoo": zoo_model, "nested": nested_model,
             "sequential": sequential_model, "custom": custom_model,
-            "mixed": mixed_model}
+            "mixed": mixed_model, "heads": heads_model}
 if "ops" in NAMES:
     write_tf_function_calls()
 for name in NAMES:

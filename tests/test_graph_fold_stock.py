@@ -211,31 +211,79 @@ def test_resnet50v2_preactivation_bns_become_multiply_adds(stock_dir,
     _assert_like_keras3_fold("ResNet50V2", report.to_dict())
 
 
-# -- Grouped convolutions: XLA function calls, inlined. ----------------------
+# -- tf-keras SavedModels: grouped convolutions (XLA function calls,
+# inlined), virtual batch and mixed precision BNs. ---------------------------
 
 
-_GROUPED_SCRIPT = r'''
+# One tf-keras process writes the SavedModels of the tests below (its
+# start-up is most of their cost): `grouped/` with `grouped.npz`, and
+# `ghost_mixed/`.
+_TF_KERAS_SCRIPT = r'''
 import sys
 
 import numpy as np
 import tf_keras as keras
 
-rng = np.random.default_rng(11)
-inputs = keras.Input((8, 8, 4))
-h = keras.layers.Conv2D(6, 3, groups=2, padding="same", name="gconv")(inputs)
-h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
-model = keras.Model(inputs, h)
-bn = model.get_layer("bn")
-bn.gamma.assign(rng.uniform(0.5, 1.5, 6))
-bn.beta.assign(rng.normal(0.0, 0.5, 6))
-bn.moving_mean.assign(rng.normal(0.0, 0.5, 6))
-bn.moving_variance.assign(rng.uniform(0.2, 3.0, 6))
-x = rng.normal(0.0, 1.0, (2, 8, 8, 4)).astype("float32")
-y = np.asarray(model(x, training=False))
-model.save(sys.argv[1] + "/grouped")  # A SavedModel directory.
-np.savez(sys.argv[1] + "/grouped.npz", input_0=x, output_0=y)
+L = keras.layers
+OUT = sys.argv[1]
+
+
+def grouped():
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((8, 8, 4))
+    h = L.Conv2D(6, 3, groups=2, padding="same", name="gconv")(inputs)
+    h = L.ReLU()(L.BatchNormalization(name="bn")(h))
+    model = keras.Model(inputs, h)
+    bn = model.get_layer("bn")
+    bn.gamma.assign(rng.uniform(0.5, 1.5, 6))
+    bn.beta.assign(rng.normal(0.0, 0.5, 6))
+    bn.moving_mean.assign(rng.normal(0.0, 0.5, 6))
+    bn.moving_variance.assign(rng.uniform(0.2, 3.0, 6))
+    x = rng.normal(0.0, 1.0, (2, 8, 8, 4)).astype("float32")
+    y = np.asarray(model(x, training=False))
+    model.save(OUT + "/grouped")  # A SavedModel directory.
+    np.savez(OUT + "/grouped.npz", input_0=x, output_0=y)
+
+
+def ghost_mixed():
+    """A virtual-batch BN after a Conv2D; a mixed_float16 Dense and BN."""
+    rng = np.random.default_rng(13)
+    image = keras.Input((6, 6, 3), name="image")
+    h = L.Conv2D(4, 3, padding="same", name="conv")(image)
+    h = L.BatchNormalization(virtual_batch_size=2, name="bn_ghost")(h)
+    ghost = L.ReLU(name="relu")(h)
+    rows = keras.Input((5,), name="rows")
+    d = L.Dense(4, dtype="mixed_float16", name="dense16")(rows)
+    d = L.BatchNormalization(dtype="mixed_float16", name="bn16")(d)
+    half = L.Activation("linear", dtype="float32", name="half")(d)
+    model = keras.Model([image, rows], [ghost, half], name="ghost_mixed")
+    for name in ("bn_ghost", "bn16"):
+        layer = model.get_layer(name)
+        gamma, beta, mean, variance = layer.get_weights()
+        layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape),
+                           rng.normal(0.0, 0.5, beta.shape),
+                           rng.normal(0.0, 0.5, mean.shape),
+                           rng.uniform(0.2, 3.0, variance.shape)])
+    model.save(OUT + "/ghost_mixed")  # A SavedModel directory.
+
+
+grouped()
+ghost_mixed()
 print("done")
 '''
+
+
+@pytest.fixture(scope="module")
+def tf_keras_dir(tmp_path_factory):
+    """The SavedModels `_TF_KERAS_SCRIPT` writes (one process, ~4 s)."""
+    if importlib.util.find_spec("tf_keras") is None:
+        pytest.skip("tf-keras is not installed (pip install 'kerasbn[test]')")
+    directory = tmp_path_factory.mktemp("tf_keras_savedmodels")
+    script = directory / "write.py"
+    script.write_text(_TF_KERAS_SCRIPT)
+    run_tf_keras(script, [str(directory)], "the SavedModels", 300)
+    return pathlib.Path(directory)
+
 
 # Runs the folded SavedModel without oneDNN; prints its error / scale.
 _NO_ONEDNN_SCRIPT = r'''
@@ -252,7 +300,7 @@ print(float(np.abs(y.numpy() - expected).max() / np.abs(expected).max()))
 '''
 
 
-def test_bn_after_a_grouped_convolution_folds(tmp_path):
+def test_bn_after_a_grouped_convolution_folds(tf_keras_dir, tmp_path):
     """tf-keras (and Keras 3) run `Conv2D(groups>1)` as an XLA-compiled
     function marked not to be inlined; freezing left it a
     `PartitionedCall`, so the BN after it read a call, no linear op, and
@@ -263,17 +311,13 @@ def test_bn_after_a_grouped_convolution_folds(tmp_path):
     the folded `BiasAdd` after it is what TensorFlow fuses, and its CPU
     kernel without oneDNN refuses that ("Fused conv implementation does
     not support grouped convolutions")."""
-    if importlib.util.find_spec("tf_keras") is None:
-        pytest.skip("tf-keras is not installed (pip install 'kerasbn[test]')")
-    script = tmp_path / "write.py"
-    script.write_text(_GROUPED_SCRIPT)
-    run_tf_keras(script, [str(tmp_path)], "the SavedModel", 300)
-    source = sources_saved_model.load_saved_model(str(tmp_path / "grouped"))
+    source = sources_saved_model.load_saved_model(
+        str(tf_keras_dir / "grouped"))
     ops = [n.op for n in source.graph_def.node]
     assert not [op for op in ops if "PartitionedCall" in op]
     assert not source.notes
-    result = kerasbn.fold_saved_model(tmp_path / "grouped", tmp_path / "out",
-                                      formats="saved_model")
+    result = kerasbn.fold_saved_model(tf_keras_dir / "grouped",
+                                      tmp_path / "out", formats="saved_model")
     report = result.fold_report
     (entry,) = report.entries
     assert (entry.action, report.folded, report.replaced,
@@ -281,15 +325,71 @@ def test_bn_after_a_grouped_convolution_folds(tmp_path):
     assert entry.into == ("model/gconv/Conv2D",)
     assert not result.notes.get("source")
     saved = result.artifacts["saved_model"]
-    ops = _check_serving(saved, np.load(tmp_path / "grouped.npz"))
+    oracle = tf_keras_dir / "grouped.npz"
+    ops = _check_serving(saved, np.load(oracle))
     assert (ops["Conv2D"], ops["PartitionedCall"]) == (1, 1)
     done = subprocess.run(
         [sys.executable, "-c", _NO_ONEDNN_SCRIPT, str(saved),
-         str(tmp_path / "grouped.npz")], capture_output=True, text=True,
+         str(oracle)], capture_output=True, text=True,
         timeout=300, env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0",
                               TF_CPP_MIN_LOG_LEVEL="2"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) <= RTOL
+
+
+def test_virtual_batch_bn_folds_and_mixed_precision_bn_says_why(
+        tf_keras_dir, tmp_path):
+    """tf-keras' `BatchNormalization(virtual_batch_size=2)` is, in
+    inference, a Mul/Add chain between two Reshapes ((N, 6, 6, 4) ->
+    (N, 1, 6, 6, 4) and back, to the shape of its input read by a `Shape`
+    op); that `Shape` read of the conv's BiasAdd made it "also read
+    elsewhere", so the BN became a multiply-add. A read of the shape alone
+    no longer counts: it folds into the Conv2D, and the `Shape` reads the
+    Conv2D (same shape), so the conv's old bias is gone.
+
+    Under mixed_float16 the BN after a Dense reads a float16 -> float32
+    `Cast`: folding it into the float16 MatMul would round its float32
+    arithmetic in float16 (measured 5.5e-4 of the output's scale, one
+    float16 step, over the default rtol 1e-4), so it stays a float32
+    multiply-add and the report says why, not "not a linear op"."""
+    source = tf_keras_dir / "ghost_mixed"
+    result = kerasbn.fold_saved_model(source, tmp_path / "out",
+                                      formats="saved_model")
+    report = result.fold_report
+    half, ghost = sorted(report.entries, key=lambda e: e.layer)
+    assert (ghost.layer, ghost.action, ghost.into) == (
+        "ghost_mixed/bn_ghost/batchnorm/add_1", "folded",
+        ("ghost_mixed/conv/Conv2D",))
+    assert (half.layer, half.action, half.codes) == (
+        "ghost_mixed/bn16/batchnorm/add_1", "replaced",
+        ("after_nonlinear_layer",))
+    assert "Cast 'ghost_mixed/bn16/Cast', float16 -> float32" in half.reason
+    assert "round in float16" in half.reason
+    assert (report.folded, report.replaced, report.normalizations_after) == (
+        1, 1, 0)
+    folded = sources_saved_model.load_saved_model(
+        result.artifacts["saved_model"]).graph_def
+    names = {tfgraph.readable(n.name) for n in folded.node}
+    assert "ghost_mixed/bn_ghost/Shape" in names
+    assert "ghost_mixed/conv/BiasAdd" not in names  # Bypassed, then pruned.
+    rng = np.random.default_rng(0)
+    feeds = {"image": rng.normal(size=(4, 6, 6, 3)).astype("float32"),
+             "rows": rng.normal(size=(4, 5)).astype("float32")}
+    feeds = {k: tf.constant(v) for k, v in feeds.items()}
+    expected = tf.saved_model.load(str(source)).signatures[
+        "serving_default"](**feeds)
+    actual = tf.saved_model.load(result.artifacts["saved_model"]).signatures[
+        "serving_default"](**feeds)
+    assert sorted(actual) == sorted(expected) == ["half", "relu"]
+    # float32 folding reorders products (a few ulps): the module's RTOL.
+    assert_close_to_scale(actual["relu"].numpy(), expected["relu"].numpy(),
+                          RTOL, "virtual batch BN folded")
+    # The float16 output: the multiply-add is float32 like the source's BN;
+    # it may differ by float32 rounding, which can move a value across a
+    # float16 rounding boundary: at most one float16 step of the largest
+    # output, 2**-10 of it.
+    assert_close_to_scale(actual["half"].numpy(), expected["half"].numpy(),
+                          2.0**-10, "mixed precision BN as a multiply-add")
 
 
 # -- Hand-written graphs: what becomes a multiply-add, what stays. -----------

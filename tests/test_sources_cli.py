@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 
+import kerasbn
 from kerasbn import cli
 from kerasbn.folding import tfgraph
 from kerasbn.sources import saved_model as sources_saved_model
@@ -98,6 +99,35 @@ def test_keras2_h5_in_folded_artifacts_out(keras2, tmp_path, capsys):
     assert any("bn1" in n and "BatchRenormalization" in n
                for n in report["notes"]["source"])
     assert "note (source)" in out
+
+
+def test_h5_output_names_the_artifacts_change_are_noted(keras2, tmp_path,
+                                                        capsys):
+    """An .h5 model's outputs named "1head_dense" (a leading digit) and
+    "2head/dense" ('/': Keras 3 refuses it, so the layer loads as
+    "2head_dense") are served as "output_0_1head_dense" and
+    "output_1_2head_dense": a note (signature) says so for each, under
+    its Keras 3 name, and a note (source) gives the '/' rename (pinned: a
+    new user's trial reported such an output renamed without a note)."""
+    status, out, err = run(capsys, keras2 / "heads.h5", "-o", tmp_path / "o",
+                           "--format", "saved_model", "--json",
+                           tmp_path / "r.json")
+    assert status == 0, err
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    said = " ".join(notes["signature"])
+    assert "output '1head_dense' is named 'output_0_1head_dense'" in said
+    assert "output '2head_dense' is named 'output_1_2head_dense'" in said
+    assert "'2head/dense' -> '2head_dense'" in " ".join(notes["source"])
+    assert "note (signature): output '1head_dense'" in out
+    oracle = np.load(keras2 / "heads.npz")
+    serve = tf.saved_model.load(str(tmp_path / "o" / "saved_model" / "heads"
+                                    / "1")).signatures["serving_default"]
+    actual = serve(features=tf.constant(oracle["input_0"]))
+    assert sorted(actual) == ["output_0_1head_dense", "output_1_2head_dense"]
+    # Against tf-keras' own outputs, at the module's RTOL (BN folded).
+    for k, key in enumerate(sorted(actual)):
+        assert_close_to_scale(actual[key].numpy(), oracle[f"output_{k}"],
+                              RTOL, key)
 
 
 def test_keras2_savedmodel_in_folded_artifacts_out(keras2, tmp_path,
@@ -186,6 +216,8 @@ def test_weights_only_h5(keras2, tmp_path, capsys):
     (("{sm}", "--sample", "{missing}"), "--sample file not found"),
     (("{sm}", "--sample", "{pb}"), "is not a .npz file"),
     (("{sm}", "--sample", "{npz}"), "`sample` for input 'image' has shape"),
+    (("{sm}", "--sample", "{misnamed}"), "input 'image': its key(s) "
+     "['pixels'] name no input. Key the array 'image'"),
     (("{sm}", "--per-tensor", "--equalize"),
      "--per-tensor/--equalize apply to Keras models"),
 ])
@@ -194,8 +226,11 @@ def test_bad_graph_arguments(keras3_export, tmp_path, capsys, argv,
     directory, _, _ = keras3_export
     (tmp_path / "g.pb").write_bytes(b"\x00not a graph")
     np.savez(tmp_path / "bad.npz", image=np.zeros((2, 5), "float32"))
+    np.savez(tmp_path / "misnamed.npz",
+             pixels=np.zeros((2, 16, 16, 3), "float32"))
     paths = {"pb": tmp_path / "g.pb", "sm": directory,
-             "missing": tmp_path / "nope.npz", "npz": tmp_path / "bad.npz"}
+             "missing": tmp_path / "nope.npz", "npz": tmp_path / "bad.npz",
+             "misnamed": tmp_path / "misnamed.npz"}
     argv = [a.format(**paths) for a in argv]
     status, _, err = run(capsys, *argv, "-o", tmp_path / "o")
     assert_refused(status, err, tmp_path / "o", fragment)
@@ -221,19 +256,35 @@ def test_keras2_applications_model_from_each_file(keras2, tmp_path, capsys):
 
 
 def test_sample_file_for_a_keras_model(tmp_path, capsys):
-    """--sample works for .keras files too; one array under any key feeds
-    a one-input model."""
+    """--sample works for .keras files too. A one-input model takes its
+    array under the input's name, or saved unnamed (`np.savez(path, x)`
+    keys it 'arr_0'); a key that names no input is refused, naming the key
+    and the input (a new user's trial: 'pixels' for the input 'image' was
+    fed to it silently), in the CLI and in `export(sample=...)`."""
     inputs = keras.Input((5,), name="features")
     x = keras.layers.Dense(3, name="dense")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
-    keras.Model(inputs, x, name="tiny").save(tmp_path / "tiny.keras")
-    np.savez(tmp_path / "rows.npz", rows=np.ones((6, 5), "float32"))
+    model = keras.Model(inputs, x, name="tiny")
+    model.save(tmp_path / "tiny.keras")
+    rows = np.ones((6, 5), "float32")
+    np.savez(tmp_path / "unnamed.npz", rows)
     status, _, err = run(capsys, tmp_path / "tiny.keras", "-o", tmp_path / "o",
-                         "--sample", tmp_path / "rows.npz", "--json",
-                         tmp_path / "r.json")
+                         "--sample", tmp_path / "unnamed.npz", "--json",
+                         tmp_path / "r.json", "--format", "keras")
     assert status == 0, err
     checks = json.loads((tmp_path / "r.json").read_text())["checks"]
     assert sorted({c["batch"] for c in checks}) == [1, 6]
+    np.savez(tmp_path / "rows.npz", rows=rows)
+    status, _, err = run(capsys, tmp_path / "tiny.keras", "-o",
+                         tmp_path / "refused", "--sample",
+                         tmp_path / "rows.npz")
+    assert_refused(status, err, tmp_path / "refused",
+                   "`sample` has no array for the model's input 'features'",
+                   "key(s) ['rows'] name no input",
+                   "np.savez(path, features=array)")
+    with pytest.raises(ValueError, match=r"key\(s\) \['rows'\] name no"):
+        kerasbn.export(model, tmp_path / "api", sample={"rows": rows})
+    assert not os.path.exists(tmp_path / "api")
 
 
 # -- Corrupt and misnamed files: exit 2, one line naming the file. -----------

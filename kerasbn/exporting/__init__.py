@@ -82,7 +82,10 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
         keep_bn: With `fold`, keep the BN layers that cannot be folded as
             they are instead of replacing them with a fixed scale-and-shift.
         sample: Inputs to verify on (an array, a list/tuple in the model's
-            input order, or a dict by input name), all finite. The first
+            input order, or a dict by input name: a key that names no
+            input is refused, except "arr_0" or "x" as the only key of a
+            one-input model's, e.g. `dict(np.load(path))` of
+            `np.savez(path, array)`), all finite. The first
             sample and the whole sample make the two batch sizes. Default:
             random inputs of the model's shapes at `batch_sizes`.
         verify: Run every artifact in its own runtime and compare it with

@@ -102,6 +102,8 @@ class ServingSignature:
         self.input_names = _unique(
             [_sanitize(t.name, f"input_{i}") for i, t in enumerate(inputs)]
         )
+        # The model's own names, which a user's sample may key inputs by.
+        self.model_input_names = [str(t.name) for t in inputs]
         self.input_specs = [
             tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=name)
             for t, name in zip(inputs, self.input_names)
@@ -229,7 +231,8 @@ class ServingSignature:
         return _batches.Inputs(
             names=list(self.input_names),
             shapes=[tuple(s.shape) for s in self.input_specs],
-            dtypes=[s.dtype.as_numpy_dtype for s in self.input_specs])
+            dtypes=[s.dtype.as_numpy_dtype for s in self.input_specs],
+            aliases=getattr(self, "model_input_names", None))
 
     def flatten_sample(self, sample, what="sample"):
         """User sample (array, list, tuple or dict) -> flat list of arrays.

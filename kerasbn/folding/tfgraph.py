@@ -23,7 +23,12 @@ same, so they are plain `Conv2D`s here), `Conv3D`,
 (transposed convolutions), `MatMul` and `BatchMatMul` with a constant
 right-hand side (Dense), through the bias add(s) after it and through
 `Reshape`/`Identity` ops that keep the channel (last) dimension (Keras'
-Dense on a rank-3+ input is MatMul, Reshape, BiasAdd). The maths are
+Dense on a rank-3+ input is MatMul, Reshape, BiasAdd; tf-keras'
+`virtual_batch_size` BN is, in inference, the Mul/Add chain between a
+Reshape to `(N, 1, ..., C)` and one back to its input's `Shape`). An op
+that reads only a step's shape (`Shape`, `Size`, `Rank`) does not count as
+another use of it: the fold keeps every shape, and such a read of a bias
+add it bypasses reads the tensor before it instead. The maths are
 `kerasbn.fold`'s: the inference map's float64 `(scale, shift)` from
 `kerasbn._numerics.bn_scale_shift` (for the fused op) and the kernel
 rewrites of `kerasbn.rules`, computed in float64 and cast once to the
@@ -37,9 +42,12 @@ output needs (control edges on constants, which a TF2 function puts on
 every variable read, do not keep them).
 
 A normalization no linear op absorbs -- its input is not a foldable linear
-op's output (an Add, a Concat, an activation, a graph input), that output
-(or a step between) has another consumer or is a graph output, or it is
-channels first -- becomes one precomputed multiply-add under its node
+op's output (an Add, a Concat, an activation, a graph input, a float16 ->
+float32 `Cast`: tf.keras mixed precision computes BN in float32 on a
+float16 layer's output, and folded into that layer it would round in
+float16, `_cast_reason`), that output (or a step between) has another
+consumer or is a graph output, or it is channels first -- becomes one
+precomputed multiply-add under its node
 name, `x * scale + shift` with `kerasbn.fold`'s float64 `(scale, shift)`
 cast once (broadcast `(C,)` channels last, `(C, 1, 1)` for NCHW), the
 graph's `kerasbn.layers.ScaleShift`: reported "replaced", counted in the
@@ -86,6 +94,9 @@ _PURE_OPS = frozenset((
 _CHANNELS_LAST = (b"NHWC", b"NDHWC", b"")
 _PASS_THROUGH = ("Reshape", "Identity")
 _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
+# Ops that read only their input's shape, never its values: a fold (which
+# keeps every shape) may leave them reading a bypassed node's input.
+_SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")
 _CALL_PREFIX = re.compile(r"^(Func/)?((Stateful)?PartitionedCall(_\d+)?/)+")
 _CALL_SCOPE = re.compile(r"/(Stateful)?PartitionedCall(_\d+)?(?=/)")
 
@@ -130,6 +141,17 @@ class _Graph:
         """How many times output `index` of `name` is read (outputs too)."""
         return (len(self.consumers[(name, index)])
                 + self.outputs.count((name, index)))
+
+    def value_uses(self, name, index=0):
+        """`uses`, less the reads of ops that take only its shape."""
+        return self.uses(name, index) - len(self.shape_reads(name, index))
+
+    def shape_reads(self, name, index=0):
+        """`[(consumer, input index)]` of the shape-only ops reading output
+        `index` of `name` (`Shape` of a virtual-batch normalization's input,
+        which it reshapes back to)."""
+        return [(consumer, k) for consumer, k in self.consumers[(name, index)]
+                if self.nodes[consumer].op in _SHAPE_OPS]
 
     def other_outputs_used(self, name, index=0):
         return any(self.uses(name, i) for i in range(8) if i != index)
@@ -224,6 +246,8 @@ class _Match:
         shift_sign: -1 when the chain ends in `Sub(x * s, t)`.
         steps: `[(node, bias tensor or None)]` from its input down to the
             linear op: bias adds and channel-keeping reshapes.
+        shape_reads: `{bias add: [(consumer, input index)]}`, the ops that
+            read only the shape of a bias add the fold bypasses.
         linear: The linear op's node name, `layout` its kernel layout and
             `kernel` its kernel tensor.
     """
@@ -234,6 +258,7 @@ class _Match:
         self.statistics, self.epsilon = statistics, epsilon
         self.shift_sign = shift_sign
         self.steps = []
+        self.shape_reads = {}
         self.linear = self.layout = self.kernel = None
 
 
@@ -305,15 +330,19 @@ def _find_linear(graph, match):
             # Checked before sharing, as kerasbn.fold does: an Add or a
             # Concat that is also read elsewhere is still no linear op.
             raise Kept("after_nonlinear_layer",
+                       _cast_reason(graph, node, what) or
                        f"its input comes from {what}, not a linear op")
-        if index != 0 or graph.uses(name) != 1 or graph.other_outputs_used(
-                name):
+        # A read of the shape alone (a virtual-batch normalization's Shape
+        # of its input) is no use of the values the fold changes.
+        if index != 0 or graph.value_uses(name) != 1 or (
+                graph.other_outputs_used(name)):
             raise Kept("producer_output_shared",
                        f"the output of {what} is also read elsewhere")
         if node.op in _LINEAR:
             return _check_linear(graph, match, node)
         if bias is not None:
             match.steps.append((name, bias))
+            match.shape_reads[name] = graph.shape_reads(name)
             tensor = node.input[0] if node.input[1] == bias else node.input[1]
         else:
             match.steps.append((name, None))
@@ -332,6 +361,39 @@ def _bias_of(graph, node):
             not graph.is_constant(second)):
         return first
     return None
+
+
+def _cast_reason(graph, node, what):
+    """Why a normalization reading a float16/bfloat16 -> float32 `Cast` of
+    a linear op's (or its bias add's) output is not folded (None for any
+    other node).
+
+    tf.keras' mixed precision computes BatchNormalization in float32 on
+    the float16 output of the layer before (Dense: MatMul, BiasAdd, Cast).
+    Folded into that layer, the normalization's float32 arithmetic would
+    round in float16: the output moves by about one float16 step (a tf-keras
+    Dense 5 -> 4 + BN: 5.5e-4 of the output's scale), which no float32
+    check of the source passes (the default rtol is 1e-4) and there is no
+    float32 twin of a graph to check against. The multiply-add computes it
+    in float32, as the source does.
+    """
+    if node.op != "Cast":
+        return None
+    import tensorflow as tf
+
+    source, target = (tf.as_dtype(node.attr[k].type) for k in ("SrcT",
+                                                               "DstT"))
+    if source not in (tf.float16, tf.bfloat16) or not target.is_floating or (
+            target.size <= source.size):
+        return None
+    before = graph.node_of(node.input[0])
+    if before.op not in _LINEAR and _bias_of(graph, before) is None:
+        return None  # Not a layer it could fold into anyway.
+    return (f"its input comes from {what}, {source.name} -> {target.name} "
+            f"(mixed precision): folded into the {source.name} layer "
+            f"before, its {target.name} arithmetic would round in "
+            f"{source.name}, moving the output by about one {source.name} "
+            f"step, more than a {target.name} check of the source allows")
 
 
 def _keeps_channels(graph, node):
@@ -493,6 +555,9 @@ def _rewrite(nodes, match, kernel, bias):
         if tensor is None:  # A reshape: it now reads the unbiased output.
             nodes[step].input[0] = current
             current = step
+        else:  # A bypassed bias add: its shape is the one before it.
+            for consumer, k in match.shape_reads[step]:
+                nodes[consumer].input[k] = current
     old = nodes[match.node]
     new = tf.compat.v1.NodeDef(name=match.node, op="BiasAdd")
     new.input.extend([current, bias_name])
