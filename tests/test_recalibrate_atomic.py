@@ -11,6 +11,7 @@ run.
 """
 
 import errno
+import importlib
 import os
 import signal
 
@@ -168,7 +169,11 @@ def _pid_max():
 
 
 @pytest.mark.skipif(os.name == "nt", reason="pids are not probed there")
-def test_spill_directories_of_dead_runs_are_removed(tmp_path):
+def test_spill_directories_of_dead_runs_are_removed(tmp_path, monkeypatch):
+    # Batches as they come (not joined), so the first is spilled while
+    # the data still yields the next.
+    monkeypatch.setattr(importlib.import_module("kerasbn.stats.recalibrate"),
+                        "_STAGE_BATCH_BYTES", 1)
     host = _staged._host()
     dead = tmp_path / f"kerasbn-recalibrate-{host}-{_pid_max() + 1}-abc"
     live = tmp_path / f"kerasbn-recalibrate-{host}-{os.getppid()}-abc"

@@ -12,6 +12,7 @@ the scale leaves a margin of ~100 float32 ulps.
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -126,6 +127,53 @@ def test_matches_numpy_on_branches_in_every_cache_mode(tmp_path):
         _assert_same_statistics(result, reference, rel=1e-6)
 
 
+def _dense_chain():
+    """DenseNet's pattern: each normalization reads the concatenation of
+    every feature map so far (nested Concatenate layers), plus a concat
+    along another axis and one of mixed dtypes, whose moments cannot
+    come from their parts."""
+    inputs = keras.Input((6, 6, 3))
+    features = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    for i in range(3):
+        h = L.BatchNormalization(name=f"bn{i}")(features)
+        h = L.Conv2D(2, 1, name=f"conv{i}")(L.ReLU()(h))
+        features = L.Concatenate(name=f"cat{i}")([features, h])
+    across = L.Concatenate(axis=1, name="rows")([features, features])
+    h = L.BatchNormalization(name="bn_rows")(across)
+    half = L.Conv2D(3, 1, dtype="float16", name="half")(h)
+    mixed = L.Concatenate(name="mixed")([L.Conv2D(3, 1)(h), half])
+    outputs = L.BatchNormalization(name="bn_mixed")(mixed)
+    model = keras.Model(inputs, outputs)
+    return randomize_normalizations(model, seed=3, gamma=(0.5, 2.0),
+                                    shift=1.0)
+
+
+def test_moments_of_concatenations_come_from_their_parts(monkeypatch):
+    """Each feature map's moments are computed once and reused by every
+    later concatenation holding it (in later stages too); the statistics
+    stay NumPy's. The tolerance is the module's (float32 activations)."""
+    model = _dense_chain()
+    x = random_batch((30, 6, 6, 3), seed=8, loc=0.5, scale=2.0)
+    widths = []
+    original = _staged._moments_of
+
+    def counted(inputs, mask, axis):
+        widths.append(int(inputs.shape[axis]))
+        return original(inputs, mask, axis)
+
+    monkeypatch.setattr(_staged, "_moments_of", counted)
+    result = kerasbn.recalibrate(model, x, verbose=0)
+    for layer in _normalizations(result):
+        mean, var = _oracle(result, layer, x)
+        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
+                              layer.name)
+        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
+                              layer.name)
+    # stem (4) and conv0..conv2 (2 each) once; "rows" (10 channels, along
+    # the rows) and "mixed" (float16 and float32 parts: 6) whole.
+    assert sorted(widths) == sorted([4, 2, 2, 10, 6])
+
+
 class Block(L.Layer):
     """A custom layer with two normalizations inside: opaque to the graph."""
 
@@ -212,7 +260,12 @@ def test_array_data_is_cut_into_wider_batches_unless_told(capsys):
     model = _branchy()
     x = random_batch((200, 8, 8, 3), seed=3, loc=0.5)  # 768 B per sample
     wide = kerasbn.recalibrate(model, x, verbose=2)
-    assert "(1 batches," in capsys.readouterr().out  # 200 < 16 MiB / 768
+    printed = capsys.readouterr().out
+    assert "(1 batches," in printed  # 200 < 32 MiB / 768
+    # verbose=2 ends with where the time went.
+    assert re.search(r"Time: copy [0-9.]+ s, data [0-9.]+ s, layers "
+                     r"[0-9.]+ s, moments [0-9.]+ s, cache [0-9.]+ s, "
+                     r"write [0-9.]+ s \(total [0-9.]+ s\)", printed)
     narrow = kerasbn.recalibrate(model, x, batch_size=32, verbose=2)
     assert "(7 batches," in capsys.readouterr().out
     _assert_same_statistics(wide, narrow, rel=1e-6)
@@ -223,6 +276,36 @@ def test_array_data_is_cut_into_wider_batches_unless_told(capsys):
     batches = _collect.Batches(x, what="test")
     assert batches.widen(100 * 768) == 96 and batches.num_batches == 3
     assert batches.widen(10) == 32
+
+
+def test_batched_data_is_joined_into_wider_batches(capsys):
+    """Batches that come batched (a generator of 10 batches of 20, one of
+    another shape) are joined up to `_STAGE_BATCH_BYTES`, consecutive
+    ones of one shape only; the statistics are NumPy's, and an error
+    names the batches a joined one holds."""
+    model = _branchy()
+    x = random_batch((200, 8, 8, 3), seed=4, loc=0.5, scale=1.5)
+
+    def batches():
+        for start in range(0, 200, 20):
+            yield x[start:start + 20]
+
+    result = kerasbn.recalibrate(model, batches(), verbose=2)
+    assert "(1 batches," in capsys.readouterr().out
+    for layer in _normalizations(result):
+        mean, var = _oracle(result, layer, x)
+        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
+                              layer.name)
+        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
+                              layer.name)
+    odd = [x[:20], x[20:40, :4, :4], x[40:60], x[60:80]]
+    kerasbn.recalibrate(model, iter(odd), verbose=2)
+    assert "(3 batches," in capsys.readouterr().out
+    data = _collect.Batches(iter(odd), what="test")
+    data.widen(2 ** 20)
+    assert [int(b.shape[0]) for b in data] == [20, 20, 40]
+    assert data.describe(2) == "batches 2 to 3 of the data"
+    assert data.describe(1) == "batch 1 of the data"
 
 
 class InitHeld(L.Layer):

@@ -593,28 +593,40 @@ def bench_graph_fold(quick):
 # Issue 16: recalibrate in stages vs one inference pass.
 
 
+def _seconds(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def _recalibrate_once(model, x, **options):
     """Seconds of one `kerasbn.recalibrate` (a copy, as by default), its
-    result and the peak bytes its activation cache held."""
+    result, the peak bytes its activation cache held and where the time
+    went (the `Clock` that `verbose=2` prints)."""
     from kerasbn.stats import _staged
 
-    caches = []
-    original = _staged.ActivationCache
+    caches, clocks = [], []
+    originals = _staged.ActivationCache, _staged.Clock
 
-    class Recorded(original):
+    class Recorded(originals[0]):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             caches.append(self)
 
-    _staged.ActivationCache = Recorded
+    class Timed(originals[1]):
+        def __init__(self):
+            super().__init__()
+            clocks.append(self)
+
+    _staged.ActivationCache, _staged.Clock = Recorded, Timed
     try:
         start = time.perf_counter()
         result = kerasbn.recalibrate(model, x, verbose=0, **options)
         seconds = time.perf_counter() - start
     finally:
-        _staged.ActivationCache = original
+        _staged.ActivationCache, _staged.Clock = originals
     peak = max((c.peak_memory + c.peak_disk for c in caches), default=0)
-    return seconds, result, peak
+    return seconds, result, peak, clocks[-1].seconds
 
 
 def _layer_by_layer(model, x):
@@ -652,48 +664,65 @@ def _statistics_gap(actual, expected):
 
 def bench_recalibrate(quick):
     """`kerasbn.recalibrate` time / one `predict` pass over the same data
-    (warm: traced before timing), ResNet50 and DenseNet121 at 64x64 on 512
-    images (128 with --quick), target <= 3 (issue 16). Notes: the peak of
-    the activation cache, the ratio to a cold predict (its trace
-    included), and against the layer-by-layer method (ResNet50, full runs
-    only): its time and the largest difference of the statistics."""
+    (warm: traced before timing), ResNet50 and DenseNet121 at 64x64 on 128
+    and 512 images (128 only with --quick), medians of 3 runs (1 with
+    --quick); targets (issue 30) <= 2.5 at 128 images, <= 1.5 at 512.
+    Notes: where the time went (the medians of each part, as
+    `verbose=2` prints them), the peak of the activation cache, the
+    ratio to a cold predict (its trace included), and against the
+    layer-by-layer method (ResNet50, 512 images, full runs only): its
+    time and the largest difference of the statistics."""
     from kerasbn.stats import _plan
 
-    images = 128 if quick else 512
+    sizes = (128,) if quick else (128, 512)
     repeats = 1 if quick else 3
-    x = np.random.default_rng(0).normal(
-        0.5, 1.0, size=(images, 64, 64, 3)).astype("float32")
     rows = []
     for arch in ("ResNet50", "DenseNet121"):
         keras.utils.set_random_seed(0)
         model = getattr(keras.applications, arch)(
             weights=None, input_shape=(64, 64, 3), classes=10)
         _randomize_statistics(model)
-        cold = keras.models.clone_model(model)
-        start = time.perf_counter()
-        cold.predict(x, batch_size=32, verbose=0)
-        cold_seconds = time.perf_counter() - start
-        model.predict(x[:64], batch_size=32, verbose=0)
-        predict = interleaved_medians(
-            {"predict": lambda: model.predict(x, batch_size=32, verbose=0)},
-            repeats, warmup=0)["predict"]
-        runs = [_recalibrate_once(model, x) for _ in range(repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        staged, peak = runs[0][1], runs[0][2]
         layers = kerasbn.registry.normalization_layers(model)
         stages = _plan.read(model, layers).num_stages
-        label = (f"{arch} 64x64, {images} images, {len(layers)} BN in "
-                 f"{stages} stages")
-        note = (f"cache peak {peak / 2 ** 20:.0f} MiB; / cold predict "
-                f"{seconds / cold_seconds:.2f}")
-        if arch == "ResNet50" and not quick:
-            old_seconds, old = _layer_by_layer(model, x)
-            gap_mean, gap_var = _statistics_gap(staged, old)
-            note += (f"; layer by layer {old_seconds / predict:.1f}x "
-                     f"predict; staged vs layer by layer: mean "
-                     f"{gap_mean:.1e} std, variance {gap_var:.1e}")
-        rows.append(row("recalibrate / one predict pass", label, 32,
-                        seconds, predict, "<= 3", note))
+        for images in sizes:
+            x = np.random.default_rng(0).normal(
+                0.5, 1.0, size=(images, 64, 64, 3)).astype("float32")
+            cold = keras.models.clone_model(model)
+            start = time.perf_counter()
+            cold.predict(x, batch_size=32, verbose=0)
+            cold_seconds = time.perf_counter() - start
+            model.predict(x[:64], batch_size=32, verbose=0)
+            kerasbn.recalibrate(model, x[:32], verbose=0)  # Warm as well.
+            # Interleaved, one predict before and after each run: this
+            # machine's predict moves between two speeds (0.75 and 1.3 s
+            # for the same 128 images) from one call to the next.
+            predicts, runs = [], []
+            for _ in range(repeats):
+                predicts.append(_seconds(lambda: model.predict(
+                    x, batch_size=32, verbose=0)))
+                runs.append(_recalibrate_once(model, x))
+            predicts.append(_seconds(lambda: model.predict(
+                x, batch_size=32, verbose=0)))
+            predict = statistics.median(predicts)
+            seconds = statistics.median(r[0] for r in runs)
+            staged, peak = runs[0][1], runs[0][2]
+            parts = ", ".join(
+                f"{part} {statistics.median(r[3][part] for r in runs):.2f}"
+                for part in runs[0][3])
+            label = (f"{arch} 64x64, {images} images, {len(layers)} BN in "
+                     f"{stages} stages")
+            note = (f"seconds: {parts}, predict {predict:.2f}; cache peak "
+                    f"{peak / 2 ** 20:.0f} MiB; / cold predict "
+                    f"{seconds / cold_seconds:.2f}")
+            if arch == "ResNet50" and images == 512:
+                old_seconds, old = _layer_by_layer(model, x)
+                gap_mean, gap_var = _statistics_gap(staged, old)
+                note += (f"; layer by layer {old_seconds / predict:.1f}x "
+                         f"predict; staged vs layer by layer: mean "
+                         f"{gap_mean:.1e} std, variance {gap_var:.1e}")
+            goal = "<= 2.5" if images <= 128 else "<= 1.5"
+            rows.append(row("recalibrate / one predict pass", label, 32,
+                            seconds, predict, goal, note))
     return rows
 
 

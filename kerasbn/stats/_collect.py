@@ -82,6 +82,31 @@ def itemsize(value):
         return 2
 
 
+def input_bytes(x):
+    """Bytes the values of a structure of arrays or tensors take."""
+    return sum(int(np.prod(v.shape, dtype=np.int64)) * itemsize(v)
+               for v in keras.tree.flatten(x) if v is not None)
+
+
+def _joinable(a, b):
+    """Whether batches `a` and `b` concatenate along the batch axis."""
+    try:
+        keras.tree.assert_same_structure(a, b)
+    except (ValueError, TypeError):
+        return False
+    return all((u is None and v is None) or (
+        u is not None and v is not None and u.dtype == v.dtype
+        and tuple(u.shape[1:]) == tuple(v.shape[1:]))
+        for u, v in zip(keras.tree.flatten(a), keras.tree.flatten(b)))
+
+
+def _concatenated(batches):
+    if len(batches) == 1:
+        return batches[0]
+    return keras.tree.map_structure(
+        lambda *t: None if t[0] is None else tf.concat(t, axis=0), *batches)
+
+
 def leading_size(x):
     """The batch dimension of the first array in `x`."""
     first = keras.tree.flatten(x)[0]
@@ -114,7 +139,9 @@ class Batches:
         _checks.check_int("batch_size", batch_size, 1, what, allow_none=True)
         self._cache = None
         self._one_shot = False
-        self._numbers = []  # The data's batch number of each batch yielded.
+        self._numbers = []  # The data's batch number of each batch read.
+        self._join = None  # Join batched data up to this many bytes.
+        self._groups = []  # Joined: (first, last) batch read, per batch.
         self.batch_size = None
         if _is_array_structure(data):
             x = data
@@ -180,9 +207,15 @@ class Batches:
     def widen(self, max_bytes):
         """Cut array data into batches of up to `max_bytes` of input
         (a multiple of the default size, at least one default batch),
-        unless the caller chose `batch_size` or `steps`. Returns the
-        batch size now used (None for data that comes batched)."""
-        if self._kind != "arrays" or self._chosen or self.steps is not None:
+        unless the caller chose `batch_size` or `steps`; join consecutive
+        batches of data that comes batched up to `max_bytes` (those of the
+        same structure, dtypes and shapes but the first; one larger batch
+        stays as it is). Returns the batch size now used for arrays (None
+        for data that comes batched)."""
+        if self._kind != "arrays":
+            self._join = max_bytes
+            return None
+        if self._chosen or self.steps is not None:
             return self.batch_size
         per_sample = sum(
             int(np.prod(np.shape(v)[1:], dtype=np.int64))
@@ -230,15 +263,24 @@ class Batches:
     def describe(self, index):
         """'batch N of the data' for the batch a pass yields as its
         `index`-th (N differs once `skip_nonfinite` has left out a whole
-        batch), with its samples for array data, as errors name it."""
-        number = (self._numbers[index] if index < len(self._numbers)
-                  else index)
+        batch; 'batches N to M' for joined ones), with its samples for
+        array data, as errors name it."""
+        if self._join is not None and index < len(self._groups):
+            first, last = (self._number(i) for i in self._groups[index])
+            if first != last:
+                return f"batches {first} to {last} of the data"
+            index = self._groups[index][0]
+        number = self._number(index)
         text = f"batch {number} of the data"
         if self._kind == "arrays":
             start = number * self.batch_size
             stop = min(start + self.batch_size, self._size)
             text += f" (samples {start} to {stop - 1})"
         return text
+
+    def _number(self, index):
+        return (self._numbers[index] if index < len(self._numbers)
+                else index)
 
     def nth(self, index):
         """The `index`-th batch a pass yields (read again: for error
@@ -288,9 +330,29 @@ class Batches:
             # A generator can be read once: keep its batches for later passes.
             self._cache = list(self._read())
             self.num_batches = len(self._cache)
-        if self._cache is not None:
-            return iter(self._cache)
-        return self._read()
+        source = (iter(self._cache) if self._cache is not None
+                  else self._read())
+        return source if self._join is None else self._joined(source)
+
+    def _joined(self, source):
+        """The batches of `source`, consecutive ones concatenated up to
+        `_join` bytes; `_groups` records which (for `describe`)."""
+        groups = self._groups = []
+        pending, size, first, index = [], 0, 0, -1
+        for index, x in enumerate(source):
+            bytes_ = input_bytes(x)
+            if pending and (size + bytes_ > self._join
+                            or not _joinable(pending[0], x)):
+                groups.append((first, index - 1))
+                yield _concatenated(pending)
+                pending, size = [], 0
+            if not pending:
+                first = index
+            pending.append(x)
+            size += bytes_
+        if pending:
+            groups.append((first, index))
+            yield _concatenated(pending)
 
     def first(self):
         """The first batch, or a clear error if there is none."""
@@ -387,6 +449,16 @@ class Moments:
             self.count * other.count / total
         )
         return Moments(total, mean, m2)
+
+    @classmethod
+    def side_by_side(cls, parts):
+        """The moments of a concatenation along the channel axis, from
+        those of its parts (same positions, so the same count)."""
+        counts = {part.count for part in parts}
+        if len(counts) != 1:
+            raise ValueError(f"parts of one tensor with positions {counts}")
+        return cls(counts.pop(), np.concatenate([p.mean for p in parts]),
+                   np.concatenate([p.m2 for p in parts]))
 
     @property
     def variance(self):
@@ -659,13 +731,24 @@ def numpy_moments(inputs, mask, axis):
 
 
 def _numpy_moments(inputs, mask, axis):
+    if mask is None:
+        # A float64 copy of our own, changed in place; column sums as
+        # products with a column of ones (BLAS: several times faster than
+        # NumPy's reductions over the first axis, the same float64 sums).
+        x = np.moveaxis(np.array(inputs, np.float64), axis, -1)
+        channels = x.shape[-1]
+        x = x.reshape(-1, channels)
+        count = x.shape[0]
+        if not count:
+            return Moments(0, np.zeros(channels), np.zeros(channels))
+        ones = np.ones(count)
+        mean = (ones @ x) / count
+        x -= mean
+        np.square(x, out=x)
+        return Moments(count, mean, ones @ x)
     x = np.moveaxis(np.asarray(inputs, np.float64), axis, -1)
     channels = x.shape[-1]
     x = x.reshape(-1, channels)
-    if mask is None:
-        count = x.shape[0]
-        mean = x.mean(axis=0) if count else np.zeros(channels)
-        return Moments(count, mean, ((x - mean) ** 2).sum(axis=0))
     weights = np.broadcast_to(np.asarray(mask, np.float64)[..., None],
                               inputs.shape).reshape(-1, channels)[:, :1]
     count = float(weights.sum())

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 import warnings
 
 import keras
@@ -30,10 +31,11 @@ from kerasbn.stats._select import select_layers
 _WHAT = "kerasbn.recalibrate"
 _CACHE_MODES = ("auto", "disk", "none")
 _MIB = 2.0 ** 20
-# Array data is cut into batches of up to this much input in the staged
-# method (unless batch_size is given): each stage is one call per batch,
-# and at 32 images of 64x64 the calls' fixed cost is a third of the time.
-_STAGE_BATCH_BYTES = 16 * 2 ** 20
+# Data is cut (arrays) or joined (batched data) into batches of up to this
+# much input in the staged method, unless batch_size is given: the layers
+# run eagerly, and each batch costs the dispatch of one forward pass
+# (ResNet50: ~0.3 s) whatever its size.
+_STAGE_BATCH_BYTES = 32 * 2 ** 20
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
@@ -95,14 +97,22 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     included) is run in *stages*: stage k runs only the layers between
     the normalizations of generation k-1 and those of generation k, on
     the activations stage k-1 kept (`cache`), so every layer runs once
-    per batch in all: about one inference pass plus tracing one small
-    function per stage and moving the kept activations. Measured
-    (`tools/benchmark.py --only recalibrate`): ResNet50, 53 layers in 49
-    stages, 2.4x one (already traced) `predict` pass; the layer-by-layer
-    method this replaces took 50x. Array data without a `batch_size` is
-    cut into batches of up to 16 MiB of input (at least 32 samples) here,
-    as each stage costs a call per batch; memory for the stages'
-    activations grows with it (pass `batch_size` to choose). Normalizations inside a custom layer are done one
+    per batch in all, as the backend runs it eagerly: nothing is traced,
+    so the fixed cost does not grow with the number of stages. The cost
+    is about one eager inference pass, the float64 moments of every
+    normalization's input (those of a concatenation come from its parts,
+    each computed once: DenseNet's normalizations read ever wider
+    concatenations of the same maps), copying the model, and moving the
+    kept activations; `verbose=2` prints the split. Measured
+    (`tools/benchmark.py --only recalibrate`, 64x64 inputs, this
+    project's 2-core machine): ResNet50, 53 layers in 49 stages, 1.7x
+    one (already traced) `predict` pass on 512 images, 2.6x on 128; the
+    layer-by-layer method took 57x. Array data without a `batch_size` is
+    cut, and batched data (datasets, generators) joined, into batches of
+    up to 32 MiB of input (array data: at least 32 samples) here, since
+    each batch costs the dispatch of one forward pass; memory for the
+    stages' activations grows with it (pass `batch_size` to choose for
+    arrays). Normalizations inside a custom layer are done one
     stage each, by running that layer alone on its kept inputs. A
     subclassed model (no layer graph) or a layer fed by its own output
     falls back to one pass over the data per layer.
@@ -148,14 +158,17 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         layers: Layer names or layer objects to recalibrate (default: every
             normalization layer).
         batch_size: Batch size for array data (default 32, and in the
-            staged method as many multiples of 32 as fit in 16 MiB of
+            staged method as many multiples of 32 as fit in 32 MiB of
             input); it does not change the result, only memory and
             speed.
         inplace: Update `model` itself. By default `model` is untouched and
             a copy (`keras.models.clone_model`, same weights) is returned.
         verbose: 0 (silent), 1 (a progress bar over the stages), 2 (a
-            line per stage, with its layers and the cache's size, and per
-            layer) or "auto" (1).
+            line per stage, with its layers and the cache's size, one per
+            layer, and at the end the seconds spent copying the model,
+            reading the data, running the layers, taking the moments,
+            moving cached activations and writing the statistics) or
+            "auto" (1).
         skip_nonfinite: Leave out the samples whose inputs hold NaN or inf
             (a warning says how many). By default such data is refused with
             a ValueError naming the batch and the input: one NaN would make
@@ -202,6 +215,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     batches = _collect.Batches(data, batch_size=batch_size, steps=steps,
                                what=_WHAT, skip_nonfinite=skip_nonfinite)
     chosen = select_layers(model, layers, _WHAT)
+    clock = _staged.Clock()
+    start = time.perf_counter()
     if inplace:
         work = model
         targets = chosen
@@ -211,11 +226,12 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         work_layers = _keras_internal.sublayers(work)
         position = {id(layer): i for i, layer in enumerate(all_layers)}
         targets = [work_layers[position[id(layer)]] for layer in chosen]
+    clock.add("copy", start)
     if not targets:
         return work
     batches.first()  # A clear error for empty data, before any work.
     _staged.remove_stale_spills(cache_dir)
-    writer = _Writer(_distributed.worker_strategy(), verbose)
+    writer = _Writer(_distributed.worker_strategy(), verbose, clock)
     # All or nothing: each stage needs the statistics of the stages before
     # it in place, so they are written as they are found; on any error
     # (KeyboardInterrupt included) the old values are written back.
@@ -244,6 +260,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         warnings.warn(
             f"{_WHAT}: left out {batches.skipped} sample(s) per pass whose "
             "inputs hold NaN or inf (skip_nonfinite=True).", stacklevel=2)
+    if verbose == 2:
+        print(clock.line())
     return work
 
 
@@ -329,11 +347,19 @@ def _check_storable(layer, center, spread):
 class _Writer:
     """Merges a stage's moments over workers, writes them, reports."""
 
-    def __init__(self, strategy, verbose):
+    def __init__(self, strategy, verbose, clock):
         self.strategy = strategy
         self.verbose = verbose
+        self.clock = clock
 
     def write(self, layers, moments):
+        start = time.perf_counter()
+        try:
+            self._write(layers, moments)
+        finally:
+            self.clock.add("write", start)
+
+    def _write(self, layers, moments):
         moments = _distributed.merge_over_workers(self.strategy, moments)
         for layer, result in zip(layers, moments):
             if result.count == 0:
@@ -378,6 +404,10 @@ def _layer_by_layer(work, targets, batches, writer):
 def _by_stages(plan, batches, store, writer):
     """The staged method (see `_plan`): returns the layers reached."""
     stages = _staged.build_stages(plan, recompute=store.mode == "none")
+    # Moments of a concatenation's parts are reused across stages; without
+    # the cache each stage reads the data again (a shuffling dataset would
+    # pair other batches), so not then.
+    memo = _staged.MomentsMemo(plan, enabled=store.mode != "none")
     progbar = None
     if writer.verbose:
         layers = sum(len(step.gather_stages) for step in plan.steps)
@@ -390,8 +420,8 @@ def _by_stages(plan, batches, store, writer):
         progbar = keras.utils.Progbar(len(stages), unit_name="stage")
     reached, count = [], None
     for stage in stages:
-        with _staged.tensorflow_graph_optimizer_off():
-            totals, count = _run_stage(plan, stage, batches, store, count)
+        totals, count = _run_stage(plan, stage, batches, store, count,
+                                   memo, writer.clock)
         _check_finite(plan, stage, totals)
         pooled = {}  # id(layer) -> [layer, Moments]: all its calls.
         for step in plan.gathered_in(stage.number):
@@ -444,7 +474,7 @@ def _gathered_layer(step, stage):
     return order[k] if k < len(order) else None
 
 
-def _run_stage(plan, stage, batches, store, count):
+def _run_stage(plan, stage, batches, store, count, memo, clock):
     """Run `stage` over every batch: `({gather: [Moments per batch]},
     batch count)`."""
     touched = [layer for step in stage.steps if step.kind == "opaque"
@@ -453,13 +483,15 @@ def _run_stage(plan, stage, batches, store, count):
     totals = {}
     try:
         for number, feed in enumerate(_feeds(plan, stage, batches, store,
-                                             count)):
-            out = stage(feed)
+                                             count, clock)):
+            out = stage(feed, memo, number, clock)
+            start = time.perf_counter()
             for name, value in out.items():
                 if name.startswith("g"):
                     totals.setdefault(name, []).append(value)
                 else:
                     store.put(name, number, value)
+            clock.add("cache", start)
             count = number + 1
     finally:
         _collect.restore_state(state)
@@ -467,24 +499,31 @@ def _run_stage(plan, stage, batches, store, count):
         if max(used) == stage.number:  # Its last reader has run.
             store.drop(_staged.value_name(tensor))
             store.drop(_staged.mask_name(tensor))
+            memo.drop(tensor)
     # Per gather, one `Moments` (or None) per batch, in batch order.
     totals = {name: [_staged.as_moments(v) for v in values]
               for name, values in totals.items()}
     return totals, count
 
 
-def _feeds(plan, stage, batches, store, count):
+def _feeds(plan, stage, batches, store, count, clock):
     """The inputs of `stage`, batch after batch."""
     from_data = stage.number == 1 or store.mode == "none"
     if from_data:
-        for x in batches:
+        source = iter(batches)
+        while True:
+            start = time.perf_counter()
+            x = next(source, None)
+            if x is None:
+                return
             if keras.backend.backend() != "tensorflow":
                 x = _collect.to_numpy(x)
             flat = _keras_internal.standardize_inputs(plan.functional, x)
             values = dict(zip(plan.inputs, flat))
+            clock.add("data", start)
             yield {_staged.value_name(t): values[t] for t in stage.reads}
-        return
     for number in range(count):
+        start = time.perf_counter()
         feed = {}
         for tensor in stage.reads:
             feed[_staged.value_name(tensor)] = store.get(
@@ -492,4 +531,5 @@ def _feeds(plan, stage, batches, store, count):
             mask = _staged.mask_name(tensor)
             if (mask, number) in store:
                 feed[mask] = store.get(mask, number)
+        clock.add("cache", start)
         yield feed
