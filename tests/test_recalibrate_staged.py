@@ -69,6 +69,17 @@ def _oracle(model, layer, x):
     return values.mean(axis=0), values.var(axis=0)
 
 
+def _assert_numpy_statistics(model, x):
+    """Every normalization of `model` holds NumPy's moments of its inputs
+    over `x` (1e-5 of scale: float32 activations, module docstring)."""
+    for layer in _normalizations(model):
+        mean, var = _oracle(model, layer, x)
+        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
+                              layer.name)
+        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
+                              layer.name)
+
+
 def _branchy():
     """Two parallel branches (one generation), a residual add, a concat."""
     inputs = keras.Input((8, 8, 3))
@@ -117,12 +128,7 @@ def test_matches_numpy_on_branches_in_every_cache_mode(tmp_path):
     results["budget 0"] = kerasbn.recalibrate(
         model, x, batch_size=16, verbose=0, memory_budget=0)
     reference = results["auto"]
-    for layer in _normalizations(reference):
-        mean, var = _oracle(reference, layer, x)
-        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
-                              layer.name)
-        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
-                              layer.name)
+    _assert_numpy_statistics(reference, x)
     for cache, result in results.items():
         _assert_same_statistics(result, reference, rel=1e-6)
 
@@ -163,12 +169,7 @@ def test_moments_of_concatenations_come_from_their_parts(monkeypatch):
 
     monkeypatch.setattr(_staged, "_moments_of", counted)
     result = kerasbn.recalibrate(model, x, verbose=0)
-    for layer in _normalizations(result):
-        mean, var = _oracle(result, layer, x)
-        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
-                              layer.name)
-        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
-                              layer.name)
+    _assert_numpy_statistics(result, x)
     # stem (4) and conv0..conv2 (2 each) once; "rows" (10 channels, along
     # the rows) and "mixed" (float16 and float32 parts: 6) whole.
     assert sorted(widths) == sorted([4, 2, 2, 10, 6])
@@ -292,12 +293,7 @@ def test_batched_data_is_joined_into_wider_batches(capsys):
 
     result = kerasbn.recalibrate(model, batches(), verbose=2)
     assert "(1 batches," in capsys.readouterr().out
-    for layer in _normalizations(result):
-        mean, var = _oracle(result, layer, x)
-        assert_close_to_scale(to_numpy(layer.moving_variance), var, 1e-5,
-                              layer.name)
-        assert_close_to_scale(to_numpy(layer.moving_mean), mean, 1e-5,
-                              layer.name)
+    _assert_numpy_statistics(result, x)
     odd = [x[:20], x[20:40, :4, :4], x[40:60], x[60:80]]
     kerasbn.recalibrate(model, iter(odd), verbose=2)
     assert "(3 batches," in capsys.readouterr().out
