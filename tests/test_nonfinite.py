@@ -285,3 +285,23 @@ def test_diagnose_says_when_only_the_outputs_overflow():
     assert codes[0] == "nonfinite_outputs"  # first: it explains the rest
     assert "train_inference_gap" not in codes
     assert json.loads(report.to_json())["output_gap"] is None
+
+
+@pytest.mark.any_backend
+def test_a_float16_layer_that_overflows_is_said_to_compute_in_float16():
+    """Values that fit float32 overflow a mixed-precision layer: the error
+    says the layer computes in float16 and what its largest value is
+    (NumPy: 3 x 300 x 100 = 90000 > 65504)."""
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(
+        100.0), dtype="mixed_float16", name="half")(inputs)
+    outputs = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, outputs)
+    x = np.full((8, 3), 300.0, "float32")
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float16(x[0] @ np.full((3, 4), 100.0))
+                               ).any()
+    with pytest.raises(ValueError, match=r"layer 'half'.*computes in "
+                       r"float16 \(mixed precision\), whose largest value "
+                       r"is 65504"):
+        kerasbn.recalibrate(model, x, verbose=0)

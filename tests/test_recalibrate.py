@@ -6,6 +6,8 @@ np.var in float64: the statistics the layer should hold, given the
 (recalibrated) layers before it.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 import kerasbn
+from kerasbn.stats import _staged
 from tests.helpers import assert_close_to_scale
 from tests.helpers import random_batch
 from tests.helpers import to_numpy
@@ -340,3 +343,94 @@ def test_subclassed_model_in_place():
                           "mean")
     assert_close_to_scale(model.bn.moving_variance.numpy(), h.var(0), 1e-5,
                           "var")
+
+
+def test_a_list_of_arrays_feeds_a_multi_input_model():
+    """As `predict` reads it: one array per input (a list or a tuple), not
+    (x, y); arrays of different lengths are refused, not cut to the
+    first one's samples (a new user's trial found both)."""
+    a, b = keras.Input((5,)), keras.Input((4,))
+    model = keras.Model([a, b], L.BatchNormalization(name="bn")(
+        L.Concatenate()([a, b])))
+    xa = random_batch((9, 5), seed=1)
+    xb = random_batch((9, 4), seed=2, loc=3.0)
+    both = np.concatenate([xa, xb], axis=1).astype(np.float64)
+    for data in ([xa, xb], (xa, xb)):
+        bn = kerasbn.recalibrate(model, data, verbose=0).get_layer("bn")
+        assert_close_to_scale(to_numpy(bn.moving_mean), both.mean(0), 1e-6,
+                              "mean")
+        assert_close_to_scale(to_numpy(bn.moving_variance), both.var(0),
+                              1e-6, "variance")
+    with pytest.raises(ValueError, match=r"different numbers of samples "
+                       r"\(\[9, 5\]\).*the model's inputs"):
+        kerasbn.recalibrate(model, [xa, xb[:5]], verbose=0)
+    single = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
+    x = random_batch((37, 3), seed=3)
+    with pytest.raises(ValueError, match=r"\(\[10, 27\]\).*\(x, y"):
+        kerasbn.recalibrate(single, [x[:10], x[10:]], verbose=0)
+
+
+def test_a_layer_reading_its_own_output_gets_its_fixed_point():
+    """A BN called again on a path through its own output: its statistics
+    S must be the pooled moments of both calls' inputs computed with S
+    (what the model sees at inference). NumPy computes both calls from
+    the stored S; two different old statistics give the same S."""
+    x = random_batch((200, 4), seed=1, loc=1.0, scale=2.0)
+    results = []
+    for seed in (0, 1):
+        inputs = keras.Input((4,))
+        bn = L.BatchNormalization(name="twice")
+        dense = L.Dense(4, kernel_initializer=keras.initializers.RandomNormal(
+            seed=1), name="dense")
+        model = keras.Model(inputs, bn(dense(L.ReLU()(bn(inputs)))))
+        rng = np.random.default_rng(seed)
+        bn.moving_mean.assign(rng.normal(size=4) * 3)
+        bn.moving_variance.assign(rng.uniform(0.1, 5.0, size=4))
+        layer = kerasbn.recalibrate(model, x, verbose=0).get_layer("twice")
+        mean = to_numpy(layer.moving_mean).astype(np.float64)
+        var = to_numpy(layer.moving_variance).astype(np.float64)
+        kernel, bias = (to_numpy(w).astype(np.float64)
+                        for w in model.get_layer("dense").weights)
+        first = x.astype(np.float64)
+        normalized = (first - mean) / np.sqrt(var + layer.epsilon)
+        second = np.maximum(normalized, 0.0) @ kernel + bias
+        pooled = np.concatenate([first, second])
+        # 1e-5 of scale: float32 activations, and the passes stop once a
+        # statistic moves by less than 1e-6 of its scale.
+        assert_close_to_scale(mean, pooled.mean(0), 1e-5, "mean")
+        assert_close_to_scale(var, pooled.var(0), 1e-5, "variance")
+        results.append((mean, var))
+    for got, other in zip(*results):
+        assert_close_to_scale(got, other, 1e-5, "independent of old")
+
+
+def test_unbatched_data_and_a_model_without_normalizations(capsys):
+    """Single samples get a hint to batch them (Keras' own error prints
+    the data); a model with nothing to recalibrate warns; a subclassed
+    model says it goes layer by layer, and why, and where the time went."""
+    model = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
+    x = random_batch((20, 3), seed=2)
+    with pytest.raises(ValueError, match=r"shape \(3,\), one axis short.*"
+                       r"\.batch\(32\)"):
+        kerasbn.recalibrate(model, (row for row in x), verbose=0)
+    plain = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    with pytest.warns(UserWarning, match="no normalization layer"):
+        assert kerasbn.recalibrate(plain, x, verbose=0) is not plain
+    net = Subclassed()
+    net(random_batch((2, 4)))
+    clocks = []
+
+    class Kept(_staged.Clock):
+        def __init__(self):
+            super().__init__()
+            clocks.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_staged, "Clock", Kept)
+        kerasbn.recalibrate(net, random_batch((25, 4), seed=3),
+                            inplace=True, verbose=2)
+    printed = capsys.readouterr().out
+    assert "layer by layer, one pass over the data each (the model has " \
+           "no layer graph)" in printed
+    assert re.search(r"Time: copy [0-9.]+ s, .* layers [0-9.]+ s", printed)
+    assert clocks[0].seconds["layers"] > 0  # The passes were timed.

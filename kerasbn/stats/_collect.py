@@ -82,6 +82,34 @@ def itemsize(value):
         return 2
 
 
+def num_inputs(model):
+    """The number of (flat) inputs of `model`, None if it has no graph."""
+    try:
+        return len(keras.tree.flatten(model.inputs))
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def _check_cardinality(data, inputs, num_inputs, what):
+    """Refuse a list or tuple whose arrays hold different numbers of
+    samples: read as `(x, y[, sample_weight])` (or a model's inputs), it
+    would otherwise use the first array's samples alone, silently."""
+    sizes = [None if v is None else leading_size(v)
+             for v in keras.tree.flatten(data) if v is not None]
+    if len(set(sizes)) <= 1:
+        return
+    how = ("the model's inputs" if inputs else "(x, y[, sample_weight])")
+    also = (f" (or, being {num_inputs} arrays, as the model's "
+            f"{num_inputs} inputs)" if num_inputs and num_inputs > 1
+            and not inputs else "")
+    raise ValueError(
+        f"{what}: the arrays of `data` hold different numbers of samples "
+        f"({sizes}); a {type(data).__name__} of arrays is read as {how}"
+        f"{also}, whose arrays must all hold one sample per row. Pass one "
+        "array (or one per model input, as a list or a dict by input "
+        "name), or x and y of one length.")
+
+
 def input_bytes(x):
     """Bytes the values of a structure of arrays or tensors take."""
     return sum(int(np.prod(v.shape, dtype=np.int64)) * itemsize(v)
@@ -127,10 +155,13 @@ class Batches:
             for the other forms, which come batched.
         steps: At most this many batches per pass (None: all).
         what: The calling function's name, for error messages.
+        num_inputs: The model's number of inputs, if known: a list or
+            tuple of exactly that many arrays (more than one) is the
+            model's inputs, as `Model.predict` reads it, not `(x, y)`.
     """
 
     def __init__(self, data, batch_size=None, steps=None, what="",
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, num_inputs=None):
         self.what = what
         self.skip_nonfinite = _checks.check_bool(
             "skip_nonfinite", skip_nonfinite, what)
@@ -146,7 +177,11 @@ class Batches:
         if _is_array_structure(data):
             x = data
             if isinstance(data, (list, tuple)):
-                x = _inputs_of(tuple(data))
+                inputs = (num_inputs is not None and num_inputs > 1
+                          and len(data) == num_inputs
+                          and all(_is_array(v) for v in data))
+                x = list(data) if inputs else _inputs_of(tuple(data))
+                _check_cardinality(data, inputs, num_inputs, what)
             self._kind = "arrays"
             self._x = x
             self._size = leading_size(x)
@@ -619,6 +654,11 @@ class InputStatistics:
             layer = self.layers[self._index[layer_id]]
             if not any(layer is seen for seen in self.order):
                 self.order.append(layer)
+
+    @property
+    def called_again(self):
+        """Whether the pass calls a layer more than once."""
+        return len(self._ids) != len(set(self._ids))
 
     def _eager_order(self, example):
         """JAX, PyTorch: the model runs as its backend runs it (eagerly,

@@ -198,7 +198,16 @@ def cause(source):
         return ("its own stored statistics are NaN, infinite or a negative "
                 "variance; recalibrate it too (it must be among `layers`)")
     if isinstance(source.layer, keras.layers.Layer):
-        return _weights_note(source.layer)
+        note = _weights_note(source.layer)
+        dtype = getattr(source.layer, "compute_dtype", None)
+        if dtype in ("float16", "bfloat16"):
+            largest = float(np.finfo(np.float16).max) if (
+                dtype == "float16") else 3.39e38
+            note += (f"; it computes in {dtype} (mixed precision), whose "
+                     f"largest value is {largest:.6g}: values that fit "
+                     "float32 can overflow there (run it in float32, or "
+                     "scale the data or weights down)")
+        return note
     return ("check that operation's inputs (an overflow, a division by 0, "
             "or a log or sqrt of a negative number)")
 

@@ -504,7 +504,8 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
     verbose = _collect.resolve_verbose(verbose, _WHAT)
     thresholds = _Thresholds(mean_gap, variance_ratio, initial_weight,
                              output_gap, min_batch)
-    batches = _collect.Batches(data, steps=steps, what=_WHAT)
+    batches = _collect.Batches(data, steps=steps, what=_WHAT,
+                               num_inputs=_collect.num_inputs(model))
     layers = registry.normalization_layers(model)
     first = batches.first()
     moments, nonfinite = _measure(model, layers, batches, verbose)

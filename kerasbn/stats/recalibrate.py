@@ -36,6 +36,11 @@ _MIB = 2.0 ** 20
 # run eagerly, and each batch costs the dispatch of one forward pass
 # (ResNet50: ~0.3 s) whatever its size.
 _STAGE_BATCH_BYTES = 32 * 2 ** 20
+# A layer that reads its own output is recalibrated to a fixed point:
+# passes repeat until no statistic moves by more than this fraction of its
+# scale (float32 noise of the pass is ~1e-7), at most this many times.
+_SETTLE = 1e-6
+_SETTLE_ROUNDS = 20
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
@@ -115,7 +120,11 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     arrays). Normalizations inside a custom layer are done one
     stage each, by running that layer alone on its kept inputs. A
     subclassed model (no layer graph) or a layer fed by its own output
-    falls back to one pass over the data per layer.
+    falls back to one pass over the data per layer. A layer called again
+    on a path through its own output (a block applied twice) has
+    statistics that depend on themselves: it gets their fixed point, the
+    passes repeating until no statistic moves by more than 1e-6 of its
+    scale (at most 20 rounds, else a warning).
 
     `cache` chooses where the kept activations wait between stages (peak:
     the activations crossing the widest stage boundary, for all of
@@ -147,7 +156,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         model: A built `keras.Model` (Functional, Sequential or subclassed;
             copying a subclassed model needs get_config/from_config, else
             use `inplace=True`).
-        data: NumPy arrays or tensors (with `batch_size`), a
+        data: NumPy arrays or tensors (with `batch_size`; a list or
+            tuple of one array per input for a model with several, as
+            `predict` takes them, else `(x, y[, sample_weight])`), a
             `tf.data.Dataset` of batches, a `keras.utils.PyDataset`, or a
             generator of batches. Batches may be `x` or `(x, y[, weights])`;
             only `x` is used. It is read once in the staged method (more
@@ -213,7 +224,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     _checks.check_bool("inplace", inplace, _WHAT)
     _check_cache(cache, memory_budget, cache_dir)
     batches = _collect.Batches(data, batch_size=batch_size, steps=steps,
-                               what=_WHAT, skip_nonfinite=skip_nonfinite)
+                               what=_WHAT, skip_nonfinite=skip_nonfinite,
+                               num_inputs=_collect.num_inputs(model))
     chosen = select_layers(model, layers, _WHAT)
     clock = _staged.Clock()
     start = time.perf_counter()
@@ -228,8 +240,15 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         targets = [work_layers[position[id(layer)]] for layer in chosen]
     clock.add("copy", start)
     if not targets:
+        if layers is None:  # Not by the caller's choice.
+            warnings.warn(
+                f"{_WHAT}: model '{model.name}' has no normalization layer "
+                "kerasbn knows (Keras' BatchNormalization and its "
+                "subclasses, kerasbn's layers, those declared with "
+                "kerasbn.register_normalization): nothing to do.",
+                stacklevel=2)
         return work
-    batches.first()  # A clear error for empty data, before any work.
+    _check_batched(model, batches.first())  # Also: empty data, clearly.
     _staged.remove_stale_spills(cache_dir)
     writer = _Writer(_distributed.worker_strategy(), verbose, clock)
     # All or nothing: each stage needs the statistics of the stages before
@@ -270,10 +289,8 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
     """Write the new statistics of `targets`; returns the layers reached."""
     try:
         plan = _plan.read(work, targets)
-    except _plan.PlanRefused:
-        plan = None
-    if plan is None:
-        return _layer_by_layer(work, targets, batches, writer)
+    except _plan.PlanRefused as refused:
+        return _layer_by_layer(work, targets, batches, writer, str(refused))
     budget = (_staged.default_memory_budget() if memory_budget is None
               else memory_budget)
     store = _staged.ActivationCache(cache, budget, cache_dir)
@@ -282,6 +299,25 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
         return _by_stages(plan, batches, store, writer)
     finally:
         store.close()
+
+
+def _check_batched(model, first):
+    """Refuse batches one axis short of every model input (a dataset or
+    generator of single samples): Keras' own error prints the data."""
+    try:
+        inputs = keras.tree.flatten(model.inputs)
+    except (AttributeError, ValueError, TypeError):
+        return  # No graph: the model says what it takes.
+    values = keras.tree.flatten(first)
+    if len(values) != len(inputs) or not inputs:
+        return
+    if all(len(v.shape) == len(x.shape) - 1 for v, x in zip(values, inputs)):
+        raise ValueError(
+            f"{_WHAT}: the data's batches have shape "
+            f"{tuple(values[0].shape)}, one axis short of the model's input "
+            f"{tuple(inputs[0].shape)}: they look like single samples. "
+            "Batch them (a tf.data.Dataset: `.batch(32)`; a generator: "
+            "yield arrays of several samples).")
 
 
 @contextlib.contextmanager
@@ -379,26 +415,69 @@ class _Writer:
                       f"variance {float(np.mean(result.variance)):.4g}")
 
 
-def _layer_by_layer(work, targets, batches, writer):
-    """A model without a layer graph: one pass over the data per layer."""
+def _layer_by_layer(work, targets, batches, writer, why):
+    """A model without a layer graph: one pass over the data per layer.
+
+    A layer the pass calls more than once may read its own output (a
+    block applied twice): its statistics are then a fixed point, and
+    the passes repeat until none moves by more than `_SETTLE` of its
+    scale (at most `_SETTLE_ROUNDS` rounds; else a warning)."""
     statistics = _collect.InputStatistics(work, targets, batches.first(),
                                           selective=True)
     order = statistics.order
-    for number, layer in enumerate(order, start=1):
-        progbar = None
-        if writer.verbose:
-            print(f"Layer {number}/{len(order)}: '{layer.name}' "
-                  f"({type(layer).__name__})")
-            progbar = keras.utils.Progbar(batches.num_batches,
-                                          verbose=writer.verbose)
-        moments = statistics.run(batches, layer, progbar).get(id(layer))
-        if id(layer) in statistics.nonfinite:
-            raise _nonfinite.NonFiniteInputs(
-                layer, statistics.nonfinite[id(layer)])
-        if moments is None:
-            moments = _collect.Moments(0, 0.0, 0.0)
-        writer.write([layer], [moments])
+    rounds = _SETTLE_ROUNDS if statistics.called_again else 1
+    if writer.verbose:
+        print(f"Recalibrating {len(order)} normalization layer(s) layer by "
+              f"layer, one pass over the data each ({why})")
+    for round_ in range(1, rounds + 1):
+        before = _collect.statistics_state(order)
+        for number, layer in enumerate(order, start=1):
+            progbar = None
+            if writer.verbose:
+                again = f", round {round_}" if round_ > 1 else ""
+                print(f"Layer {number}/{len(order)}: '{layer.name}' "
+                      f"({type(layer).__name__}{again})")
+                progbar = keras.utils.Progbar(batches.num_batches,
+                                              verbose=writer.verbose)
+            start = time.perf_counter()
+            moments = statistics.run(batches, layer, progbar).get(id(layer))
+            writer.clock.add("layers", start)
+            if id(layer) in statistics.nonfinite:
+                raise _nonfinite.NonFiniteInputs(
+                    layer, statistics.nonfinite[id(layer)])
+            if moments is None:
+                moments = _collect.Moments(0, 0.0, 0.0)
+            writer.write([layer], [moments])
+        if rounds == 1:
+            break
+        moved, name = _largest_move(order, before)
+        if moved <= _SETTLE:
+            break
+    else:
+        warnings.warn(
+            f"{_WHAT}: layer '{name}' reads its own output (it is called "
+            "again after itself), so its statistics are a fixed point; "
+            f"after {rounds} passes they still move by {moved:.2g} of "
+            "their scale per pass. They are the last pass's.",
+            stacklevel=4)
     return order
+
+
+def _largest_move(layers, before):
+    """The largest change of a statistic of `layers` since `before` (their
+    `statistics_state`), relative to its largest magnitude, and the name
+    of its layer."""
+    owners = [layer for layer in layers
+              for _ in layer.non_trainable_variables]
+    largest, name = 0.0, None
+    for layer, (variable, old) in zip(owners, before):
+        new = np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+        old = np.asarray(old, np.float64)
+        scale = max(float(np.max(np.abs(new), initial=0.0)), 1e-30)
+        move = float(np.max(np.abs(new - old), initial=0.0)) / scale
+        if move > largest:
+            largest, name = move, layer.name
+    return largest, name
 
 
 def _by_stages(plan, batches, store, writer):
@@ -410,7 +489,10 @@ def _by_stages(plan, batches, store, writer):
     memo = _staged.MomentsMemo(plan, enabled=store.mode != "none")
     progbar = None
     if writer.verbose:
-        layers = sum(len(step.gather_stages) for step in plan.steps)
+        layers = len({id(step.operation) for step in plan.steps
+                      if step.kind == "target"}
+                     | {id(inner) for step in plan.steps
+                        for inner in step.inner})
         how = ("recomputed from the data in each stage"
                if store.mode == "none" else f"cache: {store.mode}")
         print(f"Recalibrating {layers} normalization layer(s) in "
