@@ -47,10 +47,11 @@ def assert_close_to_scale(actual, expected, rel, what="", floor=1e-12):
     near-zero element is held to the rounding of the values around it;
     `floor` is the smallest scale used for a reference that is all near 0.
     """
-    expected = np.asarray(expected, np.float64)
+    expected = np.asarray(to_numpy(expected), np.float64)
     scale = max(float(np.max(np.abs(expected))), floor)
     np.testing.assert_allclose(
-        np.asarray(actual, np.float64), expected, rtol=0, atol=rel * scale,
+        np.asarray(to_numpy(actual), np.float64), expected, rtol=0,
+        atol=rel * scale,
         err_msg=what,
     )
 

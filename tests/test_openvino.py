@@ -31,6 +31,7 @@ from kerasbn.exporting import VerificationError
 from kerasbn.exporting.formats import FORMATS
 from tests.helpers import assert_close_to_scale
 from tests.helpers import randomize_normalizations
+from tests.helpers import to_numpy
 
 ov = pytest.importorskip(
     "openvino", reason="OpenVINO is not installed: pip install "
@@ -307,7 +308,7 @@ def test_int8_onnx_also_runs_in_openvino_with_figures(tmp_path):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     by_ort = session.run(None, {"image": x})[0]
     by_ov, _ = run_ir(path, x, {"INFERENCE_PRECISION_HINT": "f32"})
-    want = np.asarray(model(x, training=False), np.float64)
+    want = np.asarray(to_numpy(model(x, training=False)), np.float64)
 
     def rel_rms(a, b):
         return np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2))
