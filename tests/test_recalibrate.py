@@ -361,9 +361,16 @@ def test_a_list_of_arrays_feeds_a_multi_input_model():
                               "mean")
         assert_close_to_scale(to_numpy(bn.moving_variance), both.var(0),
                               1e-6, "variance")
+    batched = tf.data.Dataset.from_tensor_slices((xa, xb)).batch(4)
+    bn = kerasbn.recalibrate(model, batched, verbose=0).get_layer("bn")
+    assert_close_to_scale(to_numpy(bn.moving_mean), both.mean(0), 1e-6,
+                          "batched mean")
     with pytest.raises(ValueError, match=r"different numbers of samples "
                        r"\(\[9, 5\]\).*the model's inputs"):
         kerasbn.recalibrate(model, [xa, xb[:5]], verbose=0)
+    with pytest.raises(ValueError, match=r"batches give 1 input array\(s\); "
+                       r"model '.*' takes 2"):
+        kerasbn.recalibrate(model, [xa, xb, xa], verbose=0)
     single = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
     x = random_batch((37, 3), seed=3)
     with pytest.raises(ValueError, match=r"\(\[10, 27\]\).*\(x, y"):

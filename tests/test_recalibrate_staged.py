@@ -264,9 +264,10 @@ def test_array_data_is_cut_into_wider_batches_unless_told(capsys):
     printed = capsys.readouterr().out
     assert "(1 batches," in printed  # 200 < 32 MiB / 768
     # verbose=2 ends with where the time went.
-    assert re.search(r"Time: copy [0-9.]+ s, data [0-9.]+ s, layers "
-                     r"[0-9.]+ s, moments [0-9.]+ s, cache [0-9.]+ s, "
-                     r"write [0-9.]+ s \(total [0-9.]+ s\)", printed)
+    assert re.search(r"Time: copy [0-9.]+ s, trace 0.00 s, data [0-9.]+ s, "
+                     r"layers [0-9.]+ s, moments [0-9.]+ s, cache [0-9.]+ s, "
+                     r"write [0-9.]+ s, other [0-9.]+ s \(total [0-9.]+ s\)",
+                     printed)
     narrow = kerasbn.recalibrate(model, x, batch_size=32, verbose=2)
     assert "(7 batches," in capsys.readouterr().out
     _assert_same_statistics(wide, narrow, rel=1e-6)

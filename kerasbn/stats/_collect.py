@@ -173,6 +173,7 @@ class Batches:
         self._numbers = []  # The data's batch number of each batch read.
         self._join = None  # Join batched data up to this many bytes.
         self._groups = []  # Joined: (first, last) batch read, per batch.
+        self._num_inputs = num_inputs
         self.batch_size = None
         if _is_array_structure(data):
             x = data
@@ -274,11 +275,22 @@ class Batches:
             index = 0
             limit = self._data.num_batches
             while limit is None or index < limit:
-                yield _inputs_of(self._data[index])
+                yield self._inputs_of(self._data[index])
                 index += 1
         else:
             for element in self._data:
-                yield _inputs_of(element)
+                yield self._inputs_of(element)
+
+    def _inputs_of(self, element):
+        """The model inputs of one batch: a list or tuple of exactly one
+        array per input of a model with several is its inputs (as for
+        array data), anything else `x`, `(x,)`, `(x, y)`, `(x, y, w)`."""
+        if (self._num_inputs is not None and self._num_inputs > 1
+                and isinstance(element, (list, tuple))
+                and len(element) == self._num_inputs
+                and all(_is_array(v) for v in element)):
+            return list(element)
+        return _inputs_of(element)
 
     def _read(self):
         count = skipped = kept = 0

@@ -187,10 +187,11 @@ def mask_name(tensor):
 class Clock:
     """Seconds spent in each part of a recalibration, for `verbose=2`."""
 
-    PARTS = ("copy", "data", "layers", "moments", "cache", "write")
+    PARTS = ("copy", "trace", "data", "layers", "moments", "cache", "write")
 
     def __init__(self):
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.started = time.perf_counter()
 
     def add(self, part, start):
         """Add the time since `start` (a `time.perf_counter()`) to `part`;
@@ -200,10 +201,13 @@ class Clock:
         return now
 
     def line(self):
-        total = sum(self.seconds.values())
+        """The parts, then `other` (checks, planning, restoring: the rest
+        of the time since the clock was made) and the total."""
+        total = time.perf_counter() - self.started
+        other = max(total - sum(self.seconds.values()), 0.0)
         parts = ", ".join(f"{part} {seconds:.2f} s"
                           for part, seconds in self.seconds.items())
-        return f"Time: {parts} (total {total:.2f} s)"
+        return f"Time: {parts}, other {other:.2f} s (total {total:.2f} s)"
 
 
 class MomentsMemo:

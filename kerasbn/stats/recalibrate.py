@@ -40,7 +40,7 @@ _STAGE_BATCH_BYTES = 32 * 2 ** 20
 # passes repeat until no statistic moves by more than this fraction of its
 # scale (float32 noise of the pass is ~1e-7), at most this many times.
 _SETTLE = 1e-6
-_SETTLE_ROUNDS = 20
+_SETTLE_ROUNDS = 60
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
@@ -124,7 +124,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     on a path through its own output (a block applied twice) has
     statistics that depend on themselves: it gets their fixed point, the
     passes repeating until no statistic moves by more than 1e-6 of its
-    scale (at most 20 rounds, else a warning).
+    scale (damped when plain repetition oscillates; at most 60 passes,
+    else a warning).
 
     `cache` chooses where the kept activations wait between stages (peak:
     the activations crossing the widest stage boundary, for all of
@@ -177,8 +178,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
         verbose: 0 (silent), 1 (a progress bar over the stages), 2 (a
             line per stage, with its layers and the cache's size, one per
             layer, and at the end the seconds spent copying the model,
-            reading the data, running the layers, taking the moments,
-            moving cached activations and writing the statistics) or
+            tracing (the layer-by-layer fallback), reading the data,
+            running the layers, taking the moments, moving cached
+            activations, writing the statistics, and the rest) or
             "auto" (1).
         skip_nonfinite: Leave out the samples whose inputs hold NaN or inf
             (a warning says how many). By default such data is refused with
@@ -219,6 +221,7 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     >>> model.layers[0].moving_mean.numpy().tolist()  # untouched
     [0.0, 0.0, 0.0]
     """
+    clock = _staged.Clock()
     _checks.check_model(model, _WHAT)
     verbose = _collect.resolve_verbose(verbose, _WHAT)
     _checks.check_bool("inplace", inplace, _WHAT)
@@ -227,7 +230,6 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
                                what=_WHAT, skip_nonfinite=skip_nonfinite,
                                num_inputs=_collect.num_inputs(model))
     chosen = select_layers(model, layers, _WHAT)
-    clock = _staged.Clock()
     start = time.perf_counter()
     if inplace:
         work = model
@@ -302,15 +304,42 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
 
 
 def _check_batched(model, first):
-    """Refuse batches one axis short of every model input (a dataset or
-    generator of single samples): Keras' own error prints the data."""
+    """Refuse batches that do not give the model its inputs: another
+    number of arrays (a tuple is read as `(x, y[, w])` unless it holds one
+    array per input), dict keys that name no input, or single samples
+    (one axis short of every input). Keras' own errors print the data or
+    an object id."""
     try:
         inputs = keras.tree.flatten(model.inputs)
     except (AttributeError, ValueError, TypeError):
         return  # No graph: the model says what it takes.
-    values = keras.tree.flatten(first)
-    if len(values) != len(inputs) or not inputs:
+    if not inputs:
         return
+    names = [x.name for x in inputs]
+    if isinstance(first, dict):
+        # Keras knows an input by its tensor's or its InputLayer's name.
+        known = set(names) | {
+            getattr(getattr(x, "_keras_history", None), "operation",
+                    None).name for x in inputs
+            if getattr(getattr(x, "_keras_history", None), "operation",
+                       None) is not None}
+        unknown = sorted(str(k) for k in first if k not in known)
+        if unknown:
+            raise ValueError(
+                f"{_WHAT}: the data's batches are dicts with key(s) "
+                f"{unknown} that name no input of model '{model.name}' "
+                f"(its inputs: {names}). Key each array by its input's "
+                "name.")
+        return
+    values = keras.tree.flatten(first)
+    if len(values) != len(inputs):
+        raise ValueError(
+            f"{_WHAT}: the data's batches give {len(values)} input "
+            f"array(s); model '{model.name}' takes {len(inputs)} "
+            f"({names}). A batch that is a tuple or list is read as "
+            "(x, y[, sample_weight]) unless it holds exactly one array per "
+            "input: give the inputs as one tuple, e.g. ((xa, xb), y), or a "
+            "dict by input name.")
     if all(len(v.shape) == len(x.shape) - 1 for v, x in zip(values, inputs)):
         raise ValueError(
             f"{_WHAT}: the data's batches have shape "
@@ -419,18 +448,29 @@ def _layer_by_layer(work, targets, batches, writer, why):
     """A model without a layer graph: one pass over the data per layer.
 
     A layer the pass calls more than once may read its own output (a
-    block applied twice): its statistics are then a fixed point, and
-    the passes repeat until none moves by more than `_SETTLE` of its
-    scale (at most `_SETTLE_ROUNDS` rounds; else a warning)."""
+    block applied twice): its statistics S are then a fixed point of the
+    pass, S = F(S). The passes repeat until no statistic of any layer
+    moves by more than `_SETTLE` (means in units of the channel's
+    standard deviation, variances relative), each writing S + a (F(S) -
+    S), with the step `a` halved whenever the largest move grows (plain
+    repetition oscillates once the layer's own gain on its second input
+    is a few times its standard deviation); at most `_SETTLE_ROUNDS`
+    passes, else a warning (a strongly self-dependent layer, e.g. one
+    whose small variance is amplified into its own input, can need more:
+    the iteration is slow there)."""
+    start = time.perf_counter()
     statistics = _collect.InputStatistics(work, targets, batches.first(),
                                           selective=True)
+    writer.clock.add("trace", start)
     order = statistics.order
-    rounds = _SETTLE_ROUNDS if statistics.called_again else 1
+    settling = statistics.called_again
+    rounds = _SETTLE_ROUNDS if settling else 1
     if writer.verbose:
         print(f"Recalibrating {len(order)} normalization layer(s) layer by "
               f"layer, one pass over the data each ({why})")
+    step, previous, written = 1.0, np.inf, {}
     for round_ in range(1, rounds + 1):
-        before = _collect.statistics_state(order)
+        moved, name = 0.0, None
         for number, layer in enumerate(order, start=1):
             progbar = None
             if writer.verbose:
@@ -447,37 +487,50 @@ def _layer_by_layer(work, targets, batches, writer, why):
                     layer, statistics.nonfinite[id(layer)])
             if moments is None:
                 moments = _collect.Moments(0, 0.0, 0.0)
+            if settling and moments.count and id(layer) in written:
+                move, moments = _settle_step(written[id(layer)], moments,
+                                             step)
+                if move > moved:
+                    moved, name = move, layer.name
+            if moments.count:
+                written[id(layer)] = (moments.mean, moments.variance)
             writer.write([layer], [moments])
-        if rounds == 1:
+        if not settling:
             break
-        moved, name = _largest_move(order, before)
-        if moved <= _SETTLE:
-            break
+        if round_ > 1:
+            if moved <= _SETTLE:
+                break
+            if moved > previous:
+                step /= 2
+            previous = moved
     else:
         warnings.warn(
             f"{_WHAT}: layer '{name}' reads its own output (it is called "
-            "again after itself), so its statistics are a fixed point; "
-            f"after {rounds} passes they still move by {moved:.2g} of "
-            "their scale per pass. They are the last pass's.",
+            "again after itself), so its statistics are a fixed point of a "
+            f"pass; after {rounds} passes the pass still moves them by "
+            f"{moved:.2g} (of the channel's scale): they are not "
+            "consistent with the inputs the layer receives.",
             stacklevel=4)
     return order
 
 
-def _largest_move(layers, before):
-    """The largest change of a statistic of `layers` since `before` (their
-    `statistics_state`), relative to its largest magnitude, and the name
-    of its layer."""
-    owners = [layer for layer in layers
-              for _ in layer.non_trainable_variables]
-    largest, name = 0.0, None
-    for layer, (variable, old) in zip(owners, before):
-        new = np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
-        old = np.asarray(old, np.float64)
-        scale = max(float(np.max(np.abs(new), initial=0.0)), 1e-30)
-        move = float(np.max(np.abs(new - old), initial=0.0)) / scale
-        if move > largest:
-            largest, name = move, layer.name
-    return largest, name
+def _settle_step(old, moments, step):
+    """How far a pass moved a layer's `(mean, variance)` from `old` (means
+    in units of the old standard deviation, variances relative), and the
+    moments to write: `old + step * (new - old)`."""
+    mean0, variance0 = old
+    floor = 1e-12
+    move = max(
+        float(np.max(np.abs(moments.mean - mean0)
+                     / np.sqrt(variance0 + floor), initial=0.0)),
+        float(np.max(np.abs(moments.variance - variance0)
+                     / (variance0 + floor), initial=0.0)))
+    if step < 1.0:
+        mean = mean0 + step * (moments.mean - mean0)
+        variance = variance0 + step * (moments.variance - variance0)
+        moments = _collect.Moments(moments.count, mean,
+                                   variance * moments.count)
+    return move, moments
 
 
 def _by_stages(plan, batches, store, writer):
