@@ -111,8 +111,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     kept activations; `verbose=2` prints the split. Measured
     (`tools/benchmark.py --only recalibrate`, 64x64 inputs, this
     project's 2-core machine): ResNet50, 53 layers in 49 stages, 1.7x
-    one (already traced) `predict` pass on 512 images, 2.6x on 128; the
-    layer-by-layer method took 57x. Array data without a `batch_size` is
+    one (already traced) `predict` pass on 512 images, 2.0x on 128; the
+    layer-by-layer method took 54x. Array data without a `batch_size` is
     cut, and batched data (datasets, generators) joined, into batches of
     up to 32 MiB of input (array data: at least 32 samples) here, since
     each batch costs the dispatch of one forward pass; memory for the
