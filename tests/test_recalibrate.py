@@ -441,3 +441,28 @@ def test_unbatched_data_and_a_model_without_normalizations(capsys):
            "no layer graph)" in printed
     assert re.search(r"Time: copy [0-9.]+ s, .* layers [0-9.]+ s", printed)
     assert clocks[0].seconds["layers"] > 0  # The passes were timed.
+
+
+def test_a_strongly_self_amplifying_layer_still_settles():
+    """A new user's case where plain repetition oscillates: the BN's
+    second input is 3x its own normalized output (its gain, 3 / std, is
+    ~20), so every pass overshoots. The stored statistics must still be
+    consistent: NumPy's pooled moments of both calls' inputs, computed
+    with them, within 1e-5 (means in standard deviations, variances
+    relative; the passes stop at 1e-6 of scale, float32 storage)."""
+    x = random_batch((64, 2), seed=2, loc=0.5, scale=0.01)
+    inputs = keras.Input((2,))
+    dense = L.Dense(2, name="dense")
+    bn = L.BatchNormalization(name="twice")
+    model = keras.Model(inputs, bn(dense(bn(inputs))))
+    dense.kernel.assign(3 * np.eye(2, dtype="float32"))
+    dense.bias.assign(np.array([1.0, -1.0], "float32"))
+    layer = kerasbn.recalibrate(model, x, verbose=0).get_layer("twice")
+    mean = to_numpy(layer.moving_mean).astype(np.float64)
+    var = to_numpy(layer.moving_variance).astype(np.float64)
+    first = x.astype(np.float64)
+    second = 3 * (first - mean) / np.sqrt(var + layer.epsilon) + [1.0, -1.0]
+    pooled = np.concatenate([first, second])
+    np.testing.assert_array_less(np.abs(mean - pooled.mean(0)),
+                                 1e-5 * np.sqrt(var))
+    np.testing.assert_allclose(var, pooled.var(0), rtol=1e-5)

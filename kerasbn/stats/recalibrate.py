@@ -41,6 +41,8 @@ _STAGE_BATCH_BYTES = 32 * 2 ** 20
 # scale (float32 noise of the pass is ~1e-7), at most this many times.
 _SETTLE = 1e-6
 _SETTLE_ROUNDS = 60
+_ANDERSON = 5  # Rounds an Anderson step remembers.
+_TINY = 1e-12  # Keeps a zero variance's logarithm and ratios finite.
 
 
 def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
@@ -124,8 +126,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     on a path through its own output (a block applied twice) has
     statistics that depend on themselves: it gets their fixed point, the
     passes repeating until no statistic moves by more than 1e-6 of its
-    scale (damped when plain repetition oscillates; at most 60 passes,
-    else a warning).
+    scale (Anderson-accelerated, as plain repetition oscillates when the
+    layer amplifies its own normalization; at most 60 passes, else a
+    warning).
 
     `cache` chooses where the kept activations wait between stages (peak:
     the activations crossing the widest stage boundary, for all of
@@ -445,92 +448,137 @@ class _Writer:
 
 
 def _layer_by_layer(work, targets, batches, writer, why):
-    """A model without a layer graph: one pass over the data per layer.
-
-    A layer the pass calls more than once may read its own output (a
-    block applied twice): its statistics S are then a fixed point of the
-    pass, S = F(S). The passes repeat until no statistic of any layer
-    moves by more than `_SETTLE` (means in units of the channel's
-    standard deviation, variances relative), each writing S + a (F(S) -
-    S), with the step `a` halved whenever the largest move grows (plain
-    repetition oscillates once the layer's own gain on its second input
-    is a few times its standard deviation); at most `_SETTLE_ROUNDS`
-    passes, else a warning (a strongly self-dependent layer, e.g. one
-    whose small variance is amplified into its own input, can need more:
-    the iteration is slow there)."""
+    """A model without a layer graph: one pass over the data per layer,
+    each layer written before the next is measured. A layer called more
+    than once may read its own output: then `_settle`."""
     start = time.perf_counter()
     statistics = _collect.InputStatistics(work, targets, batches.first(),
                                           selective=True)
     writer.clock.add("trace", start)
     order = statistics.order
-    settling = statistics.called_again
-    rounds = _SETTLE_ROUNDS if settling else 1
     if writer.verbose:
         print(f"Recalibrating {len(order)} normalization layer(s) layer by "
               f"layer, one pass over the data each ({why})")
-    step, previous, written = 1.0, np.inf, {}
-    for round_ in range(1, rounds + 1):
-        moved, name = 0.0, None
-        for number, layer in enumerate(order, start=1):
-            progbar = None
-            if writer.verbose:
-                again = f", round {round_}" if round_ > 1 else ""
-                print(f"Layer {number}/{len(order)}: '{layer.name}' "
-                      f"({type(layer).__name__}{again})")
-                progbar = keras.utils.Progbar(batches.num_batches,
-                                              verbose=writer.verbose)
-            start = time.perf_counter()
-            moments = statistics.run(batches, layer, progbar).get(id(layer))
-            writer.clock.add("layers", start)
-            if id(layer) in statistics.nonfinite:
-                raise _nonfinite.NonFiniteInputs(
-                    layer, statistics.nonfinite[id(layer)])
-            if moments is None:
-                moments = _collect.Moments(0, 0.0, 0.0)
-            if settling and moments.count and id(layer) in written:
-                move, moments = _settle_step(written[id(layer)], moments,
-                                             step)
-                if move > moved:
-                    moved, name = move, layer.name
-            if moments.count:
-                written[id(layer)] = (moments.mean, moments.variance)
-            writer.write([layer], [moments])
-        if not settling:
-            break
-        if round_ > 1:
-            if moved <= _SETTLE:
-                break
-            if moved > previous:
-                step /= 2
-            previous = moved
-    else:
-        warnings.warn(
-            f"{_WHAT}: layer '{name}' reads its own output (it is called "
-            "again after itself), so its statistics are a fixed point of a "
-            f"pass; after {rounds} passes the pass still moves them by "
-            f"{moved:.2g} (of the channel's scale): they are not "
-            "consistent with the inputs the layer receives.",
-            stacklevel=4)
+    found = _measure(statistics, order, batches, writer, write=True)
+    if statistics.called_again:
+        _settle(statistics, order, batches, writer, found)
     return order
 
 
-def _settle_step(old, moments, step):
-    """How far a pass moved a layer's `(mean, variance)` from `old` (means
-    in units of the old standard deviation, variances relative), and the
-    moments to write: `old + step * (new - old)`."""
-    mean0, variance0 = old
-    floor = 1e-12
-    move = max(
-        float(np.max(np.abs(moments.mean - mean0)
-                     / np.sqrt(variance0 + floor), initial=0.0)),
-        float(np.max(np.abs(moments.variance - variance0)
-                     / (variance0 + floor), initial=0.0)))
-    if step < 1.0:
-        mean = mean0 + step * (moments.mean - mean0)
-        variance = variance0 + step * (moments.variance - variance0)
-        moments = _collect.Moments(moments.count, mean,
-                                   variance * moments.count)
-    return move, moments
+def _measure(statistics, order, batches, writer, write, round_=1):
+    """`{id(layer): Moments}` of every layer of `order`, one pass over the
+    data each; with `write`, each is written before the next is
+    measured."""
+    found = {}
+    for number, layer in enumerate(order, start=1):
+        progbar = None
+        if writer.verbose:
+            again = f", round {round_}" if round_ > 1 else ""
+            print(f"Layer {number}/{len(order)}: '{layer.name}' "
+                  f"({type(layer).__name__}{again})")
+            progbar = keras.utils.Progbar(batches.num_batches,
+                                          verbose=writer.verbose)
+        start = time.perf_counter()
+        moments = statistics.run(batches, layer, progbar).get(id(layer))
+        writer.clock.add("layers", start)
+        if id(layer) in statistics.nonfinite:
+            raise _nonfinite.NonFiniteInputs(
+                layer, statistics.nonfinite[id(layer)])
+        if moments is None:
+            moments = _collect.Moments(0, 0.0, 0.0)
+        found[id(layer)] = moments
+        if write:
+            writer.write([layer], [moments])
+    return found
+
+
+def _settle(statistics, order, batches, writer, found):
+    """Make the statistics a fixed point of the pass.
+
+    A layer called again on a path through its own output (a block
+    applied twice) has statistics S that depend on themselves: the pass
+    measures F(S), and the model is consistent only where S = F(S).
+    Repeating the pass (S <- F(S)) oscillates once the layer amplifies its
+    own normalization into its second input; here each round measures
+    F(S) with S held (every layer, then written together) and takes an
+    Anderson step (type II, the last `_ANDERSON` rounds) on the means in
+    units of the first round's standard deviations and the log-variances.
+    It stops once no statistic moves by more than `_SETTLE` (means in
+    standard deviations, variances relative); at most `_SETTLE_ROUNDS`
+    rounds, else a warning.
+    """
+    layers = [layer for layer in order if found[id(layer)].count]
+    if not layers:
+        return
+    scale = np.concatenate([np.sqrt(found[id(layer)].variance + _TINY)
+                            for layer in layers])
+
+    def vector(results):
+        return np.concatenate(
+            [results[id(layer)].mean for layer in layers] + [
+                np.log(results[id(layer)].variance + _TINY)
+                for layer in layers]) / np.concatenate(
+            [scale, np.ones_like(scale)])
+
+    def write(x):
+        means, logs = np.split(x, 2)
+        means, variances = means * scale, np.exp(logs) - _TINY
+        start = 0
+        for layer in layers:
+            count = found[id(layer)].count
+            stop = start + found[id(layer)].mean.size
+            variance = np.maximum(variances[start:stop], 0.0)
+            writer.write([layer], [_collect.Moments(
+                count, means[start:stop], variance * count)])
+            start = stop
+
+    x, history = vector(found), []
+    for round_ in range(2, _SETTLE_ROUNDS + 1):
+        now = _measure(statistics, order, batches, writer, write=False,
+                       round_=round_)
+        g = vector(now) - x
+        moved, name = _largest_move(layers, found, now)
+        found = now
+        if moved <= _SETTLE:
+            return  # What is written (x) is what the pass reproduces.
+        history.append((x, g))
+        history = history[-_ANDERSON:]
+        step = g
+        if len(history) > 1:
+            dx = np.stack([b[0] - a[0] for a, b in zip(history, history[1:])],
+                          axis=1)
+            dg = np.stack([b[1] - a[1] for a, b in zip(history, history[1:])],
+                          axis=1)
+            gamma = np.linalg.lstsq(dg, g, rcond=None)[0]
+            step = g - (dx + dg) @ gamma
+        # At most one first-round standard deviation, or a factor e of a
+        # variance, per round: an extrapolation far outside the data's
+        # range would make activations overflow.
+        x = x + np.clip(step, -1.0, 1.0)
+        write(x)
+    warnings.warn(
+        f"{_WHAT}: layer '{name}' reads its own output (it is called again "
+        "after itself), so its statistics are a fixed point of a pass; "
+        f"after {_SETTLE_ROUNDS} passes the pass still moves them by "
+        f"{moved:.2g} (of the channel's scale): they are not consistent "
+        "with the inputs the layer receives.", stacklevel=4)
+
+
+def _largest_move(layers, held, measured):
+    """How far a pass moved the statistics `held` when measuring
+    `measured` (means in units of the held standard deviation, variances
+    relative), and the layer that moved most."""
+    largest, name = 0.0, None
+    for layer in layers:
+        old, new = held[id(layer)], measured[id(layer)]
+        move = max(
+            float(np.max(np.abs(new.mean - old.mean)
+                         / np.sqrt(old.variance + _TINY), initial=0.0)),
+            float(np.max(np.abs(new.variance - old.variance)
+                         / (old.variance + _TINY), initial=0.0)))
+        if move > largest:
+            largest, name = move, layer.name
+    return largest, name
 
 
 def _by_stages(plan, batches, store, writer):
