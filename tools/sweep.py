@@ -107,14 +107,15 @@ _JAX = r'''
 import glob, json, os, sys
 os.environ["KERAS_BACKEND"] = "jax"
 import numpy as np
-source, out, oracle_path = sys.argv[1:4]
+source, out, oracle_path, rtol = sys.argv[1:5]
 import kerasbn
 from kerasbn.sources import keras2
 model, _ = keras2.load_h5(source)
 oracle = np.load(oracle_path)
 x, exact = oracle["input_0"], oracle["exact_0"]
+# Checked at the network's float32 noise bound, as the CLI rows are.
 result = kerasbn.export(model, out, formats=("saved_model", "onnx"),
-                        sample=x, overwrite=True)
+                        sample=x, overwrite=True, rtol=float(rtol))
 errors = {}
 import tensorflow as tf
 for saved in glob.glob(os.path.join(out, "saved_model", "*", "1")):
@@ -213,8 +214,9 @@ def sweep(args):
         key = f"{name}/h5/jax"
         if not args.no_jax and key not in results:
             out = os.path.join(args.out, "out", name, "jax")
+            rtol = str(_judge({}, oracle)["bound"])
             row = _run(_JAX, [os.path.join(args.out, name + ".h5"), out,
-                              oracle], env_jax)
+                              oracle, rtol], env_jax)
             results[key] = _judge(dict(row, model=name, source="h5",
                                        family=FAMILIES[name][1],
                                        backend="jax"), oracle)
