@@ -94,8 +94,8 @@ def _check_cardinality(data, inputs, num_inputs, what):
     """Refuse a list or tuple whose arrays hold different numbers of
     samples: read as `(x, y[, sample_weight])` (or a model's inputs), it
     would otherwise use the first array's samples alone, silently."""
-    sizes = [None if v is None else leading_size(v)
-             for v in keras.tree.flatten(data) if v is not None]
+    sizes = [leading_size(v) for v in keras.tree.flatten(data)
+             if v is not None]
     if len(set(sizes)) <= 1:
         return
     how = ("the model's inputs" if inputs else "(x, y[, sample_weight])")
@@ -178,11 +178,9 @@ class Batches:
         if _is_array_structure(data):
             x = data
             if isinstance(data, (list, tuple)):
-                inputs = (num_inputs is not None and num_inputs > 1
-                          and len(data) == num_inputs
-                          and all(_is_array(v) for v in data))
-                x = list(data) if inputs else _inputs_of(tuple(data))
-                _check_cardinality(data, inputs, num_inputs, what)
+                x = self._inputs_of(data)
+                _check_cardinality(data, self._one_per_input(data),
+                                   num_inputs, what)
             self._kind = "arrays"
             self._x = x
             self._size = leading_size(x)
@@ -281,14 +279,20 @@ class Batches:
             for element in self._data:
                 yield self._inputs_of(element)
 
-    def _inputs_of(self, element):
-        """The model inputs of one batch: a list or tuple of exactly one
-        array per input of a model with several is its inputs (as for
-        array data), anything else `x`, `(x,)`, `(x, y)`, `(x, y, w)`."""
-        if (self._num_inputs is not None and self._num_inputs > 1
+    def _one_per_input(self, element):
+        """Whether `element` is a list or tuple of exactly one array per
+        input of a model with several (its inputs, as `predict` reads
+        them), rather than `(x, y[, w])`."""
+        return (self._num_inputs is not None and self._num_inputs > 1
                 and isinstance(element, (list, tuple))
                 and len(element) == self._num_inputs
-                and all(_is_array(v) for v in element)):
+                and all(_is_array(v) for v in element))
+
+    def _inputs_of(self, element):
+        """The model inputs of one batch or of array data: its inputs if
+        `_one_per_input`, else those of `x`, `(x,)`, `(x, y)`,
+        `(x, y, w)`."""
+        if self._one_per_input(element):
             return list(element)
         return _inputs_of(element)
 

@@ -48,8 +48,7 @@ def _is_tensorflow():
 
 def nbytes(value):
     """Bytes a tensor's values take (bfloat16 and friends: 2 bytes)."""
-    return (int(np.prod(value.shape, dtype=np.int64))
-            * _collect.itemsize(value))
+    return _collect.input_bytes(value)
 
 
 def default_memory_budget():

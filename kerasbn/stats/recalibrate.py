@@ -37,9 +37,16 @@ _MIB = 2.0 ** 20
 # (ResNet50: ~0.3 s) whatever its size.
 _STAGE_BATCH_BYTES = 32 * 2 ** 20
 # A layer that reads its own output is recalibrated to a fixed point:
-# passes repeat until no statistic moves by more than this fraction of its
-# scale (float32 noise of the pass is ~1e-7), at most this many times.
+# passes repeat until no statistic moves by more than `_SETTLE` of its
+# scale, at most `_SETTLE_ROUNDS` times. The move is measured against the
+# statistics the pass held, stored in float32: a layer with a gain of ~20
+# on itself turns their rounding (~4e-7 of the scale) into ~5e-6 of
+# movement, so the passes also stop, without a warning, once the move is
+# within `_ACCEPT` (the exactness recalibration promises) and has not
+# shrunk for `_STALL` rounds.
 _SETTLE = 1e-6
+_ACCEPT = 1e-5
+_STALL = 3
 _SETTLE_ROUNDS = 60
 _ANDERSON = 5  # Rounds an Anderson step remembers.
 _TINY = 1e-12  # Keeps a zero variance's logarithm and ratios finite.
@@ -126,7 +133,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     on a path through its own output (a block applied twice) has
     statistics that depend on themselves: it gets their fixed point, the
     passes repeating until no statistic moves by more than 1e-6 of its
-    scale (Anderson-accelerated, as plain repetition oscillates when the
+    scale, or stalls within 1e-5 where float32 statistics allow no better
+    (Anderson-accelerated, as plain repetition oscillates when the
     layer amplifies its own normalization; at most 60 passes, else a
     warning).
 
@@ -321,11 +329,12 @@ def _check_batched(model, first):
     names = [x.name for x in inputs]
     if isinstance(first, dict):
         # Keras knows an input by its tensor's or its InputLayer's name.
-        known = set(names) | {
-            getattr(getattr(x, "_keras_history", None), "operation",
-                    None).name for x in inputs
-            if getattr(getattr(x, "_keras_history", None), "operation",
-                       None) is not None}
+        known = set(names)
+        for x in inputs:
+            layer = getattr(getattr(x, "_keras_history", None), "operation",
+                            None)
+            if layer is not None:
+                known.add(layer.name)
         unknown = sorted(str(k) for k in first if k not in known)
         if unknown:
             raise ValueError(
@@ -520,27 +529,32 @@ def _settle(statistics, order, batches, writer, found):
                 for layer in layers]) / np.concatenate(
             [scale, np.ones_like(scale)])
 
-    def write(x):
+    def held(x):
+        """The `Moments` per layer that vector `x` stands for."""
         means, logs = np.split(x, 2)
         means, variances = means * scale, np.exp(logs) - _TINY
-        start = 0
+        result, start = {}, 0
         for layer in layers:
             count = found[id(layer)].count
             stop = start + found[id(layer)].mean.size
             variance = np.maximum(variances[start:stop], 0.0)
-            writer.write([layer], [_collect.Moments(
-                count, means[start:stop], variance * count)])
+            result[id(layer)] = _collect.Moments(
+                count, means[start:stop], variance * count)
             start = stop
+        return result
 
-    x, history = vector(found), []
+    x, history, best, stalled = vector(found), [], np.inf, 0
     for round_ in range(2, _SETTLE_ROUNDS + 1):
         now = _measure(statistics, order, batches, writer, write=False,
                        round_=round_)
         g = vector(now) - x
-        moved, name = _largest_move(layers, found, now)
-        found = now
+        # Against what the pass held (x), not the previous measurement.
+        moved, name = _largest_move(layers, held(x), now)
         if moved <= _SETTLE:
             return  # What is written (x) is what the pass reproduces.
+        best, stalled = (moved, 0) if moved < best else (best, stalled + 1)
+        if moved <= _ACCEPT and stalled >= _STALL:
+            return  # At float32's floor (see _ACCEPT).
         history.append((x, g))
         history = history[-_ANDERSON:]
         step = g
@@ -555,7 +569,9 @@ def _settle(statistics, order, batches, writer, found):
         # variance, per round: an extrapolation far outside the data's
         # range would make activations overflow.
         x = x + np.clip(step, -1.0, 1.0)
-        write(x)
+        moments = held(x)
+        for layer in layers:
+            writer.write([layer], [moments[id(layer)]])
     warnings.warn(
         f"{_WHAT}: layer '{name}' reads its own output (it is called again "
         "after itself), so its statistics are a fixed point of a pass; "
