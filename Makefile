@@ -33,18 +33,28 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-# The two runs go side by side: each keeps about one of the two cores busy
-# (Keras tracing and Python between small ops), so together they take the
-# TensorFlow run's time instead of the sum. The JAX run's output follows.
+# Two processes side by side, each keeping about one of the two cores
+# busy (Keras tracing and Python between small ops): the TensorFlow run,
+# and the JAX run of the backend-neutral tests followed by the TensorFlow
+# tests of the stock-model files (LATE_TESTS), which would otherwise
+# leave the second core idle once the JAX run is done. The second
+# process's output follows.
+LATE_TESTS := tests/test_stock_applications.py tests/test_graph_fold_stock.py \
+	tests/test_zoo.py
+
 test: $(STAMP)
 	@log=$$(mktemp); \
-	KERASBN_TEST_BACKEND=jax $(BIN)/python -m pytest -p no:cacheprovider \
-		>$$log 2>&1 & jax=$$!; \
-	trap 'kill $$jax 2>/dev/null; rm -f $$log' INT TERM; \
-	$(BIN)/python -m pytest; tf=$$?; \
-	wait $$jax; jx=$$?; \
-	echo "==== backend-neutral tests on JAX ===="; cat $$log; rm -f $$log; \
-	test $$tf -eq 0 && test $$jx -eq 0
+	( KERASBN_TEST_BACKEND=jax $(BIN)/python -m pytest -p no:cacheprovider; \
+	  jx=$$?; echo "==== TensorFlow: $(LATE_TESTS) ===="; \
+	  $(BIN)/python -m pytest -p no:cacheprovider $(LATE_TESTS); \
+	  late=$$?; test $$jx -eq 0 && test $$late -eq 0 ) >$$log 2>&1 & second=$$!; \
+	trap 'kill $$second 2>/dev/null; rm -f $$log' INT TERM; \
+	$(BIN)/python -m pytest -p no:cacheprovider \
+		$(foreach f,$(LATE_TESTS),--ignore=$(f)); first=$$?; \
+	wait $$second; rest=$$?; \
+	echo "==== backend-neutral tests on JAX, then the late TensorFlow tests ===="; \
+	cat $$log; rm -f $$log; \
+	test $$first -eq 0 && test $$rest -eq 0
 
 test-jax: $(STAMP)
 	KERASBN_TEST_BACKEND=jax $(BIN)/python -m pytest -p no:cacheprovider

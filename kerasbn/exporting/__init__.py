@@ -181,9 +181,11 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     directory = os.path.abspath(os.fspath(directory))
     signature = ServingSignature(model)
     inputs = steps.verification_inputs(signature, sample, batch_sizes, verify)
+    qat = steps.check_qat(model, formats, calibration, fold, equalize,
+                          int8_io)
     reduced = steps.reduced_options(
         model, signature, formats, calibration, validation, inputs, verify,
-        min_agreement, max_rel_rms, per_channel, int8_io, equalize)
+        min_agreement, max_rel_rms, per_channel, int8_io, equalize, qat)
     reduced.update(steps.openvino_options(formats, openvino_precision))
     targets = _plan_targets(directory, formats, name, version, overwrite,
                             reduced)
@@ -204,7 +206,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
                                                      flat),
                 reduced["validation"])
     deployable, fold_report = steps.fold_for_export(exported, fold, keep_bn,
-                                                    progress)
+                                                    progress, qat)
     notes = {"signature": signature.name_changes} if (
         signature.name_changes) else {}
     if equalize:

@@ -153,8 +153,14 @@ def _check_normalizations(model):
         inference_affine(layer)  # Raises naming corrupt statistics.
 
 
-def fold_for_export(model, fold, keep_bn, progress):
-    """`(deployable model, fold report or None)`."""
+def fold_for_export(model, fold, keep_bn, progress, qat=False):
+    """`(deployable model, fold report or None)`; a QAT model's is its
+    deployment model (`kerasbn.quantization.qat.deployment_model`)."""
+    if qat:
+        from kerasbn.quantization import qat as qat_lib
+
+        progress("freezing the QAT model's fold and ranges")
+        return qat_lib.deployment_model(model), None
     if not fold:
         return model, None
     from kerasbn.folding import fold as fold_model
@@ -163,16 +169,66 @@ def fold_for_export(model, fold, keep_bn, progress):
     return fold_model(model, keep_unfolded=keep_bn)
 
 
+QAT_FORMATS = ("onnx_int8", "tflite_int8", "saved_model")
+QAT_MAX_REL_RMS = 0.02
+
+
+def check_qat(model, formats, calibration, fold, equalize, int8_io):
+    """True for a model made by `prepare_qat`, whose options are checked:
+    its int8 artifacts use the ranges it learned, so it takes no
+    calibration, fold or equalization (its layers hold the fold)."""
+    from kerasbn.quantization import qat
+
+    if not qat.is_qat_model(model):
+        return False
+    others = [f for f in formats if f not in QAT_FORMATS]
+    if others:
+        raise ValueError(
+            f"{WHERE}: '{model.name}' is a quantization-aware training model "
+            f"(prepare_qat); it exports as the integer model it trained for, "
+            f"formats {list(QAT_FORMATS)}, not {others}. Export the float "
+            "model you prepared it from for float artifacts.")
+    for name, value, wrong in (("calibration", calibration, "given"),
+                               ("equalize", equalize, True),
+                               ("int8_io", int8_io, True)):
+        if (value is not None and wrong == "given") or value is True:
+            raise ValueError(
+                f"{WHERE}: {name}= does not apply to a quantization-aware "
+                "training model: its int8 artifacts use the weights and "
+                "activation ranges it learned, with float inputs and "
+                "outputs. Leave it out.")
+    if not fold:
+        raise ValueError(f"{WHERE}: fold=False does not apply to a QAT "
+                         "model: its layers already hold the fold.")
+    return True
+
+
 def reduced_options(model, signature, formats, calibration, validation,
                     inputs, verify, min_agreement, max_rel_rms, per_channel,
-                    int8_io, equalize=False):
+                    int8_io, equalize=False, qat=False):
     """The reduced-precision formats' options, checked before any work:
     `{"calibration": [batches], "validation": flat inputs, ...}` (empty
-    when no such format is asked for)."""
+    when no such format is asked for). `qat`: the model is a QAT model
+    (`check_qat`), whose int8 formats need no calibration."""
     from kerasbn.exporting import _reduced
 
     _checks.check_bool("equalize", equalize, WHERE)
     wanted = [f for f in formats if f in _reduced.REDUCED_FORMATS]
+    if qat:
+        options = {"qat": True}
+        if not wanted:
+            return options
+        _reduced.check_thresholds(min_agreement, max_rel_rms, WHERE)
+        options.update(min_agreement=min_agreement,
+                       max_rel_rms=(QAT_MAX_REL_RMS if max_rel_rms is None
+                                    else max_rel_rms),
+                       per_channel=True, int8_io=False)
+        if verify:
+            batches = (_reduced.read_batches(signature, validation,
+                                             "validation", WHERE)
+                       if validation is not None else inputs[-1:])
+            options["validation"] = _reduced.joined(batches, limit=2048)
+        return options
     if not wanted:
         return {}
     _reduced.check_thresholds(min_agreement, max_rel_rms, WHERE)
@@ -248,7 +304,7 @@ def numerics_for_export(model, staged, reduced, progress):
     from kerasbn.exporting import _reduced
     from kerasbn.quantization import quantization_report
 
-    if not reduced.get("validation") or not any(
+    if reduced.get("qat") or not reduced.get("validation") or not any(
             f in _reduced.INT8_FORMATS for f in staged):
         return None
     progress("measuring int8 numerics per layer")

@@ -48,7 +48,7 @@ import sys
 TENSORFLOW_FORMATS = ("saved_model", "onnx", "tflite", "onnx_int8",
                       "tflite_int8", "onnx_fp16", "tflite_fp16", "openvino")
 # The reduced-precision options a writer reads (`formats`), handed down.
-_REDUCED_OPTIONS = ("per_channel", "int8_io")
+_REDUCED_OPTIONS = ("per_channel", "int8_io", "qat")
 _OWN_PACKAGES = ("keras", "kerasbn", "keras_hub", "tf_keras")
 
 
@@ -190,6 +190,12 @@ def _serve(request):
         raise RuntimeError(f"the model reloaded under TensorFlow is not "
                            f"the original: {error}") from None
     options = {"opset": request["opset"], **request.get("options", {})}
+    if options.get("qat"):
+        # The exporting constants of a QAT deployment model do not travel
+        # in a .keras file: set them again (its fold is already done).
+        from kerasbn.quantization import qat
+
+        model = qat.deployment_model(model)
     if "calibration" in request:
         options["calibration"] = _handed_down(request["calibration"])
     notes = {}

@@ -226,6 +226,12 @@ class OnnxInt8Format(OnnxFormat):
         return f"{name}_int8.onnx"
 
     def write(self, path, model, signature, options):
+        if options.get("qat"):
+            # A QAT model's graph holds its own fake-quant ops with the
+            # learned ranges: tf2onnx writes them as Quantize/Dequantize
+            # pairs (activations) and kerasbn's handler as integer kernels
+            # (`_onnx_graph._weight_fake_quant`). No calibration.
+            return super().write(path, model, signature, options)
         quantization = _require("onnxruntime.quantization")
         notes = super().write(path, model, signature, options)
         source = path + ".float.onnx"
@@ -280,6 +286,11 @@ class TFLiteInt8Format(TFLiteFormat):
     def configure(self, converter, options):
         import tensorflow as tf
 
+        if options.get("qat"):
+            # The converter reads the QAT graph's fake-quant ops as the
+            # quantization: integer kernels with the learned ranges.
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            return
         batches = options["calibration"]
 
         def representative():

@@ -13,10 +13,13 @@ from kerasbn.layers.centered import CenteredConv3D
 from kerasbn.layers.centered import CenteredDense
 from kerasbn.layers.mabn import MABN
 from kerasbn.layers.mabn import MovingAverageBatchNormalization
+from kerasbn.layers.quantized import ActivationQuantizer
+from kerasbn.layers.quantized import QuantizedLinear
 from kerasbn.layers.scale_shift import ScaleShift
 from kerasbn.layers.tf_function import TFFunction
 
 __all__ = [
+    "ActivationQuantizer",
     "BatchNormalization",
     "BatchRenormalization",
     "CenteredConv1D",
@@ -25,6 +28,7 @@ __all__ = [
     "CenteredDense",
     "MABN",
     "MovingAverageBatchNormalization",
+    "QuantizedLinear",
     "ScaleShift",
     "TFFunction",
 ]

@@ -1,0 +1,384 @@
+"""Quantization-aware training with batch normalization folded in training.
+
+The oracle is a NumPy re-implementation of Krishnamoorthi 2018, section 3.2,
+as PyTorch's `ConvBn2d` computes it: the kernel folded with the moving
+statistics, `W gamma / sigma`, fake-quantized (TensorFlow's nudged
+FakeQuant, re-implemented here from its definition); the convolution's
+output divided back by `gamma / sigma` and batch-normalized with its own
+batch moments while the statistics train; after freezing,
+`conv(x, Q(W gamma / sigma)) + beta + (b - mu) gamma / sigma`. The layer
+computes the same thing in another form (`(sigma / sigma_B)(y - mean y) +
+beta`), so the comparison checks the algebra, not a copy of it.
+"""
+
+import numpy as np
+import pytest
+
+import keras
+
+import kerasbn
+from kerasbn.layers import ActivationQuantizer
+from kerasbn.layers import QuantizedLinear
+from kerasbn.quantization import FreezeBatchStatistics
+from kerasbn.quantization import freeze_batch_statistics
+from kerasbn.quantization import prepare_qat
+
+pytestmark = pytest.mark.any_backend
+
+EPSILON = 1e-3
+
+
+def fake_quant(values, low, high, bits, narrow):
+    """TensorFlow's FakeQuantWithMinMaxVars from its definition: the range
+    nudged so that zero is a code, values clamped and rounded half up."""
+    values = np.asarray(values, np.float32)
+    low, high = np.float32(low), np.float32(high)
+    quant_min = np.float32(1 if narrow else 0)
+    quant_max = np.float32(2 ** bits - 1)
+    scale = (high - low) / (quant_max - quant_min)
+    zero_from_min = quant_min - low / scale
+    zero = np.clip(np.floor(zero_from_min + np.float32(0.5)), quant_min,
+                   quant_max)
+    nudged_low = (quant_min - zero) * scale
+    nudged_high = (quant_max - zero) * scale
+    clamped = np.clip(values, nudged_low, nudged_high)
+    codes = np.floor((clamped - nudged_low) * (np.float32(1) / scale)
+                     + np.float32(0.5))
+    return codes * scale + nudged_low
+
+
+def quantize_kernel(kernel, bits=8):
+    """Per-output-channel symmetric narrow-range fake quantization."""
+    kernel = np.asarray(kernel, np.float32)
+    out = np.empty_like(kernel)
+    for c in range(kernel.shape[-1]):
+        bound = max(np.max(np.abs(kernel[..., c])), np.float32(1e-30))
+        out[..., c] = fake_quant(kernel[..., c], -bound, bound, bits, True)
+    return out
+
+
+def conv2d_valid(x, kernel):
+    """NumPy 'valid' stride-1 convolution, NHWC x HWIO, in float64."""
+    kh, kw = kernel.shape[:2]
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h - kh + 1, w - kw + 1, kernel.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + out.shape[1], j:j + out.shape[2], :]
+            out += np.einsum("nhwc,co->nhwo", patch.astype(np.float64),
+                             kernel[i, j].astype(np.float64))
+    return out
+
+
+def reference(x, kernel, bias, gamma, beta, mean, variance, training,
+              bits=8, quantize=True, relu=True):
+    """The fused layer's output (before its output quantizer) and the
+    batch moments, from the papers' formulas."""
+    sigma = np.sqrt(variance.astype(np.float32) + np.float32(EPSILON))
+    multiplier = gamma.astype(np.float32) / sigma
+    folded = kernel.astype(np.float32) * multiplier
+    folded = quantize_kernel(folded, bits) if quantize else folded
+    y = conv2d_valid(x, folded)
+    activation = (lambda v: np.maximum(v, 0)) if relu else (lambda v: v)
+    if not training:
+        return activation(y + beta + (bias - mean) * multiplier), None
+    z = y / multiplier + bias  # the quantized convolution, fold undone
+    batch_mean = z.mean(axis=(0, 1, 2))
+    batch_variance = z.var(axis=(0, 1, 2))
+    out = gamma * (z - batch_mean) / np.sqrt(batch_variance + EPSILON) + beta
+    return activation(out), (batch_mean, batch_variance)
+
+
+def conv_bn_relu(seed=0, use_bias=False):
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((7, 7, 3))
+    x = keras.layers.Conv2D(5, 3, use_bias=use_bias, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=EPSILON, momentum=0.9,
+                                        name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    model = keras.Model(inputs, x)
+    bn = model.get_layer("bn")
+    bn.gamma.assign(rng.uniform(0.5, 2.0, 5).astype("float32"))
+    bn.beta.assign(rng.normal(0, 0.5, 5).astype("float32"))
+    bn.moving_mean.assign(rng.normal(0, 0.3, 5).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 5).astype("float32"))
+    if use_bias:
+        model.get_layer("conv").bias.assign(
+            rng.normal(0, 0.2, 5).astype("float32"))
+    return model
+
+
+def numpy_weights(model):
+    conv, bn = model.get_layer("conv"), model.get_layer("bn")
+    read = keras.ops.convert_to_numpy
+    bias = read(conv.bias) if conv.use_bias else np.zeros(5, np.float32)
+    return (read(conv.kernel), bias, read(bn.gamma), read(bn.beta),
+            read(bn.moving_mean), read(bn.moving_variance))
+
+
+def test_prepare_fuses_conv_bn_relu_and_keeps_the_float_model():
+    model = conv_bn_relu()
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.weights]
+    qat = prepare_qat(model)
+    kinds = [type(layer).__name__ for layer in qat.layers]
+    assert kinds == ["InputLayer", "ActivationQuantizer", "QuantizedLinear"]
+    fused = qat.layers[-1]
+    assert fused.normalization is not None and fused.activation == "relu"
+    assert qat.summary_qat.fused == 1 and qat.summary_qat.kept == 0
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_training_step_is_the_batch_statistics_fold(use_bias):
+    """Training mode: conv with Q(W gamma / sigma), corrected to batch
+    statistics; the moving statistics take the batch moments of the
+    quantized convolution. 1e-5 of the output's scale: float32 rounding of
+    a 27-term convolution and of the moments (~1e-6), far below one
+    quantization step of the kernel (1/127 of a weight)."""
+    model = conv_bn_relu(1, use_bias)
+    x = np.random.default_rng(2).normal(size=(6, 7, 7, 3)).astype("float32")
+    weights = numpy_weights(model)
+    qat = prepare_qat(model)
+    fused = qat.get_layer("conv")
+    inputs = keras.ops.convert_to_tensor(x)
+    # The input quantizer observes during warm-up: the fused layer sees x.
+    out = keras.ops.convert_to_numpy(fused(inputs, training=True))
+    expected, (batch_mean, batch_variance) = reference(
+        x, *weights, training=True)
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * scale)
+    momentum = 0.9
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(fused.moving_mean),
+        weights[4] * momentum + batch_mean * (1 - momentum), atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(fused.moving_variance),
+        weights[5] * momentum + batch_variance * (1 - momentum), rtol=1e-5)
+
+
+def test_frozen_and_inference_are_the_moving_statistics_fold():
+    model = conv_bn_relu(3, use_bias=True)
+    x = np.random.default_rng(4).normal(size=(4, 7, 7, 3)).astype("float32")
+    weights = numpy_weights(model)
+    qat = prepare_qat(model)
+    fused = qat.get_layer("conv")
+    inputs = keras.ops.convert_to_tensor(x)
+    expected, _ = reference(x, *weights, training=False)
+    scale = np.max(np.abs(expected))
+    inference = keras.ops.convert_to_numpy(fused(inputs, training=False))
+    np.testing.assert_allclose(inference, expected, atol=1e-5 * scale)
+    assert freeze_batch_statistics(qat) == 1
+    frozen = keras.ops.convert_to_numpy(fused(inputs, training=True))
+    np.testing.assert_allclose(frozen, expected, atol=1e-5 * scale)
+    # Frozen: the moving statistics did not move.
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(fused.moving_mean), weights[4])
+
+
+def test_gradients_match_finite_differences_of_the_reference():
+    """Where fake quantization is the identity (16-bit kernel: steps of
+    3e-5 of a weight, far below the finite-difference step), the layer's
+    gradients with respect to the kernel, gamma and beta are those of the
+    float64 reference without quantization; 2e-3 of the gradient's scale
+    covers the 16-bit rounding and float32. No ReLU: its kink would meet
+    the finite differences where the 16-bit rounding moves an output
+    across zero."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("gradients through tf.GradientTape")
+    import tensorflow as tf
+
+    model = conv_bn_relu(5, use_bias=False)
+    kernel, bias, gamma, beta, mean, variance = numpy_weights(model)
+    layer = QuantizedLinear(
+        linear={"class_name": "Conv2D", "config": model.get_layer(
+            "conv").get_config()},
+        normalization=dict(axis=-1, epsilon=EPSILON, momentum=0.9,
+                           center=True, scale=True),
+        activation="linear", weight_bits=16, activation_bits=None)
+    x = np.random.default_rng(6).normal(size=(5, 7, 7, 3)).astype("float32")
+    layer.build(x.shape)
+    for variable, value in ((layer.kernel, kernel), (layer.gamma, gamma),
+                            (layer.beta, beta), (layer.moving_mean, mean),
+                            (layer.moving_variance, variance)):
+        variable.assign(value)
+    weight = np.random.default_rng(7).normal(size=(5, 5, 5, 5))
+    with tf.GradientTape() as tape:
+        out = layer(tf.constant(x), training=True)
+        loss = tf.reduce_sum(out * tf.constant(weight, tf.float32))
+    grads = tape.gradient(loss, [layer.kernel, layer.gamma, layer.beta])
+
+    def loss_of(k, g, b):
+        out, _ = reference(x, k, bias, g, b, mean, variance, training=True,
+                           quantize=False, relu=False)
+        return float(np.sum(out * weight))
+
+    params = [kernel.astype(np.float64), gamma.astype(np.float64),
+              beta.astype(np.float64)]
+    for which, grad in enumerate(grads):
+        grad = np.asarray(grad)
+        numeric = np.zeros_like(params[which])
+        for index in np.ndindex(params[which].shape):
+            step = 1e-3
+            plus = [p.copy() for p in params]
+            minus = [p.copy() for p in params]
+            plus[which][index] += step
+            minus[which][index] -= step
+            numeric[index] = (loss_of(*plus) - loss_of(*minus)) / (2 * step)
+        np.testing.assert_allclose(grad, numeric,
+                                   atol=2e-3 * np.max(np.abs(numeric)))
+
+
+def test_activation_quantizer_observes_then_quantizes_with_the_moving_range():
+    layer = ActivationQuantizer(bits=8, momentum=0.5, warmup_steps=1)
+    rng = np.random.default_rng(8)
+    first = rng.uniform(-1, 2, (4, 6)).astype("float32")
+    second = rng.uniform(-3, 1, (4, 6)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(first, training=True))
+    np.testing.assert_array_equal(out, first)  # warm-up: observes only
+    low, high = min(first.min(), 0), max(first.max(), 0)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.range_min), low)
+    out = keras.ops.convert_to_numpy(layer(second, training=True))
+    low = 0.5 * low + 0.5 * min(second.min(), 0)
+    high = 0.5 * high + 0.5 * max(second.max(), 0)
+    np.testing.assert_allclose(out, fake_quant(second, low, high, 8, False),
+                               atol=1e-6)
+    inference = keras.ops.convert_to_numpy(layer(second, training=False))
+    np.testing.assert_allclose(inference, out, atol=1e-6)
+
+
+def digits_like_model():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.Conv2D(16, 1, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10)(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_fit_freeze_save_and_reload(tmp_path):
+    """`fit` trains the QAT model on this backend, the callback freezes the
+    statistics inside the compiled step, and the .keras file reloads with
+    kerasbn alone and computes the same."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0, 1, (96, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 10, 96)
+    model = digits_like_model()
+    qat = prepare_qat(model, warmup_steps=2)
+    assert qat.summary_qat.fused == 3 and qat.summary_qat.linear == 1
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    history = qat.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                      callbacks=[FreezeBatchStatistics(after_steps=8)])
+    assert np.all(np.isfinite(history.history["loss"]))
+    fused = [layer for layer in qat.layers
+             if isinstance(layer, QuantizedLinear) and layer.normalization]
+    for layer in fused:
+        assert float(keras.ops.convert_to_numpy(layer.steps)) == 12
+        assert float(keras.ops.convert_to_numpy(
+            layer.statistics_frozen_at)) == 8
+    # Frozen after 8 steps: the moving statistics stopped there.
+    mean = keras.ops.convert_to_numpy(fused[0].moving_mean).copy()
+    qat.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(fused[0].moving_mean), mean)
+    expected = keras.ops.convert_to_numpy(qat(x, training=False))
+    path = tmp_path / "qat.keras"
+    qat.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(x, training=False)), expected)
+
+
+def test_export_needs_no_calibration_and_writes_the_model_it_trained(
+        tmp_path):
+    """The int8 artifacts use the learned scales, no calibration: the ONNX
+    QDQ graph, run op by op as its specification defines (ONNX Runtime
+    with graph optimizations off), is the QAT model in inference to 1e-5
+    of the output's scale (float32 rounding: the graph holds the same
+    grid values and ranges). The TFLite full-integer model is within
+    int8 PTQ's bounds (0.1 rel RMS); its gap to the QAT model and ONNX
+    Runtime's fused integer kernels are open in issue 28, so this export
+    is not verified by the default bounds yet (`verify=False`)."""
+    pytest.importorskip("tf2onnx")
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(10)
+    x = rng.uniform(0, 1, (128, 8, 8, 1)).astype("float32")
+    y = (x.reshape(128, -1)[:, :10].argmax(axis=1)).astype("int32")
+    qat = prepare_qat(digits_like_model(), warmup_steps=2)
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    qat.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    expected = keras.ops.convert_to_numpy(qat(x, training=False))
+    scale = np.max(np.abs(expected))
+    result = kerasbn.export(qat, tmp_path / "out", verify=False,
+                            formats=("onnx_int8", "tflite_int8"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(result.artifacts["onnx_int8"], options,
+                                   providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(
+        result.artifacts["onnx_int8"]).graph.node}
+    assert "BatchNormalization" not in ops and "QuantizeLinear" in ops
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(onnx_out, expected, atol=1e-5 * scale)
+    if keras.backend.backend() != "tensorflow":
+        return  # TFLite's interpreter: TensorFlow's own run checks it.
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(
+        model_path=result.artifacts["tflite_int8"])
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], x)
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert {d["op_name"] for d in interpreter._get_ops_details()} >= {
+        "CONV_2D", "DEPTHWISE_CONV_2D", "QUANTIZE", "DEQUANTIZE"}
+    rel_rms = np.sqrt(np.mean((out - expected) ** 2) / np.mean(expected ** 2))
+    assert rel_rms <= 0.1
+    assert np.mean(out.argmax(1) == expected.argmax(1)) >= 0.95
+
+
+def test_export_refuses_what_a_qat_model_does_not_take(tmp_path):
+    qat = prepare_qat(conv_bn_relu())
+    with pytest.raises(ValueError, match="calibration= does not apply"):
+        kerasbn.export(qat, tmp_path / "a", formats=("tflite_int8",),
+                       calibration=np.zeros((2, 7, 7, 3), "float32"))
+    with pytest.raises(ValueError, match="not \\['onnx'\\]"):
+        kerasbn.export(qat, tmp_path / "b", formats=("onnx",))
+    with pytest.raises(ValueError, match="have no range yet"):
+        kerasbn.export(qat, tmp_path / "c", formats=("tflite_int8",))
+    assert not (tmp_path / "c").exists()
+
+
+def test_bad_arguments_are_named():
+    model = conv_bn_relu()
+    with pytest.raises(ValueError, match="weight_bits must be an int in "
+                       "2..8; got 12"):
+        prepare_qat(model, weight_bits=12)
+    with pytest.raises(TypeError, match="Functional or Sequential"):
+        prepare_qat(keras.layers.Dense(3))
+
+
+def test_a_normalization_that_cannot_fuse_is_kept_and_named():
+    inputs = keras.Input((6,))
+    x = keras.layers.BatchNormalization(name="first")(inputs)
+    outputs = keras.layers.Dense(2)(x)
+    with pytest.warns(UserWarning, match="'first' \\(its input is a model "
+                      "input"):
+        qat = prepare_qat(keras.Model(inputs, outputs))
+    assert qat.summary_qat.kept == 1
