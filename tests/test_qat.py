@@ -248,17 +248,20 @@ def test_activation_quantizer_observes_then_quantizes_with_the_moving_range():
     np.testing.assert_allclose(inference, out, atol=1e-6)
 
 
-def digits_like_model():
+def digits_like_model(momentum=0.9):
+    """Conv+BN+ReLU, DepthwiseConv+BN+ReLU6, pointwise Conv+BN+ReLU, GAP,
+    Dense, on 8x8 images (BN momentum 0.9: its moving statistics follow a
+    few epochs of training closely)."""
+    def bn():
+        return keras.layers.BatchNormalization(momentum=momentum)
+
     inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(bn()(x))
     x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.Conv2D(16, 1, use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
+    x = keras.layers.ReLU(6.0)(bn()(x))
+    x = keras.layers.Conv2D(32, 1, use_bias=False)(x)
+    x = keras.layers.ReLU()(bn()(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10)(x)
     return keras.Model(inputs, outputs)
@@ -299,58 +302,82 @@ def test_fit_freeze_save_and_reload(tmp_path):
         keras.ops.convert_to_numpy(loaded(x, training=False)), expected)
 
 
-def test_export_needs_no_calibration_and_writes_the_model_it_trained(
-        tmp_path):
-    """The int8 artifacts use the learned scales, no calibration: the ONNX
-    QDQ graph, run op by op as its specification defines (ONNX Runtime
-    with graph optimizations off), is the QAT model in inference to 1e-5
-    of the output's scale (float32 rounding: the graph holds the same
-    grid values and ranges). The TFLite full-integer model is within
-    int8 PTQ's bounds (0.1 rel RMS); its gap to the QAT model and ONNX
-    Runtime's fused integer kernels are open in issue 28, so this export
-    is not verified by the default bounds yet (`verify=False`)."""
+@pytest.fixture(scope="module")
+def digits_qat():
+    """The issue's case: a digits CNN with Conv+BN+ReLU and
+    DepthwiseConv+BN+ReLU6 trained in float, then `prepare_qat` and 2
+    epochs of `fit` (statistics frozen after the first)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype("float32") / 16.0)[..., None]
+    y = digits.target.astype("int32")
+    keras.utils.set_random_seed(0)
+    model = digits_like_model()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(x[:1400], y[:1400], batch_size=32, epochs=10, verbose=0)
+    qat = prepare_qat(model)
+    qat.compile(keras.optimizers.Adam(3e-4), loss, metrics=["accuracy"])
+    qat.fit(x[:1400], y[:1400], batch_size=32, epochs=2, verbose=0,
+            callbacks=[FreezeBatchStatistics(after_steps=44)])
+    return qat, x[1400:], y[1400:]
+
+
+@pytest.mark.slow
+def test_export_needs_no_calibration_and_serves_the_model_it_trained(
+        digits_qat, tmp_path):
+    """The int8 artifacts use the learned scales, no calibration, and have
+    no BatchNormalization op. The export verifies each against the QAT
+    model in inference (its own check: top-1 agreement >= 0.99 asked
+    here, relative RMS <= 0.02, the issue's bar); an integer runtime
+    differs from the simulation by the int32 rounding of biases and ties
+    of the requantization, a step of one code now and then. The ONNX
+    graph run op by op as its specification defines (ONNX Runtime without
+    graph rewrites) is the model the fused integer kernels run, within a
+    code of the output now and then."""
     pytest.importorskip("tf2onnx")
+    import onnx
     import onnxruntime as ort
 
-    keras.utils.set_random_seed(1)
-    rng = np.random.default_rng(10)
-    x = rng.uniform(0, 1, (128, 8, 8, 1)).astype("float32")
-    y = (x.reshape(128, -1)[:, :10].argmax(axis=1)).astype("int32")
-    qat = prepare_qat(digits_like_model(), warmup_steps=2)
-    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
-    qat.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    qat, x, y = digits_qat
     expected = keras.ops.convert_to_numpy(qat(x, training=False))
-    scale = np.max(np.abs(expected))
-    result = kerasbn.export(qat, tmp_path / "out", verify=False,
+    assert np.mean(expected.argmax(1) == y) > 0.9
+    result = kerasbn.export(qat, tmp_path / "out", sample=x,
+                            min_agreement=0.99,
                             formats=("onnx_int8", "tflite_int8"))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(result.artifacts["onnx_int8"], options,
-                                   providers=["CPUExecutionProvider"])
-    ops = {node.op_type for node in __import__("onnx").load(
-        result.artifacts["onnx_int8"]).graph.node}
+    assert result.passed
+    path = result.artifacts["onnx_int8"]
+    ops = {node.op_type for node in onnx.load(path).graph.node}
     assert "BatchNormalization" not in ops and "QuantizeLinear" in ops
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    np.testing.assert_allclose(onnx_out, expected, atol=1e-5 * scale)
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(path, options,
+                                       providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {
+            session.get_inputs()[0].name: x})[0])
+    # One code of the output's quantizer: ONNX Runtime's integer kernels
+    # round a tie now and then another way than the float reference ops.
+    quantizer = qat.layers[-1].output_quantizer
+    step = (float(keras.ops.convert_to_numpy(quantizer.range_max))
+            - float(keras.ops.convert_to_numpy(quantizer.range_min))) / 255
+    gap = np.abs(outputs[1] - outputs[0])
+    assert np.max(gap) <= step * 1.01
+    assert np.mean(gap > 1e-6) <= 0.01
     if keras.backend.backend() != "tensorflow":
-        return  # TFLite's interpreter: TensorFlow's own run checks it.
+        return  # The TFLite interpreter: the TensorFlow run checks it.
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(
         model_path=result.artifacts["tflite_int8"])
-    detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], x)
-    interpreter.invoke()
-    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    assert {d["op_name"] for d in interpreter._get_ops_details()} >= {
-        "CONV_2D", "DEPTHWISE_CONV_2D", "QUANTIZE", "DEQUANTIZE"}
-    rel_rms = np.sqrt(np.mean((out - expected) ** 2) / np.mean(expected ** 2))
-    assert rel_rms <= 0.1
-    assert np.mean(out.argmax(1) == expected.argmax(1)) >= 0.95
+    kinds = {d["op_name"] for d in interpreter._get_ops_details()}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D"} <= kinds
+    float_tensors = [d["name"] for d in interpreter.get_tensor_details()
+                     if d["dtype"] == np.float32]
+    assert len(float_tensors) == 2, float_tensors  # the input and output
 
 
 def test_export_refuses_what_a_qat_model_does_not_take(tmp_path):

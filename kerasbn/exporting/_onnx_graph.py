@@ -86,13 +86,11 @@ def _expm1(ctx, node, name, args):
 
 def _weight_fake_quant(ctx, node, name, args):
     """A fake-quantized constant kernel (kerasbn's QAT export: symmetric,
-    narrow range, per channel on the last axis or per tensor) as integer
-    codes and a DequantizeLinear: int8 for 8 bits, int4 (ONNX opset 21)
-    for 4 and fewer. The codes are those TensorFlow's FakeQuant rounds to
-    (floor(x / scale + 1/2) around the nudged zero), so the dequantized
-    kernel is the one the QAT model computed with. tf2onnx itself
-    converts only per-tensor 8-bit activations (uint8)."""
-    from onnx import TensorProto
+    narrow range, per channel on the last axis) as the constant it
+    computes: the kernel on its integer grid, with the codes TensorFlow's
+    FakeQuant rounds to (floor(x / scale + 1/2) around the nudged zero).
+    `_qdq.integer_weights` then stores it as integer codes; tf2onnx itself
+    converts only per-tensor 8-bit fake quantization (of activations)."""
     from tf2onnx import utils
 
     bits = node.get_attr_value("num_bits", 8)
@@ -110,33 +108,14 @@ def _weight_fake_quant(ctx, node, name, args):
         raise ValueError(f"{node.type} '{name}': the range is not symmetric")
     levels = 2 ** (bits - 1) - 1
     scale = (high - low) / np.float32(2 * levels)
-    per_channel = node.type == "FakeQuantWithMinMaxVarsPerChannel"
     nudged_low = -np.float32(levels) * scale
     clamped = np.clip(kernel, nudged_low, np.float32(levels) * scale)
     codes = np.floor((clamped - nudged_low) * (np.float32(1.0) / scale)
                      + np.float32(0.5)) - levels
-    if bits > 4:
-        onnx_type, dtype = TensorProto.INT8, np.int8
-    elif ctx.opset >= 21:
-        onnx_type, dtype = TensorProto.INT4, np.int8
-    else:
-        raise ValueError(
-            f"{bits}-bit weights need ONNX opset 21 or later (INT4); the "
-            f"export uses opset {ctx.opset}: pass opset=21")
-    codes = codes.astype(dtype)
-    quantized = ctx.make_const(utils.make_name(f"{name}_codes"), codes)
-    if onnx_type == TensorProto.INT4:
-        quantized.set_tensor_value(codes)
-        quantized.get_attr("value").t.data_type = TensorProto.INT4
-    scale_node = ctx.make_const(utils.make_name(f"{name}_scale"),
-                                scale.astype(np.float32))
-    attributes = {"axis": kernel.ndim - 1} if per_channel else {}
-    shapes, dtypes = node.output_shapes, node.output_dtypes
+    values = (codes * scale).astype(np.float32)
+    constant = ctx.make_const(utils.make_name(f"{name}_grid"), values)
+    ctx.replace_all_inputs(node.output[0], constant.output[0])
     ctx.remove_node(node.name)
-    ctx.make_node("DequantizeLinear", [quantized.output[0],
-                                       scale_node.output[0]],
-                  outputs=node.output, name=name, attr=attributes,
-                  shapes=shapes, dtypes=dtypes)
 
 
 # Ops TensorFlow writes for Keras 3 layers that tf2onnx leaves unconverted,
@@ -147,7 +126,7 @@ CUSTOM_OPS = {"Erfc": (_erfc, []), "Expm1": (_expm1, []),
 REWRITTEN_AS = {"Erfc": "1 - Erf (exact GELU)",
                 "Expm1": "Exp/Log with Kahan's correction near 0 (CELU)",
                 "FakeQuantWithMinMaxVarsPerChannel":
-                    "integer kernels with DequantizeLinear (QAT)"}
+                    "kernels on their integer grid (QAT)"}
 
 
 def _recording_handlers(used):

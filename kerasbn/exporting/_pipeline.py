@@ -174,13 +174,20 @@ QAT_MAX_REL_RMS = 0.02
 
 
 def check_qat(model, formats, calibration, fold, equalize, int8_io):
-    """True for a model made by `prepare_qat`, whose options are checked:
-    its int8 artifacts use the ranges it learned, so it takes no
-    calibration, fold or equalization (its layers hold the fold)."""
+    """The weight bit width of a model made by `prepare_qat` (0 for any
+    other model), whose options are checked: its int8 artifacts use the
+    ranges it learned, so it takes no calibration, fold or equalization
+    (its layers hold the fold)."""
     from kerasbn.quantization import qat
 
     if not qat.is_qat_model(model):
-        return False
+        return 0
+    widths = qat.weight_bits(model)
+    if len(widths) != 1:
+        raise ValueError(
+            f"{WHERE}: '{model.name}' mixes weight bit widths {widths}; the "
+            "export writes one integer kernel type. Prepare it with one "
+            "weight_bits.")
     others = [f for f in formats if f not in QAT_FORMATS]
     if others:
         raise ValueError(
@@ -200,7 +207,7 @@ def check_qat(model, formats, calibration, fold, equalize, int8_io):
     if not fold:
         raise ValueError(f"{WHERE}: fold=False does not apply to a QAT "
                          "model: its layers already hold the fold.")
-    return True
+    return widths[0]
 
 
 def reduced_options(model, signature, formats, calibration, validation,
@@ -215,7 +222,7 @@ def reduced_options(model, signature, formats, calibration, validation,
     _checks.check_bool("equalize", equalize, WHERE)
     wanted = [f for f in formats if f in _reduced.REDUCED_FORMATS]
     if qat:
-        options = {"qat": True}
+        options = {"qat": int(qat)}
         if not wanted:
             return options
         _reduced.check_thresholds(min_agreement, max_rel_rms, WHERE)

@@ -228,10 +228,10 @@ class OnnxInt8Format(OnnxFormat):
     def write(self, path, model, signature, options):
         if options.get("qat"):
             # A QAT model's graph holds its own fake-quant ops with the
-            # learned ranges: tf2onnx writes them as Quantize/Dequantize
-            # pairs (activations) and kerasbn's handler as integer kernels
-            # (`_onnx_graph._weight_fake_quant`). No calibration.
-            return super().write(path, model, signature, options)
+            # learned ranges: tf2onnx writes the activations' as
+            # Quantize/DequantizeLinear pairs, and `_qdq` stores the
+            # kernels (on their grid) as integer codes. No calibration.
+            return self._write_qat(path, model, signature, options)
         quantization = _require("onnxruntime.quantization")
         notes = super().write(path, model, signature, options)
         source = path + ".float.onnx"
@@ -253,6 +253,20 @@ class OnnxInt8Format(OnnxFormat):
         finally:
             os.remove(source)
         return notes
+
+
+    def _write_qat(self, path, model, signature, options):
+        onnx = _require("onnx")
+        from kerasbn.exporting import _qdq
+
+        notes = list(super().write(path, model, signature, options) or [])
+        proto = onnx.load(path)
+        count = _qdq.integer_weights(proto, int(options["qat"]))
+        onnx.checker.check_model(proto, full_check=True)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        return notes + [f"{count} kernel(s) stored as {options['qat']}-bit "
+                        "integer codes with the QAT model's scales"]
 
 
 class TFLiteFp16Format(TFLiteFormat):

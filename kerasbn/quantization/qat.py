@@ -461,6 +461,12 @@ def freeze_ranges(model, after_steps=0):
     return count
 
 
+def weight_bits(model):
+    """The sorted weight bit widths of a QAT model's fused layers."""
+    return sorted({layer.weight_bits for layer in qat_layers(model)
+                   if isinstance(layer, QuantizedLinear)})
+
+
 def is_qat_model(model):
     return any(isinstance(layer, QuantizedLinear)
                for layer in _keras_internal.sublayers(model))
