@@ -39,8 +39,7 @@ demo: $(STAMP)
 # tests of the stock-model files (LATE_TESTS), which would otherwise
 # leave the second core idle once the JAX run is done. The second
 # process's output follows.
-LATE_TESTS := tests/test_stock_applications.py tests/test_graph_fold_stock.py \
-	tests/test_zoo.py
+LATE_TESTS := tests/test_stock_applications.py tests/test_graph_fold_stock.py
 
 test: $(STAMP)
 	@log=$$(mktemp); \

@@ -372,8 +372,10 @@ def test_keras_applications_match_the_layer_by_layer_method(name,
     # ~50 layers of random statistics to ~1e-5 in the deepest variances
     # (measured 1.3e-5 with 24 positions per channel at 1x1); 5e-5 bounds
     # it. The 64x64, 512-image figure of the benchmark is within 1e-5.
+    # The layer-by-layer reference in one batch (its moments do not depend
+    # on the batching; a third of its time on DenseNet121).
     _assert_same_statistics(
-        staged, _layer_by_layer(model, x, monkeypatch, batch_size=8),
+        staged, _layer_by_layer(model, x, monkeypatch, batch_size=24),
         rel=5e-5)
 
 

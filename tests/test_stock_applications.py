@@ -50,13 +50,15 @@ FLOOR = 1e-5
 FACTOR = 8.0
 # ONNX as well (and the CLI's own verification) for one model of each kind
 # of graph: TFOpLambda arithmetic and '/' names (MobileNetV3),
-# concatenations (DenseNet), LayerNormalization, LayerScale and exact GELU
-# (Erfc, rewritten for tf2onnx: ConvNeXt), grouped convolutions and
-# squeeze-excite (RegNetY); EfficientNetB0 goes to ONNX from its SavedModel
-# in tests/test_graph_fold_stock.py. The others are checked here against
-# the exact output only (`--no-verify`: the CLI's check would run each
-# artifact a second time, against a weaker oracle): `make test` time.
-WITH_ONNX = {"MobileNetV3Small", "DenseNet121", "ConvNeXtTiny", "RegNetY002"}
+# concatenations (DenseNet), grouped convolutions and squeeze-excite
+# (RegNetY); EfficientNetB0 goes to ONNX from its SavedModel in
+# tests/test_graph_fold_stock.py. ConvNeXt's LayerNormalization and exact
+# GELU (Erfc, rewritten for tf2onnx) go to ONNX in tests/test_op_coverage.py
+# on small models and in `make sweep` on ConvNeXtTiny (tf2onnx takes ~35 s
+# on its 28M weights). The others are checked here against the exact
+# output only (`--no-verify`: the CLI's check would run each artifact a
+# second time, against a weaker oracle): `make test` time.
+WITH_ONNX = {"MobileNetV3Small", "DenseNet121", "RegNetY002"}
 
 
 @pytest.fixture(scope="session")

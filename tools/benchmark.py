@@ -851,6 +851,68 @@ def bench_quantized(quick):
     return rows
 
 
+def bench_qat(quick):
+    """Issue 28. The QAT train step / the float train step of the same
+    model (`small_cnn` with Keras BN, TensorFlow, batch 32, `fit`'s
+    compiled step), side by side; and the batch-1 latency of the int8
+    artifacts written from the QAT model / from post-training quantization
+    of its float model (ONNX Runtime, spin-waiting off; TFLite 2 threads),
+    which should be equal: the same integer graph, other scales."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from kerasbn.quantization import prepare_qat
+
+    batch = 32
+    model = small_cnn(keras.layers.BatchNormalization)
+    qat = prepare_qat(model, warmup_steps=0)
+    qat.compile(optimizer=keras.optimizers.SGD(0.01),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+    per_step = train_step_seconds({"float": model, "qat": qat}, batch,
+                                  quick)
+    rows = [row("QAT train step / float train step", "small CNN", batch,
+                per_step["qat"], per_step["float"], "<= 1.6",
+                "fused Conv+BN+ReLU with fake quantization vs Keras BN")]
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((64, 32, 32, 3)).astype("f4")
+    for start in range(0, 64, 32):  # ranges for the QAT export
+        qat(calibration[start:start + 32], training=True)
+    repeats = 20 if quick else 100
+    with tempfile.TemporaryDirectory() as tmp:
+        formats = ["onnx_int8", "tflite_int8"]
+        from_qat = kerasbn.export(qat, os.path.join(tmp, "qat"), formats,
+                                  name="m", sample=calibration[:8],
+                                  min_agreement=0.0,
+                                  max_rel_rms=1e9).artifacts
+        from_ptq = kerasbn.export(model, os.path.join(tmp, "ptq"), formats,
+                                  name="m", calibration=calibration,
+                                  min_agreement=0.0,
+                                  max_rel_rms=1e9).artifacts
+        x = calibration[:1]
+        quiet = ort.SessionOptions()
+        quiet.add_session_config_entry("session.intra_op.allow_spinning",
+                                       "0")
+        runners = {}
+        for source, paths in (("qat", from_qat), ("ptq", from_ptq)):
+            session = ort.InferenceSession(
+                paths["onnx_int8"], quiet,
+                providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x}
+            runners[f"onnx {source}"] = (
+                lambda s=session, f=feed: s.run(None, f))
+            run = _tflite_runner(paths["tflite_int8"])
+            runners[f"tflite {source}"] = (lambda r=run: r(x))
+        times = interleaved_medians(runners, repeats)
+    for runtime, name in (("onnx", "ONNX Runtime"), ("tflite", "TFLite")):
+        rows.append(row(f"{name}: int8 from QAT / int8 from PTQ",
+                        "small CNN", 1, times[f"{runtime} qat"],
+                        times[f"{runtime} ptq"], "~1.0",
+                        "the same integer graph with other scales"))
+    return rows
+
+
 def bench_openvino(quick):
     """OpenVINO / ONNX Runtime latency of the same folded model, float32
     and int8, batch 1 and 32, side by side in one process (issue 31).
@@ -941,6 +1003,7 @@ BENCHMARKS = {
     "sync_bn": bench_sync_bn,
     "quantized": bench_quantized,
     "openvino": bench_openvino,
+    "qat": bench_qat,
 }
 
 

@@ -173,7 +173,8 @@ QAT_FORMATS = ("onnx_int8", "tflite_int8", "saved_model")
 QAT_MAX_REL_RMS = 0.02
 
 
-def check_qat(model, formats, calibration, fold, equalize, int8_io):
+def check_qat(model, formats, calibration, fold, equalize, int8_io,
+              opset=None):
     """The weight bit width of a model made by `prepare_qat` (0 for any
     other model), whose options are checked: its int8 artifacts use the
     ranges it learned, so it takes no calibration, fold or equalization
@@ -207,6 +208,16 @@ def check_qat(model, formats, calibration, fold, equalize, int8_io):
     if not fold:
         raise ValueError(f"{WHERE}: fold=False does not apply to a QAT "
                          "model: its layers already hold the fold.")
+    if widths[0] <= 4 and "onnx_int8" in formats and (opset or 0) < 21:
+        raise ValueError(
+            f"{WHERE}: '{model.name}' has {widths[0]}-bit weights, which ONNX "
+            f"stores as INT4 from opset 21; got opset={opset}. Pass "
+            "opset=21 (ONNX Runtime 1.20+ runs it).")
+    if widths[0] <= 4 and "tflite_int8" in formats:
+        raise ValueError(
+            f"{WHERE}: '{model.name}' has {widths[0]}-bit weights; TFLite's "
+            "integer kernels take 8-bit weights. Export onnx_int8 "
+            "(opset=21) for 4-bit weights.")
     return widths[0]
 
 

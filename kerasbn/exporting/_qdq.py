@@ -41,20 +41,30 @@ def _input_scale(name, producers, initializers):
     return np.float32(np.asarray(scale).reshape(()))
 
 
-def _codes(weight, levels, name):
-    flat = weight.reshape(weight.shape[0], -1)
-    bound = np.max(np.abs(flat), axis=1)
+def _grid(flat, bound, levels):
+    """`(codes, scale, worst gap relative to the range)` of rows `flat`
+    read on the grids `bound / levels` (one per row)."""
     scale = (np.maximum(bound, np.float32(1e-30))
              / np.float32(levels)).astype(np.float32)
     codes = np.round(flat / scale[:, None])
-    error = np.max(np.abs(codes * scale[:, None] - flat), axis=1)
-    if np.any(np.abs(codes) > levels) or np.any(error > 1e-5 * np.maximum(
-            bound, np.float32(1e-30))):
+    gap = np.max(np.abs(codes * scale[:, None] - flat), axis=1) / np.maximum(
+        bound, np.float32(1e-30))
+    return codes, scale, float(np.max(gap))
+
+
+def _codes(weight, levels, name):
+    """Integer codes and per-output-channel scales of a kernel on a
+    symmetric grid, per channel or (the same scale repeated) per tensor."""
+    flat = weight.reshape(weight.shape[0], -1)
+    codes, scale, gap = _grid(flat, np.max(np.abs(flat), axis=1), levels)
+    if gap > 1e-5:
+        whole = np.full(flat.shape[0], np.max(np.abs(flat)), np.float32)
+        codes, scale, gap = _grid(flat, whole, levels)
+    if gap > 1e-5 or np.any(np.abs(codes) > levels):
         raise ValueError(
             f"the kernel '{name}' is not on a {levels}-level integer grid "
-            "per output channel (largest gap "
-            f"{float(np.max(error / np.maximum(bound, 1e-30))):.3g} of its "
-            "range): it was not written by kerasbn's QAT export")
+            f"per output channel or per tensor (largest gap {gap:.3g} of "
+            "its range): it was not written by kerasbn's QAT export")
     return codes.reshape(weight.shape), scale
 
 

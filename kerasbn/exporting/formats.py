@@ -257,10 +257,23 @@ class OnnxInt8Format(OnnxFormat):
 
     def _write_qat(self, path, model, signature, options):
         onnx = _require("onnx")
+        from onnx import version_converter
+        from tf2onnx import constants
+
         from kerasbn.exporting import _qdq
 
-        notes = list(super().write(path, model, signature, options) or [])
+        # INT4 kernels need opset 21, past tf2onnx's newest: convert at
+        # the newest it writes, then move the graph up (its ops are the
+        # same from there on; Quantize/DequantizeLinear gained types).
+        opset = options.get("opset")
+        newest = max(constants.OPSET_TO_IR_VERSION)
+        written = dict(options, opset=min(opset, newest)) if opset else options
+        notes = list(super().write(path, model, signature, written) or [])
         proto = onnx.load(path)
+        if opset and opset > newest:
+            proto = version_converter.convert_version(proto, opset)
+            notes.append(f"converted at opset {newest} (tf2onnx's newest), "
+                         f"then moved to opset {opset}")
         count = _qdq.integer_weights(proto, int(options["qat"]))
         onnx.checker.check_model(proto, full_check=True)
         with open(path, "wb") as f:
