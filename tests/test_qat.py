@@ -409,3 +409,39 @@ def test_a_normalization_that_cannot_fuse_is_kept_and_named():
                       "input"):
         qat = prepare_qat(keras.Model(inputs, outputs))
     assert qat.summary_qat.kept == 1
+
+
+@pytest.mark.slow
+def test_a_kept_normalization_trains_as_it_is_and_exports(tmp_path):
+    """A BN that cannot be fused (here on the model input, and after an
+    Add) keeps training as Keras' layer, named in the summary; the export
+    still holds the QAT model's numbers (it runs there as float ops or as
+    the runtime's own integer multiply-adds, between quantized tensors)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype("float32") / 16.0)[..., None][:512]
+    y = digits.target.astype("int32")[:512]
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.BatchNormalization(name="on_input")(inputs)
+    a = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(h)
+    a = keras.layers.ReLU()(keras.layers.BatchNormalization()(a))
+    b = keras.layers.Conv2D(8, 1, use_bias=False)(a)
+    h = keras.layers.Add()([a, b])
+    h = keras.layers.BatchNormalization(name="after_add")(h)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(h))
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    with pytest.warns(UserWarning, match="'on_input'.*'after_add'"):
+        qat = prepare_qat(model, warmup_steps=2)
+    assert qat.summary_qat.kept == 2 and qat.summary_qat.fused == 1
+    kept = qat.get_layer("after_add")
+    assert isinstance(kept, keras.layers.BatchNormalization)
+    before = keras.ops.convert_to_numpy(kept.moving_mean).copy()
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    qat.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert not np.allclose(keras.ops.convert_to_numpy(kept.moving_mean),
+                           before)
+    result = kerasbn.export(qat, tmp_path / "out", sample=x[:128],
+                            formats=("onnx_int8", "tflite_int8"))
+    assert result.passed
