@@ -182,7 +182,7 @@ def export(model, directory, formats=DEFAULT_FORMATS, *, fold=True,
     signature = ServingSignature(model)
     inputs = steps.verification_inputs(signature, sample, batch_sizes, verify)
     qat = steps.check_qat(model, formats, calibration, fold, equalize,
-                          int8_io, opset)
+                          int8_io, opset, per_channel)
     reduced = steps.reduced_options(
         model, signature, formats, calibration, validation, inputs, verify,
         min_agreement, max_rel_rms, per_channel, int8_io, equalize, qat)

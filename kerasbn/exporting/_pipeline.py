@@ -169,12 +169,12 @@ def fold_for_export(model, fold, keep_bn, progress, qat=False):
     return fold_model(model, keep_unfolded=keep_bn)
 
 
-QAT_FORMATS = ("onnx_int8", "tflite_int8", "saved_model")
+QAT_FORMATS = ("onnx_int8", "tflite_int8")
 QAT_MAX_REL_RMS = 0.02
 
 
 def check_qat(model, formats, calibration, fold, equalize, int8_io,
-              opset=None):
+              opset=None, per_channel=True):
     """The weight bit width of a model made by `prepare_qat` (0 for any
     other model), whose options are checked: its int8 artifacts use the
     ranges it learned, so it takes no calibration, fold or equalization
@@ -196,15 +196,16 @@ def check_qat(model, formats, calibration, fold, equalize, int8_io,
             f"(prepare_qat); it exports as the integer model it trained for, "
             f"formats {list(QAT_FORMATS)}, not {others}. Export the float "
             "model you prepared it from for float artifacts.")
-    for name, value, wrong in (("calibration", calibration, "given"),
-                               ("equalize", equalize, True),
-                               ("int8_io", int8_io, True)):
-        if (value is not None and wrong == "given") or value is True:
+    for name, wrong in (("calibration", calibration is not None),
+                        ("equalize", equalize is True),
+                        ("int8_io", int8_io is True),
+                        ("per_channel", per_channel is not True)):
+        if wrong:
             raise ValueError(
                 f"{WHERE}: {name}= does not apply to a quantization-aware "
-                "training model: its int8 artifacts use the weights and "
-                "activation ranges it learned, with float inputs and "
-                "outputs. Leave it out.")
+                "training model: its int8 artifacts use the weights, weight "
+                "scales (prepare_qat's per_channel) and activation ranges it "
+                "learned, with float inputs and outputs. Leave it out.")
     if not fold:
         raise ValueError(f"{WHERE}: fold=False does not apply to a QAT "
                          "model: its layers already hold the fold.")

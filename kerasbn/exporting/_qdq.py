@@ -12,9 +12,10 @@ one scale per output channel), and each bias as int32 codes with the scale
 `quantize_static` writes and its integer kernels (`QLinearConv`) run.
 
 The codes are recovered from the float kernel, not assumed: per output
-channel, `scale = max |w| / levels` and `codes = round(w / scale)`, and a
-kernel whose values are not within a rounding of `codes * scale` is an
-error (it was not written by kerasbn's QAT export).
+channel, `scale = max |w| / levels` and `codes = round(w / scale)` (or one
+scale for the kernel, written as a scalar); a kernel whose values are not
+within a rounding of `codes * scale` was not quantized by the QAT model (a
+layer `prepare_qat` left float) and stays a float initializer.
 """
 
 import numpy as np
@@ -52,24 +53,28 @@ def _grid(flat, bound, levels):
     return codes, scale, float(np.max(gap))
 
 
-def _codes(weight, levels, name):
-    """Integer codes and per-output-channel scales of a kernel on a
-    symmetric grid, per channel or (the same scale repeated) per tensor."""
+def _codes(weight, levels):
+    """`(codes, scales, per_channel)` of a kernel on a symmetric grid, per
+    output channel or per tensor (one scale), or None when it is on
+    neither: a kernel the QAT model did not quantize (a layer
+    `prepare_qat` left float), which stays a float initializer."""
     flat = weight.reshape(weight.shape[0], -1)
     codes, scale, gap = _grid(flat, np.max(np.abs(flat), axis=1), levels)
+    per_channel = True
     if gap > 1e-5:
         whole = np.full(flat.shape[0], np.max(np.abs(flat)), np.float32)
         codes, scale, gap = _grid(flat, whole, levels)
+        per_channel = False
     if gap > 1e-5 or np.any(np.abs(codes) > levels):
-        raise ValueError(
-            f"the kernel '{name}' is not on a {levels}-level integer grid "
-            f"per output channel or per tensor (largest gap {gap:.3g} of "
-            "its range): it was not written by kerasbn's QAT export")
-    return codes.reshape(weight.shape), scale
+        return None
+    if not per_channel or np.all(scale == scale[0]):
+        return codes.reshape(weight.shape), scale[:1].reshape(()), False
+    return codes.reshape(weight.shape), scale, True
 
 
 def integer_weights(proto, bits):
-    """Rewrite `proto` in place; returns the number of kernels rewritten."""
+    """Rewrite `proto` in place; returns `(kernels rewritten, convolution
+    kernels left float)`."""
     from onnx import TensorProto
     from onnx import helper
     from onnx import numpy_helper
@@ -89,14 +94,18 @@ def integer_weights(proto, bits):
     for node in graph.node:
         for name in node.input:
             users[name] = users.get(name, 0) + 1
-    added_nodes, added, rewritten = [], [], 0
+    added_nodes, added, rewritten, left = [], [], 0, 0
     for node in graph.node:
         if node.op_type != "Conv" or node.input[1] not in initializers:
             continue
         if users.get(node.input[1], 0) != 1:
             continue  # A shared kernel: left as it is.
         weight = np.asarray(initializers[node.input[1]], np.float32)
-        codes, scale = _codes(weight, levels, node.input[1])
+        found = _codes(weight, levels)
+        if found is None:
+            left += 1
+            continue
+        codes, scale, per_channel = found
         prefix = f"{node.name or node.output[0]}_qdq"
         kind = TensorProto.INT8 if bits > 4 else TensorProto.INT4
         added += [
@@ -104,16 +113,18 @@ def integer_weights(proto, bits):
                                codes.astype(np.int8).reshape(-1).tolist()),
             numpy_helper.from_array(scale, f"{prefix}_w_scale"),
         ]
+        axis = {"axis": 0} if per_channel else {}
         added_nodes.append(helper.make_node(
             "DequantizeLinear", [f"{prefix}_w", f"{prefix}_w_scale"],
-            [f"{prefix}_w_dq"], axis=0, name=f"{prefix}_w_dq"))
+            [f"{prefix}_w_dq"], name=f"{prefix}_w_dq", **axis))
         node.input[1] = f"{prefix}_w_dq"
         input_scale = _input_scale(node.input[0], producers, initializers)
         if (len(node.input) > 2 and node.input[2] in initializers
                 and input_scale is not None
                 and users.get(node.input[2], 0) == 1):
             bias = np.asarray(initializers[node.input[2]], np.float32)
-            bias_scale = (input_scale * scale).astype(np.float32)
+            bias_scale = (input_scale * np.broadcast_to(
+                scale, bias.shape)).astype(np.float32)
             bias_codes = np.round(bias / bias_scale).astype(np.int64)
             if np.all(np.abs(bias_codes) < 2 ** 31):
                 added += [
@@ -133,4 +144,4 @@ def integer_weights(proto, bits):
     nodes = added_nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return rewritten
+    return rewritten, left

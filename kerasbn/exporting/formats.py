@@ -274,12 +274,21 @@ class OnnxInt8Format(OnnxFormat):
             proto = version_converter.convert_version(proto, opset)
             notes.append(f"converted at opset {newest} (tf2onnx's newest), "
                          f"then moved to opset {opset}")
-        count = _qdq.integer_weights(proto, int(options["qat"]))
+        count, left = _qdq.integer_weights(proto, int(options["qat"]))
+        if left:
+            raise ValueError(
+                f"{left} convolution kernel(s) of layers prepare_qat left "
+                "float (its summary_qat and warning name them) sit between "
+                "quantized tensors, where ONNX Runtime and OpenVINO quantize "
+                "float kernels on their own: the artifact would not compute "
+                "the QAT model. Export tflite_int8 (it keeps them float), or "
+                "make the layers quantizable (channels_last, not nested)")
         onnx.checker.check_model(proto, full_check=True)
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
-        return notes + [f"{count} kernel(s) stored as {options['qat']}-bit "
-                        "integer codes with the QAT model's scales"]
+        notes.append(f"{count} kernel(s) stored as {options['qat']}-bit "
+                     "integer codes with the QAT model's scales")
+        return notes
 
 
 class TFLiteFp16Format(TFLiteFormat):

@@ -42,6 +42,10 @@ import keras
 from keras import ops
 
 NEVER = 2.0 ** 60  # A step no training reaches: "not frozen".
+# A range narrower than this held one value, zero (ranges contain 0): any
+# width quantizes it exactly, and integer runtimes refuse scales near 0
+# (XNNPACK: "failed to prepare"), so such a range is made [low, low + 1].
+_EMPTY = 1e-6
 
 _CONVS = ("Conv1D", "Conv2D", "Conv3D")
 _DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
@@ -125,7 +129,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.range_frozen_at = state("range_frozen_at", NEVER)
 
     def fake_quantize(self, x, low, high):
-        high = ops.maximum(high, low + 1e-6)
+        high = ops.where(ops.less(high - low, _EMPTY), low + 1.0, high)
         return keras.quantizers.fake_quant_with_min_max_vars(
             x, low, high, num_bits=self.bits, narrow_range=False)
 
@@ -165,7 +169,9 @@ class ActivationQuantizer(keras.layers.Layer):
 
         low = np.float32(ops.convert_to_numpy(self.range_min))
         high = np.float32(ops.convert_to_numpy(self.range_max))
-        return float(low), float(max(high, low + np.float32(1e-6)))
+        if high - low < np.float32(_EMPTY):
+            high = low + np.float32(1.0)
+        return float(low), float(high)
 
     def exported(self, x):
         """The fake-quant op with the learned range as constants, which the
@@ -264,6 +270,10 @@ class QuantizedLinear(keras.layers.Layer):
                          padding=config["padding"],
                          data_format=config["data_format"],
                          dilation_rate=tuple(config["dilation_rate"]))
+        if arguments["padding"] == "causal":  # 1-D, channels last
+            left = arguments["dilation_rate"][0] * (kernel.shape[0] - 1)
+            x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
+            arguments["padding"] = "valid"
         if self.kind in _DEPTHWISE:
             return ops.depthwise_conv(x, kernel, **arguments)
         return ops.conv(x, kernel, **arguments)
@@ -419,6 +429,8 @@ class QuantizedLinear(keras.layers.Layer):
 
         kernel, bias = self.exporting
         kernel = np.asarray(kernel, np.float32)
+        if self.kind in ("Conv1D", "DepthwiseConv1D"):
+            return self._exported_1d(x, kernel, bias)
         if self.kind == "Dense":
             # As a 1x1 convolution: the converter keeps per-channel scales
             # through a convolution's kernel, not a fully connected one's.
@@ -443,6 +455,35 @@ class QuantizedLinear(keras.layers.Layer):
         if self.output_quantizer is not None:
             y = self.output_quantizer(y, training=training)
         return y
+
+    def _exported_1d(self, x, kernel, bias):
+        """A 1-D convolution as the 2-D one TensorFlow runs it as, with the
+        kernel quantized in its 2-D shape (channels last; see
+        `exported`)."""
+        import tensorflow as tf
+
+        config = self._config
+        stride = tuple(config["strides"])[0]
+        dilation = tuple(config["dilation_rate"])[0]
+        padding = config["padding"]
+        rows = tf.expand_dims(x, 1)
+        if padding == "causal":
+            left = dilation * (kernel.shape[0] - 1)
+            rows = tf.pad(rows, [[0, 0], [0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        quantized = self._constant_fake_quant(kernel.reshape(
+            (1,) + kernel.shape))
+        if self.kind == "Conv1D":
+            y = tf.nn.conv2d(rows, quantized, strides=(1, stride),
+                             padding=padding.upper(),
+                             dilations=(1, dilation))
+        else:
+            y = tf.nn.depthwise_conv2d(rows, quantized,
+                                       strides=(1, 1, stride, 1),
+                                       padding=padding.upper(),
+                                       dilations=(1, dilation))
+        y = self._finish(y + tf.constant(bias), training=False)
+        return tf.squeeze(y, 1)
 
     def _constant_fake_quant(self, kernel):
         import numpy as np

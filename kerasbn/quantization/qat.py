@@ -71,14 +71,18 @@ class QATSummary:
     kept: int
     quantizers: int
     reasons: dict
+    float_layers: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self):
         lines = [f"prepare_qat: {self.fused} linear layer(s) with their "
                  f"normalization folded in, {self.linear} without one, "
                  f"{self.quantizers} activation quantizer(s); "
-                 f"{self.kept} normalization(s) kept float."]
+                 f"{self.kept} normalization(s) kept float, "
+                 f"{len(self.float_layers)} weight layer(s) left float."]
         lines += [f"  kept {name}: {why}" for name, why in
                   self.reasons.items()]
+        lines += [f"  float {name}: {why}" for name, why in
+                  self.float_layers.items()]
         return "\n".join(lines)
 
 
@@ -132,15 +136,40 @@ class _Plan:
         self.groups = {}  # linear call index -> (norm call, act call, act)
         self.absorbed = {}  # fused call index -> linear call index
         self.reasons = {}  # normalization name -> why kept
+        self.float_layers = {}  # weight layer name -> why left float
         for call in graph.calls:
-            if type(call.operation).__name__ in _LINEAR and isinstance(
-                    call.operation, keras.layers.Layer):
+            why = self._why_float(call)
+            if why is not None:
+                self.float_layers[call.operation.name] = why
+            elif type(call.operation).__name__ in _LINEAR:
                 self._group(call)
         for call in graph.calls:
             operation = call.operation
             if (registry.find_normalization(operation) is not None
                     and call.index not in self.absorbed):
                 self.reasons.setdefault(operation.name, self._why_kept(call))
+
+    def _why_float(self, call):
+        """Why a layer with weights is not quantized, or None."""
+        layer = call.operation
+        if graph_lib.is_graph_model(layer):
+            return ("a nested model: prepare_qat does not enter it, so its "
+                    "layers train and deploy in float; build the model "
+                    "flat (its layers in the outer graph) to quantize them")
+        kind = type(layer).__name__
+        if kind not in _LINEAR:
+            if registry.find_linear(layer) is not None:
+                return f"no quantization-aware rule for {kind} yet"
+            return None
+        if self.graph.call_count[id(layer)] > 1:
+            return (f"called {self.graph.call_count[id(layer)]} times (a "
+                    "shared kernel)")
+        if kind != "Dense" and getattr(
+                layer, "data_format", "channels_last") != "channels_last":
+            return ("data_format='channels_first'; prepare_qat quantizes "
+                    "channels_last layers (the layout TFLite and ONNX "
+                    "Runtime's integer kernels take)")
+        return None
 
     def _single_consumer(self, call):
         uses = self.graph.uses.get(call.output_ids[0], [])
@@ -157,11 +186,6 @@ class _Plan:
 
     def _group(self, call):
         layer = call.operation
-        if self.graph.call_count[id(layer)] > 1:
-            return
-        if type(layer).__name__ != "Dense" and getattr(
-                layer, "data_format", "channels_last") != "channels_last":
-            return
         own = _own_activation(layer)
         norm = act = None
         tail = call
@@ -249,7 +273,8 @@ def prepare_qat(model, weight_bits=8, activation_bits=8, per_channel=True,
     Returns:
         The QAT model, with a `summary_qat` attribute (`QATSummary`).
     """
-    _check_arguments(model, weight_bits, activation_bits)
+    _check_arguments(model, weight_bits, activation_bits, per_channel,
+                     range_momentum, warmup_steps, quantize_inputs)
     graph = graph_lib.read_graph(model, trace=False)
     plan = _Plan(graph)
     options = dict(weight_bits=int(weight_bits), per_channel=per_channel,
@@ -261,24 +286,59 @@ def prepare_qat(model, weight_bits=8, activation_bits=8, per_channel=True,
     summary = QATSummary(
         fused=sum(1 for g in plan.groups.values() if g[0] is not None),
         linear=sum(1 for g in plan.groups.values() if g[0] is None),
-        kept=len(kept), quantizers=builder.quantizers, reasons=kept)
+        kept=len(kept), quantizers=builder.quantizers, reasons=kept,
+        float_layers=dict(plan.float_layers))
     if kept:
         warnings.warn(
             f"{_WHERE}: {len(kept)} normalization(s) train as they are and "
             "stay float in the exported artifacts: " + "; ".join(
                 f"'{name}' ({why})" for name, why in kept.items()),
             stacklevel=2)
+    if plan.float_layers:
+        warnings.warn(
+            f"{_WHERE}: {len(plan.float_layers)} layer(s) with weights are "
+            "not quantized and stay float in the exported artifacts: "
+            + "; ".join(f"'{name}' ({why})"
+                        for name, why in plan.float_layers.items()),
+            stacklevel=2)
     new_model.summary_qat = summary
     return new_model
 
 
-def _check_arguments(model, weight_bits, activation_bits):
-    if not isinstance(model, keras.Model) or not (
-            _keras_internal.is_graph_model(model)):
+def _check_arguments(model, weight_bits, activation_bits, per_channel,
+                     range_momentum, warmup_steps, quantize_inputs):
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise TypeError(
+            f"{_WHERE} needs a Keras model object; got the path {model!r}. "
+            "Load it first: keras.saving.load_model(path).")
+    if not isinstance(model, keras.Model):
         raise TypeError(
             f"{_WHERE} needs a Functional or Sequential Keras model; got "
-            f"{type(model).__name__}. Build a subclassed model's layers in a "
-            "keras.Model(inputs, outputs) graph first.")
+            f"{type(model).__name__}. Put the layer in a "
+            "keras.Model(inputs, outputs) first.")
+    if not _keras_internal.is_graph_model(model):
+        raise TypeError(
+            f"{_WHERE} needs a Functional or Sequential Keras model; got "
+            f"the subclassed model {type(model).__name__}. Build its layers "
+            "in a keras.Model(inputs, outputs) graph first.")
+    if is_qat_model(model):
+        raise ValueError(
+            f"{_WHERE}: '{model.name}' is already a QAT model (it holds "
+            "QuantizedLinear layers). Train it further as it is, or prepare "
+            "the float model it was made from.")
+    for name, value in (("per_channel", per_channel),
+                        ("quantize_inputs", quantize_inputs)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{_WHERE}: {name} must be True or False; got "
+                            f"{value!r}.")
+    if isinstance(warmup_steps, bool) or not isinstance(
+            warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"{_WHERE}: warmup_steps must be an int >= 0; got "
+                         f"{warmup_steps!r}.")
+    if isinstance(range_momentum, bool) or not isinstance(
+            range_momentum, (int, float)) or not 0 <= range_momentum < 1:
+        raise ValueError(f"{_WHERE}: range_momentum must be in [0, 1); got "
+                         f"{range_momentum!r}.")
     if not model.built or not model.inputs:
         raise ValueError(f"{_WHERE}: the model '{model.name}' is not built; "
                          "call it on data or give it a keras.Input first.")
@@ -437,11 +497,24 @@ def _steps_of(layer):
     return float(keras.ops.convert_to_numpy(layer.steps))
 
 
+def _check_freeze(model, after_steps, where):
+    if isinstance(after_steps, bool) or not isinstance(
+            after_steps, int) or after_steps < 0:
+        raise ValueError(f"{where}: after_steps must be an int >= 0; got "
+                         f"{after_steps!r}.")
+    if not is_qat_model(model):
+        raise ValueError(
+            f"{where}: '{getattr(model, 'name', model)}' has no "
+            "QuantizedLinear layer; make it with "
+            "kerasbn.quantization.prepare_qat.")
+
+
 def freeze_batch_statistics(model, after_steps=0):
     """Stop the batch statistics of every fused layer of `model`, now or
     `after_steps` training steps from now: from then on the layers train
     with the moving statistics (the frozen fold the runtime runs), and the
     moving statistics stop changing. Returns the number of layers."""
+    _check_freeze(model, after_steps, "freeze_batch_statistics")
     count = 0
     for layer in qat_layers(model):
         if isinstance(layer, QuantizedLinear) and layer.normalization:
@@ -453,6 +526,7 @@ def freeze_batch_statistics(model, after_steps=0):
 def freeze_ranges(model, after_steps=0):
     """Stop the activation ranges of `model` moving (now or after
     `after_steps` training steps). Returns the number of quantizers."""
+    _check_freeze(model, after_steps, "freeze_ranges")
     count = 0
     for layer in qat_layers(model):
         if isinstance(layer, ActivationQuantizer):
@@ -485,20 +559,22 @@ class FreezeBatchStatistics(keras.callbacks.Callback):
 
     def __init__(self, after_steps, ranges_after_steps=None):
         super().__init__()
-        if int(after_steps) < 0:
-            raise ValueError("FreezeBatchStatistics: after_steps must be >= "
-                             f"0; got {after_steps!r}.")
-        self.after_steps = int(after_steps)
+        for name, value in (("after_steps", after_steps),
+                            ("ranges_after_steps", ranges_after_steps)):
+            if value is None and name == "ranges_after_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(
+                    value, int) or value < 0:
+                raise ValueError(f"FreezeBatchStatistics: {name} must be an "
+                                 f"int >= 0; got {value!r}.")
+        self.after_steps = after_steps
         self.ranges_after_steps = ranges_after_steps
 
     def on_train_begin(self, logs=None):
-        if not is_qat_model(self.model):
-            raise ValueError(
-                "FreezeBatchStatistics: the model has no QuantizedLinear "
-                "layer; make it with kerasbn.quantization.prepare_qat.")
+        _check_freeze(self.model, self.after_steps, "FreezeBatchStatistics")
         freeze_batch_statistics(self.model, self.after_steps)
         if self.ranges_after_steps is not None:
-            freeze_ranges(self.model, int(self.ranges_after_steps))
+            freeze_ranges(self.model, self.ranges_after_steps)
 
 
 def unfreeze(model):
