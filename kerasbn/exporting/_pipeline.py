@@ -209,6 +209,16 @@ def check_qat(model, formats, calibration, fold, equalize, int8_io,
     if not fold:
         raise ValueError(f"{WHERE}: fold=False does not apply to a QAT "
                          "model: its layers already hold the fold.")
+    left = qat.float_weight_layers(model)
+    if left:
+        raise ValueError(
+            f"{WHERE}: '{model.name}' holds {len(left)} layer(s) with "
+            f"kernels that prepare_qat left float ({left}; its summary_qat "
+            "says why). Between quantized tensors, the TFLite converter and "
+            "ONNX Runtime/OpenVINO quantize such kernels on their own, so "
+            "the int8 artifacts would not compute the QAT model. Make them "
+            "quantizable before prepare_qat (layers in the outer graph, "
+            "channels_last, one call each).")
     if widths[0] <= 4 and "onnx_int8" in formats and (opset or 0) < 21:
         raise ValueError(
             f"{WHERE}: '{model.name}' has {widths[0]}-bit weights, which ONNX "

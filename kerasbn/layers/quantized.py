@@ -99,10 +99,15 @@ class ActivationQuantizer(keras.layers.Layer):
         bits: 2..16; 8 is what integer runtimes run.
         momentum: of the moving average of the batch min and max.
         warmup_steps: training steps that only observe the range.
+        nonnegative: the input is never negative (a ReLU's output): the
+            range's minimum is 0 without reading it.
     """
 
-    def __init__(self, bits=8, momentum=0.99, warmup_steps=16, **kwargs):
+    def __init__(self, bits=8, momentum=0.99, warmup_steps=16,
+                 nonnegative=False, **kwargs):
         super().__init__(**kwargs)
+        # Set for the output of a ReLU/ReLU6: its minimum is 0, not read.
+        self.nonnegative = bool(nonnegative)
         if not 2 <= int(bits) <= 16:
             raise ValueError(
                 f"ActivationQuantizer: bits must be in 2..16; got {bits!r}.")
@@ -146,7 +151,8 @@ class ActivationQuantizer(keras.layers.Layer):
         old_min, old_max = _read(self.range_min), _read(self.range_max)
         frozen = ops.greater_equal(steps, _read(self.range_frozen_at))
         values = ops.cast(ops.stop_gradient(x), "float32")
-        batch_min = ops.minimum(ops.min(values), 0.0)
+        batch_min = (ops.convert_to_tensor(0.0) if self.nonnegative
+                     else ops.minimum(ops.min(values), 0.0))
         batch_max = ops.maximum(ops.max(values), 0.0)
         first = ops.equal(steps, 0.0)
         m = self.momentum
@@ -161,7 +167,9 @@ class ActivationQuantizer(keras.layers.Layer):
         self.steps.assign(steps + 1.0)
         observing = ops.less(steps, float(self.warmup_steps))
         observing = ops.logical_and(observing, ops.logical_not(frozen))
-        return ops.where(observing, x, self.fake_quantize(x, low, high))
+        # One branch runs (a select would compute both over the tensor).
+        return ops.cond(observing, lambda: x,
+                        lambda: self.fake_quantize(x, low, high))
 
     def nudged_range(self):
         """NumPy float32 `(min, max)` the layer quantizes with."""
@@ -188,7 +196,8 @@ class ActivationQuantizer(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(bits=self.bits, momentum=self.momentum,
-                      warmup_steps=self.warmup_steps)
+                      warmup_steps=self.warmup_steps,
+                      nonnegative=self.nonnegative)
         return config
 
 
@@ -232,6 +241,7 @@ class QuantizedLinear(keras.layers.Layer):
             self.output_quantizer = ActivationQuantizer(
                 bits=activation_bits, momentum=range_momentum,
                 warmup_steps=warmup_steps, name="output_quantizer",
+                nonnegative=activation in ("relu", "relu6"),
                 dtype=self.dtype_policy)
 
     # -- the linear operation -------------------------------------------
@@ -387,14 +397,17 @@ class QuantizedLinear(keras.layers.Layer):
         batch_sigma = ops.sqrt(batch_variance + epsilon)
         # gamma (z - mu_B) / sigma_B + beta = (sigma / sigma_B)(y - mean y)
         # + beta: the whitepaper's correction of the moving-sigma fold.
-        normalized = (y - _broadcast(y_mean, rank, axis)) * _broadcast(
-            gamma / batch_sigma * ops.where(
-                ops.equal(multiplier, 0.0), 0.0, 1.0 / safe), rank, axis)
-        normalized = normalized + _broadcast(beta, rank, axis)
+        # Both are one multiply-add per channel on y; choosing between the
+        # per-channel vectors keeps it one pass over the tensor.
+        scale = gamma / batch_sigma * ops.where(
+            ops.equal(multiplier, 0.0), 0.0, 1.0 / safe)
+        shift = beta - y_mean * scale
         steps = _read(self.steps)
         frozen = ops.greater_equal(steps, _read(self.statistics_frozen_at))
-        output = ops.where(frozen, y + _broadcast(frozen_shift, rank, axis),
-                           normalized)
+        scale = ops.where(frozen, ops.ones_like(scale), scale)
+        shift = ops.where(frozen, frozen_shift, shift)
+        output = y * _broadcast(scale, rank, axis) + _broadcast(
+            shift, rank, axis)
         m = self.normalization["momentum"]
         batch_mean = ops.stop_gradient(batch_mean)
         batch_variance = ops.stop_gradient(batch_variance)

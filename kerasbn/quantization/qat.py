@@ -535,6 +535,20 @@ def freeze_ranges(model, after_steps=0):
     return count
 
 
+def float_weight_layers(model):
+    """Names of the layers of a QAT model that hold kernels `prepare_qat`
+    did not quantize (nested models, channels_first or shared or
+    unsupported kernels): kept float while training."""
+    names = []
+    for layer in model.layers:
+        if isinstance(layer, (QuantizedLinear, ActivationQuantizer)):
+            continue
+        if graph_lib.is_graph_model(layer) or (
+                registry.find_linear(layer) is not None):
+            names.append(layer.name)
+    return names
+
+
 def weight_bits(model):
     """The sorted weight bit widths of a QAT model's fused layers."""
     return sorted({layer.weight_bits for layer in qat_layers(model)
