@@ -84,6 +84,11 @@ def _expm1(ctx, node, name, args):
                   name=name, shapes=shapes, dtypes=dtypes)
 
 
+# What a handler returns when it left the op to tf2onnx's own conversion
+# (not counted as a rewrite in the notes).
+_TF2ONNX_OWN = object()
+
+
 def _weight_fake_quant(ctx, node, name, args):
     """A fake-quantized constant kernel (kerasbn's QAT export: symmetric,
     narrow range, per channel on the last axis) as the constant it
@@ -97,7 +102,12 @@ def _weight_fake_quant(ctx, node, name, args):
     narrow = node.get_attr_value("narrow_range", False)
     inputs = node.inputs
     if node.type == "FakeQuantWithMinMaxVars" and not narrow:
-        return _activation_fake_quant(ctx, node, name, bits)
+        # An activation's fake quantization (a graph of the user's own):
+        # tf2onnx's handler, which this custom handler takes the op from.
+        from tf2onnx.onnx_opset import quantize
+
+        quantize.FakeQuantWithMinMaxArgs.version_10(ctx, node)
+        return _TF2ONNX_OWN
     if not narrow or not all(i.is_const() for i in inputs):
         raise ValueError(
             f"{node.type} '{name}': only constant kernels with a symmetric "
@@ -120,40 +130,6 @@ def _weight_fake_quant(ctx, node, name, args):
     ctx.remove_node(node.name)
 
 
-def _activation_fake_quant(ctx, node, name, bits):
-    """Per-tensor 8-bit fake quantization of activations with constant
-    ranges, as tf2onnx's own handler converts it (uint8 Quantize and
-    DequantizeLinear with TensorFlow's nudged zero point): kerasbn's
-    handler for the weights' per-tensor op takes this op's name too."""
-    from tf2onnx import utils
-
-    low, high = node.inputs[1], node.inputs[2]
-    if bits != 8 or not (low.is_const() and high.is_const()):
-        raise ValueError(
-            f"{node.type} '{name}': only 8-bit ranges that are constants "
-            "convert to ONNX")
-    low = np.float32(low.get_tensor_value())
-    high = np.float32(high.get_tensor_value())
-    scale = (high - low) / np.float32(255)
-    zero = np.uint8(np.clip(np.floor(-low / scale + np.float32(0.5)), 0,
-                            255))
-    scale_node = ctx.make_const(utils.make_name(f"{name}_scale"),
-                                np.array(scale, np.float32))
-    zero_node = ctx.make_const(utils.make_name(f"{name}_zero"),
-                               np.array(zero, np.uint8))
-    shapes, dtypes = node.output_shapes, node.output_dtypes
-    source = node.input[0]
-    ctx.remove_node(node.name)
-    quantized = ctx.make_node(
-        "QuantizeLinear", [source, scale_node.output[0], zero_node.output[0]],
-        name=utils.make_name(f"{name}_quantize"))
-    ctx.make_node("DequantizeLinear", [quantized.output[0],
-                                       scale_node.output[0],
-                                       zero_node.output[0]],
-                  outputs=node.output, name=name, shapes=shapes,
-                  dtypes=dtypes)
-
-
 # Ops TensorFlow writes for Keras 3 layers that tf2onnx leaves unconverted,
 # each with its ONNX rewrite.
 CUSTOM_OPS = {"Erfc": (_erfc, []), "Expm1": (_expm1, []),
@@ -164,16 +140,15 @@ REWRITTEN_AS = {"Erfc": "1 - Erf (exact GELU)",
                 "FakeQuantWithMinMaxVarsPerChannel":
                     "kernels on their integer grid (QAT)",
                 "FakeQuantWithMinMaxVars":
-                    "kernels on their integer grid, or Quantize/"
-                    "DequantizeLinear (activations)"}
+                    "kernels on their integer grid (QAT, per tensor)"}
 
 
 def _recording_handlers(used):
     """`CUSTOM_OPS` whose handlers count each op they rewrite in `used`."""
     def recording(op, handler):
         def handle(ctx, node, name, args):
-            used[op] = used.get(op, 0) + 1
-            return handler(ctx, node, name, args)
+            if handler(ctx, node, name, args) is not _TF2ONNX_OWN:
+                used[op] = used.get(op, 0) + 1
         return handle
     return {op: (recording(op, handler), args)
             for op, (handler, args) in CUSTOM_OPS.items()}

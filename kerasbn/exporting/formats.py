@@ -77,13 +77,18 @@ class OnnxFormat:
         return f"{name}.onnx"
 
     def write(self, path, model, signature, options):
+        proto, notes = self.convert(model, signature, options.get("opset"))
+        self.save(proto, path)
+        return notes
+
+    def convert(self, model, signature, opset):
+        """`(ModelProto, notes)` of the model's serving function."""
         _require("tf2onnx")
-        onnx = _require("onnx")
+        _require("onnx")
         from kerasbn.exporting import _onnx_graph
 
         proto, notes = _onnx_graph.convert(
-            signature.serving_function(model), signature.input_specs,
-            options.get("opset"))
+            signature.serving_function(model), signature.input_specs, opset)
         notes += _onnx_graph.guard_pad_max_pool(proto)
         # tf2onnx lists a dict's outputs sorted by name; list them in the
         # model's own output order, as the SavedModel and Keras files do.
@@ -92,10 +97,15 @@ class OnnxFormat:
                          key=lambda o: order.get(o.name, len(order)))
         del proto.graph.output[:]
         proto.graph.output.extend(outputs)
+        return proto, notes
+
+    @staticmethod
+    def save(proto, path):
+        """Check `proto` in full, then write it to `path`."""
+        onnx = _require("onnx")
         onnx.checker.check_model(proto, full_check=True)
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
-        return notes
 
     def run(self, path, signature, arrays):
         ort = _require("onnxruntime")
@@ -254,9 +264,8 @@ class OnnxInt8Format(OnnxFormat):
             os.remove(source)
         return notes
 
-
     def _write_qat(self, path, model, signature, options):
-        onnx = _require("onnx")
+        _require("onnx")
         from onnx import version_converter
         from tf2onnx import constants
 
@@ -267,9 +276,8 @@ class OnnxInt8Format(OnnxFormat):
         # same from there on; Quantize/DequantizeLinear gained types).
         opset = options.get("opset")
         newest = max(constants.OPSET_TO_IR_VERSION)
-        written = dict(options, opset=min(opset, newest)) if opset else options
-        notes = list(super().write(path, model, signature, written) or [])
-        proto = onnx.load(path)
+        proto, notes = self.convert(model, signature,
+                                    min(opset, newest) if opset else opset)
         if opset and opset > newest:
             proto = version_converter.convert_version(proto, opset)
             notes.append(f"converted at opset {newest} (tf2onnx's newest), "
@@ -283,9 +291,7 @@ class OnnxInt8Format(OnnxFormat):
                 "float kernels on their own: the artifact would not compute "
                 "the QAT model. Export tflite_int8 (it keeps them float), or "
                 "make the layers quantizable (channels_last, not nested)")
-        onnx.checker.check_model(proto, full_check=True)
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
+        self.save(proto, path)
         notes.append(f"{count} kernel(s) stored as {options['qat']}-bit "
                      "integer codes with the QAT model's scales")
         return notes

@@ -230,11 +230,7 @@ class _Builder:
     # -- the model ----------------------------------------------------------
 
     def build(self):
-        functional = self.graph.functional
-        input_layers = [_keras_internal.producing_operation(x)
-                        for x in functional.inputs]
-        new_inputs = [type(layer).from_config(layer.get_config())
-                      for layer in input_layers]
+        _, new_inputs = new_input_layers(self.graph.functional)
         with self.initializers:
             if self.graph.is_sequential:
                 new_model = self._sequential(new_inputs)
@@ -269,15 +265,31 @@ class _Builder:
             outputs = self.new_operation(call)(*args, **kwargs)
             for x, y in zip(call.node.outputs, keras.tree.flatten(outputs)):
                 tensors[id(x)] = y
-        return keras.Model(
-            inputs=keras.tree.pack_sequence_as(
-                _keras_internal.input_structure(functional),
-                [layer.output for layer in new_inputs]),
-            outputs=keras.tree.pack_sequence_as(
-                _keras_internal.output_structure(functional),
-                [tensors[id(x)] for x in functional.outputs]),
-            name=self.graph.model.name,
-        )
+        return functional_model(
+            functional, new_inputs,
+            [tensors[id(x)] for x in functional.outputs],
+            self.graph.model.name)
+
+
+def new_input_layers(functional):
+    """`(input layers, copies of them)` of a Functional model."""
+    input_layers = [_keras_internal.producing_operation(x)
+                    for x in functional.inputs]
+    return input_layers, [type(layer).from_config(layer.get_config())
+                          for layer in input_layers]
+
+
+def functional_model(functional, new_inputs, outputs, name):
+    """A Functional model on `new_inputs` (from `new_input_layers`) with
+    `outputs` (listed as `functional.outputs` are), structured as
+    `functional`'s inputs and outputs are."""
+    return keras.Model(
+        inputs=keras.tree.pack_sequence_as(
+            _keras_internal.input_structure(functional),
+            [layer.output for layer in new_inputs]),
+        outputs=keras.tree.pack_sequence_as(
+            _keras_internal.output_structure(functional), outputs),
+        name=name)
 
 
 def count_normalizations(model):

@@ -66,16 +66,22 @@ def fake_quantize_weights(kernel, bits, per_channel=True):
     bound = ops.max(ops.abs(ops.stop_gradient(kernel)), axis=reduce)
     bound = ops.stop_gradient(ops.maximum(bound, 1e-30))
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        quantize = (tf.quantization.fake_quant_with_min_max_vars_per_channel
-                    if per_channel else
-                    tf.quantization.fake_quant_with_min_max_vars)
-        return quantize(kernel, -bound, bound, num_bits=bits,
-                        narrow_range=True)
+        return _tf_weight_fake_quant(kernel, -bound, bound, bits,
+                                     per_channel)
     return keras.quantizers.fake_quant_with_min_max_vars(
         kernel, -bound, bound, num_bits=bits, narrow_range=True,
         axis=-1 if per_channel else None)
+
+
+def _tf_weight_fake_quant(kernel, low, high, bits, per_channel):
+    """TensorFlow's own narrow-range fake-quant op on a kernel (per channel
+    on the last axis, or per tensor)."""
+    import tensorflow as tf
+
+    quantize = (tf.quantization.fake_quant_with_min_max_vars_per_channel
+                if per_channel else
+                tf.quantization.fake_quant_with_min_max_vars)
+    return quantize(kernel, low, high, num_bits=bits, narrow_range=True)
 
 
 def _read(variable):
@@ -118,7 +124,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.momentum = float(momentum)
         self.warmup_steps = int(warmup_steps)
         self.supports_masking = True
-        # Set by the exporter to `nudged_range()`: then the layer is the
+        # Set by the exporter to `export_range()`: then the layer is the
         # plain fake-quant op with that range as constants.
         self.exporting = None
 
@@ -171,7 +177,7 @@ class ActivationQuantizer(keras.layers.Layer):
         return ops.cond(observing, lambda: x,
                         lambda: self.fake_quantize(x, low, high))
 
-    def nudged_range(self):
+    def export_range(self):
         """NumPy float32 `(min, max)` the layer quantizes with."""
         import numpy as np
 
@@ -361,6 +367,12 @@ class QuantizedLinear(keras.layers.Layer):
         sigma = ops.sqrt(self.moving_variance + epsilon)
         return gamma, beta, sigma
 
+    def _frozen_shift(self, beta, multiplier):
+        """`beta + (b - mu) gamma / sigma`: the frozen fold's bias, with
+        `conv(x, Q(W gamma / sigma))`."""
+        bias = self.bias if self.bias is not None else 0.0
+        return beta + (bias - self.moving_mean) * multiplier
+
     def call(self, inputs, training=False):
         x = inputs
         rank = len(x.shape)
@@ -380,9 +392,7 @@ class QuantizedLinear(keras.layers.Layer):
         multiplier = gamma / sigma
         y = self.linear_op(x, self.folded_kernel(multiplier))
         bias = self.bias if self.bias is not None else 0.0
-        mean = self.moving_mean
-        # Frozen fold: conv(x, Q(W gamma / sigma)) + beta + (b - mu) gamma / sigma.
-        frozen_shift = beta + (bias - mean) * multiplier
+        frozen_shift = self._frozen_shift(beta, multiplier)
         if not training:
             return y + _broadcast(frozen_shift, rank, axis)
         # Batch statistics of z = conv(x, Q(W gamma / sigma)) sigma / gamma
@@ -499,7 +509,6 @@ class QuantizedLinear(keras.layers.Layer):
         return tf.squeeze(y, 1)
 
     def _constant_fake_quant(self, kernel):
-        import numpy as np
         import tensorflow as tf
 
         if self.kind in _DEPTHWISE and self.per_channel:
@@ -515,15 +524,14 @@ class QuantizedLinear(keras.layers.Layer):
         import numpy as np
         import tensorflow as tf
 
+        # The range from NumPy: constants in the graph, as the converters
+        # need them.
         reduce = tuple(range(kernel.ndim - (1 if self.per_channel else 0)))
         bound = np.maximum(np.max(np.abs(kernel), axis=reduce),
                            np.float32(1e-30)).astype(np.float32)
-        quantize = (tf.quantization.fake_quant_with_min_max_vars_per_channel
-                    if self.per_channel else
-                    tf.quantization.fake_quant_with_min_max_vars)
-        return quantize(tf.constant(kernel), tf.constant(-bound),
-                        tf.constant(bound), num_bits=self.weight_bits,
-                        narrow_range=True)
+        return _tf_weight_fake_quant(
+            tf.constant(kernel), tf.constant(-bound), tf.constant(bound),
+            self.weight_bits, self.per_channel)
 
     def folded_float(self):
         """NumPy float32 `(kernel, bias)` of the frozen fold, before the
@@ -539,8 +547,7 @@ class QuantizedLinear(keras.layers.Layer):
         else:
             gamma, beta, sigma = self.affine()
             multiplier = gamma / sigma
-            bias = self.bias if self.bias is not None else 0.0
-            shift = beta + (bias - self.moving_mean) * multiplier
+            shift = self._frozen_shift(beta, multiplier)
             kernel = self.from_channels_last(
                 self.to_channels_last(kernel) * multiplier,
                 self._kernel_shape)

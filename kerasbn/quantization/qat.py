@@ -331,10 +331,7 @@ def _check_arguments(model, weight_bits, activation_bits, per_channel,
         if not isinstance(value, bool):
             raise TypeError(f"{_WHERE}: {name} must be True or False; got "
                             f"{value!r}.")
-    if isinstance(warmup_steps, bool) or not isinstance(
-            warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"{_WHERE}: warmup_steps must be an int >= 0; got "
-                         f"{warmup_steps!r}.")
+    _check_steps(warmup_steps, "warmup_steps", _WHERE)
     if isinstance(range_momentum, bool) or not isinstance(
             range_momentum, (int, float)) or not 0 <= range_momentum < 1:
         raise ValueError(f"{_WHERE}: range_momentum must be in [0, 1); got "
@@ -417,10 +414,7 @@ class _Builder:
 
     def build(self):
         functional = self.graph.functional
-        input_layers = [_keras_internal.producing_operation(x)
-                        for x in functional.inputs]
-        new_inputs = [type(layer).from_config(layer.get_config())
-                      for layer in input_layers]
+        input_layers, new_inputs = rebuild.new_input_layers(functional)
         tensors = {}
         for x, layer, new in zip(functional.inputs, input_layers, new_inputs):
             value = new.output
@@ -456,15 +450,10 @@ class _Builder:
                         if isinstance(t, keras.KerasTensor) else t, outputs)
             for x, y in zip(call.node.outputs, keras.tree.flatten(outputs)):
                 tensors[id(x)] = y
-        new_model = keras.Model(
-            inputs=keras.tree.pack_sequence_as(
-                _keras_internal.input_structure(functional),
-                [layer.output for layer in new_inputs]),
-            outputs=keras.tree.pack_sequence_as(
-                _keras_internal.output_structure(functional),
-                [tensors[graph_lib.resolve(self.graph.alias, id(x))]
-                 for x in functional.outputs]),
-            name=self.graph.model.name + "_qat")
+        new_model = rebuild.functional_model(
+            functional, new_inputs,
+            [tensors[graph_lib.resolve(self.graph.alias, id(x))]
+             for x in functional.outputs], self.graph.model.name + "_qat")
         for new, source, extra in self.pending:
             if extra == "copy":
                 _models.copy_weights(source, new, _WHERE)
@@ -497,11 +486,14 @@ def _steps_of(layer):
     return float(keras.ops.convert_to_numpy(layer.steps))
 
 
+def _check_steps(value, name, where):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0; got "
+                         f"{value!r}.")
+
+
 def _check_freeze(model, after_steps, where):
-    if isinstance(after_steps, bool) or not isinstance(
-            after_steps, int) or after_steps < 0:
-        raise ValueError(f"{where}: after_steps must be an int >= 0; got "
-                         f"{after_steps!r}.")
+    _check_steps(after_steps, "after_steps", where)
     if not is_qat_model(model):
         raise ValueError(
             f"{where}: '{getattr(model, 'name', model)}' has no "
@@ -573,14 +565,10 @@ class FreezeBatchStatistics(keras.callbacks.Callback):
 
     def __init__(self, after_steps, ranges_after_steps=None):
         super().__init__()
-        for name, value in (("after_steps", after_steps),
-                            ("ranges_after_steps", ranges_after_steps)):
-            if value is None and name == "ranges_after_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(
-                    value, int) or value < 0:
-                raise ValueError(f"FreezeBatchStatistics: {name} must be an "
-                                 f"int >= 0; got {value!r}.")
+        _check_steps(after_steps, "after_steps", "FreezeBatchStatistics")
+        if ranges_after_steps is not None:
+            _check_steps(ranges_after_steps, "ranges_after_steps",
+                         "FreezeBatchStatistics")
         self.after_steps = after_steps
         self.ranges_after_steps = ranges_after_steps
 
@@ -589,16 +577,6 @@ class FreezeBatchStatistics(keras.callbacks.Callback):
         freeze_batch_statistics(self.model, self.after_steps)
         if self.ranges_after_steps is not None:
             freeze_ranges(self.model, self.ranges_after_steps)
-
-
-def unfreeze(model):
-    """Let the batch statistics and ranges of `model` train again."""
-    for layer in qat_layers(model):
-        target = (layer.range_frozen_at if isinstance(
-            layer, ActivationQuantizer) else getattr(
-                layer, "statistics_frozen_at", None))
-        if target is not None:
-            target.assign(NEVER)
 
 
 def deployment_model(model):
@@ -661,4 +639,4 @@ def _copy_quantizer(new, old):
         return
     for name in ("range_min", "range_max", "steps", "range_frozen_at"):
         getattr(new, name).assign(_models.value_copy(getattr(old, name)))
-    new.exporting = new.nudged_range()
+    new.exporting = new.export_range()
