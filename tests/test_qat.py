@@ -596,3 +596,36 @@ def test_arguments_a_new_user_got_wrong_are_named(tmp_path):
         freeze_batch_statistics(model)
     with pytest.raises(ValueError, match="not \\['saved_model'\\]"):
         kerasbn.export(qat, tmp_path / "a", formats=("saved_model",))
+
+
+@keras.saving.register_keras_serializable(package="kerasbn_tests")
+class _DenseBlock(keras.layers.Layer):
+    """A user's layer with a Dense inside (a sublayer prepare_qat does not
+    enter)."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.inner = keras.layers.Dense(units)
+
+    def call(self, x):
+        return keras.ops.relu(self.inner(x))
+
+    def get_config(self):
+        return dict(super().get_config(), units=self.units)
+
+
+def test_a_custom_layer_holding_a_kernel_is_named_and_its_export_refused(
+        tmp_path):
+    """It was left float without a word (a new user's case): its Dense
+    trained in float and the runtimes quantized it on their own."""
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(3)(_DenseBlock(name="block")(inputs))
+    with pytest.warns(UserWarning, match="'block' \\(a _DenseBlock layer "
+                      "holding Conv/Dense kernels"):
+        qat = prepare_qat(keras.Model(inputs, outputs))
+    assert list(qat.summary_qat.float_layers) == ["block"]
+    qat(np.ones((2, 6), "float32"), training=True)
+    with pytest.raises(ValueError, match="1 layer\\(s\\) with kernels that "
+                       "prepare_qat left float \\(\\['block'\\]"):
+        kerasbn.export(qat, tmp_path / "out", formats=("tflite_int8",))

@@ -150,7 +150,7 @@ class _Plan:
                 self.reasons.setdefault(operation.name, self._why_kept(call))
 
     def _why_float(self, call):
-        """Why a layer with weights is not quantized, or None."""
+        """Why a layer with kernels is not quantized, or None."""
         layer = call.operation
         if graph_lib.is_graph_model(layer):
             return ("a nested model: prepare_qat does not enter it, so its "
@@ -160,6 +160,11 @@ class _Plan:
         if kind not in _LINEAR:
             if registry.find_linear(layer) is not None:
                 return f"no quantization-aware rule for {kind} yet"
+            if _holds_kernels(layer):
+                return (f"a {kind} layer holding Conv/Dense kernels in "
+                        "sublayers: prepare_qat does not enter it, so they "
+                        "train and deploy in float; call them in the "
+                        "model's own graph to quantize them")
             return None
         if self.graph.call_count[id(layer)] > 1:
             return (f"called {self.graph.call_count[id(layer)]} times (a "
@@ -527,18 +532,21 @@ def freeze_ranges(model, after_steps=0):
     return count
 
 
+def _holds_kernels(layer):
+    """Whether a layer is, or holds in its sublayers, a Conv/Dense-like
+    kernel (`registry.find_linear`)."""
+    return any(registry.find_linear(inner) is not None
+               for inner in [layer] + _keras_internal.sublayers(layer))
+
+
 def float_weight_layers(model):
     """Names of the layers of a QAT model that hold kernels `prepare_qat`
-    did not quantize (nested models, channels_first or shared or
-    unsupported kernels): kept float while training."""
-    names = []
-    for layer in model.layers:
-        if isinstance(layer, (QuantizedLinear, ActivationQuantizer)):
-            continue
-        if graph_lib.is_graph_model(layer) or (
-                registry.find_linear(layer) is not None):
-            names.append(layer.name)
-    return names
+    did not quantize (nested models, custom layers with kernels inside,
+    channels_first or shared or unsupported kernels): float while
+    training, the same test as `summary_qat.float_layers`."""
+    return [layer.name for layer in model.layers
+            if not isinstance(layer, (QuantizedLinear, ActivationQuantizer))
+            and (graph_lib.is_graph_model(layer) or _holds_kernels(layer))]
 
 
 def weight_bits(model):
