@@ -629,3 +629,25 @@ def test_a_custom_layer_holding_a_kernel_is_named_and_its_export_refused(
     with pytest.raises(ValueError, match="1 layer\\(s\\) with kernels that "
                        "prepare_qat left float \\(\\['block'\\]"):
         kerasbn.export(qat, tmp_path / "out", formats=("tflite_int8",))
+
+
+def test_nan_statistics_and_ranges_are_refused_with_the_layer(tmp_path):
+    """A BN with corrupt statistics would make NaN kernels from the first
+    step; a range or statistic that training made NaN (NaN in the data)
+    would make NaN artifacts. Both are refused, naming the layer (the
+    first by prepare_qat, the second by the export's check of its
+    reference outputs)."""
+    model = conv_bn_relu()
+    model.get_layer("bn").moving_variance.assign(
+        np.array([1.0, np.nan, 1.0, 1.0, 1.0], "float32"))
+    with pytest.raises(ValueError, match="'bn'.*NaN or infinite"):
+        prepare_qat(model)
+    qat = prepare_qat(conv_bn_relu())
+    x = np.random.default_rng(11).normal(size=(4, 7, 7, 3)).astype("float32")
+    x[0, 0, 0, 0] = np.nan
+    qat(x, training=True)
+    # The export's own check of the model it is given names them.
+    with pytest.raises(ValueError, match="these weights hold NaN or inf: "
+                       ".*'conv/moving_mean'"):
+        kerasbn.export(qat, tmp_path / "out", formats=("tflite_int8",))
+    assert not (tmp_path / "out").exists()

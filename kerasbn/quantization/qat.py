@@ -30,6 +30,7 @@ from kerasbn import _keras_internal
 from kerasbn import _models
 from kerasbn import registry
 from kerasbn.folding import graph as graph_lib
+from kerasbn.folding import plan as plan_lib
 from kerasbn.folding import rebuild
 from kerasbn.layers.quantized import NEVER
 from kerasbn.layers.quantized import ActivationQuantizer
@@ -398,6 +399,9 @@ class _Builder:
         normalization = None
         if norm is not None:
             bn = norm.operation
+            # Corrupt statistics (NaN, inf, variance + epsilon <= 0) would
+            # make NaN kernels from the first step: refused, named.
+            plan_lib.inference_affine(bn)
             normalization = dict(axis=-1, epsilon=float(bn.epsilon),
                                  momentum=float(bn.momentum),
                                  center=bool(bn.center), scale=bool(bn.scale))
