@@ -113,9 +113,17 @@ from kerasbn.sources import keras2
 model, _ = keras2.load_h5(source)
 oracle = np.load(oracle_path)
 x, exact = oracle["input_0"], oracle["exact_0"]
-# Checked at the network's float32 noise bound, as the CLI rows are.
+# Checked at the network's float32 noise bound, as the CLI rows are, and
+# at least at JAX's own: the same float32 network computed by XLA's
+# kernels can stray further from the exact output than TensorFlow's does
+# (a chaotic random EfficientNetB1: 3.2e-4 of scale against 1.0e-4), and
+# the export compares its artifacts with the JAX model.
+scale = float(np.abs(exact).max())
+jax_error = float(np.abs(np.asarray(model.predict(x, verbose=0)) - exact).max()
+                  / scale)
+rtol = max(float(rtol), 8.0 * jax_error)
 result = kerasbn.export(model, out, formats=("saved_model", "onnx"),
-                        sample=x, overwrite=True, rtol=float(rtol))
+                        sample=x, overwrite=True, rtol=rtol)
 errors = {}
 import tensorflow as tf
 for saved in glob.glob(os.path.join(out, "saved_model", "*", "1")):
@@ -128,7 +136,8 @@ for path in glob.glob(os.path.join(out, "*.onnx")):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x})
     errors["onnx"] = float(np.abs(y - exact).max())
-print("ROW " + json.dumps({"status": 0, "errors": errors}))
+print("ROW " + json.dumps({"status": 0, "errors": errors,
+                          "backend_float32_error": jax_error}))
 '''
 
 
@@ -166,7 +175,10 @@ def _judge(row, oracle_path):
     rounding = float(np.abs(oracle["rounded_0"] - exact).max()) / scale
     row["tf_keras_float32_error"] = own
     row["input_rounding_error"] = rounding
-    row["bound"] = max(FLOOR, FACTOR * max(own, rounding))
+    # A JAX row: the JAX model's own float32 error, which its export is
+    # checked against (see _JAX).
+    backend = row.get("backend_float32_error", 0.0)
+    row["bound"] = max(FLOOR, FACTOR * max(own, rounding, backend))
     row["relative_errors"] = {k: v / scale
                               for k, v in row.get("errors", {}).items()}
     row["verified"] = (row.get("status") == 0 and bool(row["relative_errors"])

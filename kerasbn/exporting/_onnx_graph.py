@@ -16,10 +16,14 @@
   takes the max of the pool's output with a constant floor, 0 where a
   window covers padding and -inf elsewhere, which is exact whether or not
   a runtime fuses the pad.
+- `_bounded_memory`: tf2onnx's optimizer passes on a large model (below).
 - `normalization_census`: BatchNormalization nodes, and Mul/Add/Sub by a
   constant straight after a Conv, ConvTranspose, Gemm or MatMul: what a
   folded export should not contain.
 """
+
+import contextlib
+import gc
 
 import numpy as np
 
@@ -173,11 +177,13 @@ def convert(function, input_specs, opset):
 
     concrete = function.get_concrete_function(*input_specs)
     calls, captured = _uninlinable_calls(concrete), _captured(concrete)
+    large = _weight_bytes(concrete) >= _LARGE_MODEL_BYTES
     if not calls and not captured:
         used = {}
-        proto, _ = tf2onnx.convert.from_function(
-            function, input_signature=input_specs, opset=opset,
-            custom_op_handlers=_recording_handlers(used))
+        with _bounded_memory(large):
+            proto, _ = tf2onnx.convert.from_function(
+                function, input_signature=input_specs, opset=opset,
+                custom_op_handlers=_recording_handlers(used))
         names = [spec.name for spec in input_specs]
         calls = [n.name for n in proto.graph.node
                  if n.op_type in _keras_internal.CALL_OPS]
@@ -185,7 +191,8 @@ def convert(function, input_specs, opset):
         if not calls and not captured:
             return proto, _rewrite_notes(used)
     used = {}
-    proto = _convert_frozen(concrete, len(input_specs), opset, used)
+    with _bounded_memory(large):
+        proto = _convert_frozen(concrete, len(input_specs), opset, used)
     left = [n.name for n in proto.graph.node
             if n.op_type in _keras_internal.CALL_OPS]
     if left:
@@ -205,6 +212,61 @@ def convert(function, input_specs, opset):
             "a Normalization layer's mean and variance), which tf2onnx "
             "would have made graph inputs, were frozen into the graph")
     return proto, notes
+
+
+# Weights from which a conversion bounds tf2onnx's memory (the collection
+# it forces costs ~0.1-0.5 s per optimizer pass in a process holding many
+# objects, as a test session does: not worth it for small models).
+_LARGE_MODEL_BYTES = 64 * 2 ** 20
+
+
+def _weight_bytes(concrete):
+    """Bytes of the variables and captured tensors `concrete` reads."""
+    total = 0
+    for value in list(concrete.graph.variables) + _captured(concrete):
+        if value.shape.is_fully_defined() and value.dtype.is_numpy_compatible:
+            total += value.shape.num_elements() * value.dtype.size
+    return total
+
+
+@contextlib.contextmanager
+def _bounded_memory(enabled):
+    """While converting, collect the garbage before each tf2onnx optimizer
+    pass.
+
+    tf2onnx's optimizer loop deep-copies the whole ONNX graph, constants
+    included, before each of its ~15 passes per round (to roll back a pass
+    that fails), and drops the copy it no longer needs. Those copies hold
+    reference cycles (nodes and their graph), which Python frees only when
+    its cyclic collector runs, and that counts objects, not bytes: a few
+    hundred large constant arrays never set it off. Converting RegNetY160
+    (320 MB of weights) grew by ~1 GB per pass and reached 17 GB before
+    conversion ended (the machine's 23 GB ran out on larger models);
+    collected before each pass, its peak is 10 GB. Without `enabled`, or
+    with a tf2onnx that keeps its passes elsewhere, nothing changes.
+    """
+    try:
+        from tf2onnx import optimizer
+    except ImportError:
+        optimizer = None
+    passes = getattr(optimizer, "_optimizers", None)
+    if not enabled or not isinstance(passes, dict):
+        yield
+        return
+
+    def collecting(factory):
+        def make():
+            gc.collect()
+            return factory()
+        return make
+
+    optimizer._optimizers = type(passes)(
+        (name, collecting(factory)) for name, factory in passes.items())
+    try:
+        yield
+    finally:
+        optimizer._optimizers = passes
+        gc.collect()
 
 
 def _uninlinable_calls(concrete):
@@ -245,6 +307,7 @@ def _convert_frozen(concrete, n_inputs, opset, used):
         concrete, input_names, output_names)
     frozen = _keras_internal.freeze_concrete_function(concrete, inline=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    del frozen  # Its graph holds a second copy of every weight.
     _keras_internal.strip_no_inline(graph_def)
     proto, _ = tf2onnx.convert.from_graph_def(
         graph_def, name=concrete.name, input_names=input_names,

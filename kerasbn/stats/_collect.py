@@ -524,6 +524,10 @@ class Moments:
                     and np.isfinite(self.m2).all())
 
 
+# Positions summed in float32 before the float64 sums (`_column_moments`).
+_CHUNK = 32
+
+
 @tf.function(autograph=False, reduce_retracing=True)
 def _column_moments(x):
     """`batch_moments` of a `[positions, channels]` matrix, no mask.
@@ -531,9 +535,57 @@ def _column_moments(x):
     One function, called inside the graphs that gather moments: it is
     traced once per channel count and dtype rather than its ops once per
     layer (a share of a staged recalibration's cost on deep models).
-    Column sums are products with a column of ones: the same float64
-    sums, faster on CPU than a column reduction for wide layers.
+
+    Float32 (and narrower, upcast) activations are summed in float32 over
+    runs of `_CHUNK` consecutive positions and those partial sums in
+    float64: half the memory traffic of casting the whole matrix to
+    float64 first, and the moments' cost is a third of a recalibration's
+    on ResNet50. Both sums are of values shifted close to the mean (the
+    mean pass by the first position's values, the squares by the float32
+    mean), so neither cancels; a partial sum of 32 float32 values has a
+    relative rounding error of at most 31 * 2**-24 = 1.8e-6 of the sum of
+    their magnitudes, and these errors, of random sign, mostly cancel over
+    the float64 sum: measured 1e-9 to 1e-7 of the standard deviation
+    (means) and relative (variances) against NumPy's float64 moments.
+    A result that is not finite (float32 squares of deviations past
+    1.8e19, which float64 holds) is computed again in float64, so only a
+    non-finite input gives non-finite moments.
     """
+    if x.dtype == tf.float64:
+        return _column_moments_float64(x)
+    x = tf.cast(x, tf.float32)
+    count = tf.cast(tf.shape(x)[0], tf.float64)
+    first = tf.reduce_sum(x[:1], axis=0)  # Zeros for no positions.
+    rough = tf.cast(first, tf.float64) + tf.math.divide_no_nan(
+        _chunked_sums(x - first), count)
+    shift = tf.cast(rough, tf.float32)
+    deviations = x - shift
+    total = _chunked_sums(deviations)
+    squares = _chunked_sums(deviations * deviations)
+    offset = tf.math.divide_no_nan(total, count)
+    mean = tf.cast(shift, tf.float64) + offset
+    m2 = squares - total * offset
+    finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(
+        tf.math.is_finite(m2))
+    return tf.cond(finite, lambda: (count, mean, m2),
+                   lambda: _column_moments_float64(x))
+
+
+def _chunked_sums(x):
+    """Column sums of a float32 `[positions, channels]` matrix, as float64:
+    float32 sums of `_CHUNK` rows, then float64 sums of those."""
+    rows = tf.shape(x)[0]
+    whole = rows // _CHUNK * _CHUNK
+    chunks = tf.reshape(x[:whole], [-1, _CHUNK, tf.shape(x)[1]])
+    partial = tf.cast(tf.reduce_sum(chunks, axis=1), tf.float64)
+    rest = tf.cast(x[whole:], tf.float64)
+    return tf.reduce_sum(partial, axis=0) + tf.reduce_sum(rest, axis=0)
+
+
+def _column_moments_float64(x):
+    """Float64 two-pass moments; column sums are products with a column of
+    ones: the same float64 sums, faster on CPU than a column reduction for
+    wide layers."""
     x = tf.cast(x, tf.float64)
     ones = tf.ones_like(x[:, :1])
     count = tf.reduce_sum(ones)
