@@ -241,7 +241,7 @@ def _bounded_memory(enabled):
     hundred large constant arrays never set it off. Converting RegNetY160
     (320 MB of weights) grew by ~1 GB per pass and reached 17 GB before
     conversion ended (the machine's 23 GB ran out on larger models);
-    collected before each pass, its peak is 10 GB. Without `enabled`, or
+    collected before each pass, its peak is 8.4-8.8 GB. Without `enabled`, or
     with a tf2onnx that keeps its passes elsewhere, nothing changes.
     """
     try:
