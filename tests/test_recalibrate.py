@@ -466,3 +466,55 @@ def test_a_strongly_self_amplifying_layer_still_settles():
     np.testing.assert_array_less(np.abs(mean - pooled.mean(0)),
                                  1e-5 * np.sqrt(var))
     np.testing.assert_allclose(var, pooled.var(0), rtol=1e-5)
+
+
+# -- The per-batch moments on TensorFlow (`_collect._column_moments`). ------
+# Float32 partial sums of 32 positions, shifted near the mean, then float64:
+# each partial sum is off by at most 31 * 2**-24 = 1.8e-6 of the sum of the
+# magnitudes it adds, so a mean is within 1.8e-6 of the mean |x - shift|
+# (about 1.6 standard deviations for a shift one sample away: 3e-6 of the
+# standard deviation) and a sum of squares within 1.8e-6 relative, whatever
+# the data; NumPy's float64 moments of the same float32 values are the
+# oracle (they measure 1e-9 to 1e-7 away).
+_MOMENT_CASES = {
+    "normal": lambda rng: rng.normal(0.0, 1.0, (5003, 9)),
+    "mean far from zero": lambda rng: rng.normal(1e4, 1.0, (70001, 5)),
+    "post-relu": lambda rng: np.maximum(rng.normal(0.0, 1.0, (4097, 16)), 0),
+    "float16": lambda rng: rng.normal(3.0, 2.0, (3000, 4)).astype("float16"),
+    "one position": lambda rng: rng.normal(0.0, 1.0, (1, 4)),
+    # Squares of deviations past float32's range: computed again in float64.
+    "beyond float32 squares": lambda rng: rng.normal(0.0, 1e20, (100, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MOMENT_CASES))
+def test_float32_moments_are_within_their_rounding_bound(case):
+    from kerasbn.stats import _collect
+
+    x = _MOMENT_CASES[case](np.random.default_rng(3))
+    if x.dtype != np.float16:
+        x = x.astype("float32")
+    count, mean, m2 = (v.numpy() for v in _collect._column_moments(
+        tf.constant(x)))
+    exact = np.asarray(x, np.float64)
+    exact_mean = exact.mean(axis=0)
+    exact_m2 = ((exact - exact_mean) ** 2).sum(axis=0)
+    std = np.sqrt(exact_m2 / len(x))
+    assert count == len(x)
+    assert np.all(np.abs(mean - exact_mean) <= 3e-6 * std + 1e-12 * np.abs(
+        exact_mean))
+    np.testing.assert_allclose(m2, exact_m2, rtol=2e-6, atol=0)
+
+
+def test_float32_moments_of_nothing_and_of_nan():
+    from kerasbn.stats import _collect
+
+    count, mean, m2 = (v.numpy() for v in _collect._column_moments(
+        tf.zeros((0, 3))))
+    assert count == 0 and not mean.any() and not m2.any()
+    x = np.ones((64, 3), np.float32)
+    x[40, 1] = np.nan
+    _, mean, m2 = (v.numpy() for v in _collect._column_moments(
+        tf.constant(x)))
+    assert np.isnan(mean[1]) and np.isnan(m2[1])
+    assert mean[0] == 1 and m2[0] == 0

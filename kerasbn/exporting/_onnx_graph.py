@@ -239,9 +239,9 @@ def _bounded_memory(enabled):
     reference cycles (nodes and their graph), which Python frees only when
     its cyclic collector runs, and that counts objects, not bytes: a few
     hundred large constant arrays never set it off. Converting RegNetY160
-    (320 MB of weights) grew by ~1 GB per pass and reached 17 GB before
-    conversion ended (the machine's 23 GB ran out on larger models);
-    collected before each pass, its peak is 8.4-8.8 GB. Without `enabled`, or
+    (320 MB of weights) grew by ~1 GB per pass, past 17 GB where it was
+    stopped (23 GB ran out on larger models); collected before each
+    pass, the whole export peaks at 8.4-8.8 GB. Without `enabled`, or
     with a tf2onnx that keeps its passes elsewhere, nothing changes.
     """
     try:
