@@ -2,7 +2,7 @@
 
     python tools/sweep.py [--out sweep-work] [--results sweep-results.json]
                           [--only NAME,NAME] [--formats saved_model,onnx]
-                          [--no-jax]
+                          [--no-jax] [--retry]
 
 For each application tf-keras ships (`tests/stock_files.py`: FAMILIES):
 
@@ -99,6 +99,12 @@ if status == 0:
         y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         errors["tflite"] = float(np.abs(y - exact).max())
 row["errors"] = errors
+import resource
+# The largest resident memory of this process and of its own children
+# (the export's TensorFlow subprocess), in GB.
+row["peak_rss_gb"] = round(max(
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2 ** 20, 2)
 print("ROW " + json.dumps(row))
 '''
 
@@ -136,8 +142,12 @@ for path in glob.glob(os.path.join(out, "*.onnx")):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x})
     errors["onnx"] = float(np.abs(y - exact).max())
+import resource
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print("ROW " + json.dumps({"status": 0, "errors": errors,
-                          "backend_float32_error": jax_error}))
+                          "backend_float32_error": jax_error,
+                          "peak_rss_gb": round(peak / 2 ** 20, 2)}))
 '''
 
 
@@ -209,7 +219,7 @@ def sweep(args):
                     args.out, name + "_savedmodel")]}
         for source, (script, path) in runs.items():
             key = f"{name}/{source}/tensorflow"
-            if key in results:
+            if key in results and not _retry(args, results[key]):
                 continue
             out = os.path.join(args.out, "out", name, source)
             # The CLI checks its artifacts against the Keras / graph model
@@ -224,7 +234,8 @@ def sweep(args):
             _write(args.results, results)
             print(_line(key, results[key]), flush=True)
         key = f"{name}/h5/jax"
-        if not args.no_jax and key not in results:
+        if not args.no_jax and (key not in results
+                                or _retry(args, results[key])):
             out = os.path.join(args.out, "out", name, "jax")
             rtol = str(_judge({}, oracle)["bound"])
             row = _run(_JAX, [os.path.join(args.out, name + ".h5"), out,
@@ -237,6 +248,10 @@ def sweep(args):
         for path in glob.glob(os.path.join(args.out, "out", name)):
             subprocess.run(["rm", "-rf", path])
     return results
+
+
+def _retry(args, row):
+    return args.retry and not row.get("verified")
 
 
 def _write(path, results):
@@ -265,8 +280,9 @@ def _result(row):
 def table(results):
     """The README's table: one row per application and source."""
     lines = ["| application | source | backend | BN folded / multiply-add / "
-             "kept | BN ops left | worst rel. error (bound) | result |",
-             "|---|---|---|---|---|---|---|"]
+             "kept | BN ops left | worst rel. error (bound) | peak memory "
+             "| result |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=lambda k: (
             results[k]["family"], results[k]["model"], k)):
         row = results[key]
@@ -286,7 +302,8 @@ def table(results):
             f"| {row['model']} | {row['source']} | {row['backend']} | "
             f"{counts} | {row.get('bn_ops_left', '')} | {worst:.1e} "
             f"({row['bound']:.0e}) | "
-            f"{_result(row)} |")
+            + (f"{row['peak_rss_gb']:.1f} GB" if "peak_rss_gb" in row
+               else "") + f" | {_result(row)} |")
     return "\n".join(lines)
 
 
@@ -297,6 +314,10 @@ def main(argv=None):
     parser.add_argument("--only", default="")
     parser.add_argument("--formats", default="saved_model,onnx")
     parser.add_argument("--no-jax", action="store_true")
+    parser.add_argument("--retry", action="store_true",
+                        help="run again the rows of --results that are "
+                        "not verified (by default a rerun skips every row "
+                        "already there)")
     parser.add_argument("--table", action="store_true",
                         help="print the README table from --results")
     args = parser.parse_args(argv)

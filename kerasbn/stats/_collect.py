@@ -526,6 +526,10 @@ class Moments:
 
 # Positions summed in float32 before the float64 sums (`_column_moments`).
 _CHUNK = 32
+# A variance below this is computed again in float64: squares below
+# float32's smallest normal number (1.2e-38), flushed to zero, then lose
+# at most 1.2e-38 / variance = 1e-8 of it.
+_SMALLEST_FLOAT32_VARIANCE = 1.2e-30
 
 
 @tf.function(autograph=False, reduce_retracing=True)
@@ -549,7 +553,11 @@ def _column_moments(x):
     (means) and relative (variances) against NumPy's float64 moments.
     A result that is not finite (float32 squares of deviations past
     1.8e19, which float64 holds) is computed again in float64, so only a
-    non-finite input gives non-finite moments.
+    non-finite input gives non-finite moments; so is a channel whose
+    variance is below `_SMALLEST_FLOAT32_VARIANCE` (zero included):
+    TensorFlow flushes float32 results below 1.2e-38 to zero on CPU, so
+    squares of deviations below 1.1e-19 would vanish (a spread of 1e-19
+    measured 24% low, of 1e-20 as -0.0).
     """
     if x.dtype == tf.float64:
         return _column_moments_float64(x)
@@ -565,9 +573,10 @@ def _column_moments(x):
     offset = tf.math.divide_no_nan(total, count)
     mean = tf.cast(shift, tf.float64) + offset
     m2 = squares - total * offset
-    finite = tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(
-        tf.math.is_finite(m2))
-    return tf.cond(finite, lambda: (count, mean, m2),
+    trusted = (tf.reduce_all(tf.math.is_finite(mean))
+               & tf.reduce_all(tf.math.is_finite(m2))
+               & tf.reduce_all(m2 >= count * _SMALLEST_FLOAT32_VARIANCE))
+    return tf.cond(trusted, lambda: (count, mean, m2),
                    lambda: _column_moments_float64(x))
 
 

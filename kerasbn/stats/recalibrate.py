@@ -94,7 +94,8 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
       (`variance + mean**2`). Its step counter and ring buffers stay.
 
     No other weight changes. A layer called several times pools all its
-    calls.
+    calls. A layer that sees no unmasked position in the data keeps its
+    statistics, with a warning naming it.
 
     All or nothing. With `inplace=True` the model keeps its old values
     if anything fails (bad data, a full disk, an error raised by the
@@ -613,11 +614,12 @@ def _by_stages(plan, batches, store, writer):
                       if step.kind == "target"}
                      | {id(inner) for step in plan.steps
                         for inner in step.inner})
-        how = ("recomputed from the data in each stage"
-               if store.mode == "none" else f"cache: {store.mode}")
+        how = ("cache: none, each stage recomputes its inputs from the "
+               "data" if store.mode == "none" else
+               f"cache: {store.mode}, the data read once and each layer "
+               "run once per batch")
         print(f"Recalibrating {layers} normalization layer(s) in "
-              f"{len(stages)} stage(s), one pass over the data each "
-              f"({how})")
+              f"{len(stages)} stage(s) ({how})")
     if writer.verbose == 1:
         progbar = keras.utils.Progbar(len(stages), unit_name="stage")
     reached, count = [], None
