@@ -464,22 +464,23 @@ def _export(args, model, formats, progress):
     """`kerasbn.export` (or `fold_saved_model` for a graph) with the CLI's
     options; VerificationError passes. kerasbn's own warnings (e.g.
     OpenVINO's defaults change the numbers) print as one line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            return _export_quietly(args, model, formats, progress)
-        finally:
-            _say_warnings(caught)
+    with warnings.catch_warnings():
+        # Said as they come: a warning that the system may stop the
+        # process (memory) is of no use once it has.
+        warnings.showwarning = _say_warning(warnings.showwarning)
+        return _export_quietly(args, model, formats, progress)
 
 
-def _say_warnings(caught):
+def _say_warning(previous):
     own = os.path.dirname(os.path.abspath(__file__))
-    for w in caught:
-        if os.path.abspath(w.filename).startswith(own + os.sep):
-            print(f"[kerasbn-fold] warning: {w.message}", file=sys.stderr,
+
+    def say(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(own + os.sep):
+            print(f"[kerasbn-fold] warning: {message}", file=sys.stderr,
                   flush=True)
         else:
-            warnings.showwarning(w.message, w.category, w.filename,
-                                 w.lineno)
+            previous(message, category, filename, lineno, file, line)
+    return say
 
 
 def _export_quietly(args, model, formats, progress):

@@ -13,6 +13,7 @@
 """
 
 import gc
+import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -137,3 +138,20 @@ def test_weight_bytes_counts_variables():
     spec = (tf.TensorSpec((None, 8), tf.float32),)
     concrete = function.get_concrete_function(*spec)
     assert _onnx_graph._weight_bytes(concrete) == 8 * 4 * 4
+
+
+def test_a_conversion_short_of_memory_is_warned_before_it_starts(
+        monkeypatch):
+    """The system stops a process out of memory without a word (SIGKILL):
+    the estimate (25 bytes per byte of weights, measured) is said first.
+    Here the model is made "large" and the machine short of memory."""
+    monkeypatch.setattr(_onnx_graph, "_LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(_onnx_graph, "_available_memory", lambda: 2 ** 20)
+    spec = (tf.TensorSpec((None, 8), tf.float32, name="x"),)
+    with pytest.warns(UserWarning, match=r"needs about 1 GiB of memory .* "
+                      r"0 GiB are available"):
+        _onnx_graph.convert(_dense_function(), spec, opset=17)
+    monkeypatch.setattr(_onnx_graph, "_available_memory", lambda: 2 ** 40)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ONNX conversion")
+        _onnx_graph.convert(_dense_function(), spec, opset=17)
