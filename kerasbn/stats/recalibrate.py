@@ -123,9 +123,9 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     concatenations of the same maps), copying the model, and moving the
     kept activations; `verbose=2` prints the split. Measured
     (`tools/benchmark.py --only recalibrate`, 64x64 inputs, this
-    project's 2-core machine): ResNet50, 53 layers in 49 stages, 1.7x
-    one (already traced) `predict` pass on 512 images, 2.0x on 128; the
-    layer-by-layer method took 54x. Array data without a `batch_size` is
+    project's 2-core machine): ResNet50, 53 layers in 49 stages, 1.3x
+    one (already traced) `predict` pass on 512 images, 2.4x on 128 (the
+    copy a third of that); the layer-by-layer method took 46x. Array data without a `batch_size` is
     cut, and batched data (datasets, generators) joined, into batches of
     up to 32 MiB of input (array data: at least 32 samples) here, since
     each batch costs the dispatch of one forward pass; memory for the
