@@ -61,12 +61,16 @@ class FrozenGraph(tf.Module):
         super().__init__()
         graph_def = with_xla_convolutions(
             without_gradient_annotations(graph_def))
-        self.graph_def = graph_def
         self.model_name = name
         self.input_tensors = list(input_tensors)
         self.output_tensors = list(output_tensors)
         weights = _weights_as_variables(graph_def, min_weight_size)
         self.weights = list(weights.values())
+        # The weights live in the variables only: as constants too, the
+        # imported graph and every graph made from it (the ONNX export
+        # freezes it again) would hold them once more.
+        graph_def = _weights_as_placeholders(graph_def, weights)
+        self.graph_def = graph_def
 
         def imported(*flat_inputs):
             input_map = {f"{k}:0": v.read_value() for k, v in weights.items()}
@@ -209,6 +213,24 @@ def _weights_as_variables(graph_def, min_size):
     return {k: tf.Variable(tf.make_ndarray(nodes[k].attr["value"].tensor),
                            trainable=False, name="weight")
             for k in _weight_names(graph_def, min_size)}
+
+
+def _weights_as_placeholders(graph_def, names):
+    """A copy of `graph_def` whose constants `names` are Placeholders of
+    their dtype and shape (the function feeds them the variables)."""
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        new = out.node.add()
+        if node.name not in names:
+            new.CopyFrom(node)
+            continue
+        tensor = node.attr["value"].tensor
+        new.name, new.op, new.device = node.name, "Placeholder", node.device
+        new.attr["dtype"].type = tensor.dtype
+        new.attr["shape"].shape.CopyFrom(tensor.tensor_shape)
+    return out
 
 
 class GraphSource:
