@@ -360,3 +360,23 @@ def test_lambda_with_unregistered_function_names_the_cause(tmp_path, capsys):
     assert "custom function 'evil'" in err[0], err[0]
     assert "--custom-module" in err[0]
     assert _MARKER == [] and not (tmp_path / "out").exists()
+
+
+def test_a_tensorflow_subprocess_killed_for_memory_is_said(tmp_path):
+    """A JAX or PyTorch export writes its artifacts in a TensorFlow
+    subprocess; one the system kills (out of memory) leaves no answer and
+    stderr ending wherever it was: the error says it was killed, not the
+    last warning TensorFlow printed."""
+    import subprocess
+
+    from kerasbn.exporting import _tf_process
+
+    killed = subprocess.CompletedProcess(
+        args=[], returncode=-9, stdout="",
+        stderr="WARNING:tensorflow:From convert_to_constants.py: deprecated")
+    with pytest.raises(RuntimeError, match=r"killed \(SIGKILL\).*memory"):
+        _tf_process._read_answer(str(tmp_path / "none.json"), killed)
+    failed = subprocess.CompletedProcess(args=[], returncode=1, stdout="",
+                                         stderr="boom")
+    with pytest.raises(RuntimeError, match="exited with code 1 .*boom"):
+        _tf_process._read_answer(str(tmp_path / "none.json"), failed)
