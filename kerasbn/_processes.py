@@ -1,4 +1,5 @@
-"""Whether a process that left files behind is still running.
+"""This process's host: whether a process that left files behind is still
+running, and how much memory is available.
 
 Export staging directories and recalibration spill directories carry the
 pid of the process that made them; a directory whose process is gone was
@@ -20,3 +21,19 @@ def pid_alive(pid):
     except (OSError, OverflowError):
         return True  # PermissionError: it exists, under another user.
     return True
+
+
+def available_memory():
+    """Bytes of memory the system has available now (Linux, macOS), or
+    None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -27,6 +27,8 @@ import gc
 
 import numpy as np
 
+from kerasbn._processes import available_memory as _available_memory
+
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -238,18 +240,6 @@ def _weight_bytes(concrete):
 # the copy of it each optimizer pass makes, the ONNX proto).
 _MEMORY_PER_WEIGHT_BYTE = 25
 _BASE_MEMORY = 2 ** 30
-
-
-def _available_memory():
-    """Bytes of memory the system has available now (Linux), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _warn_if_short_of_memory(weights):

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from kerasbn import _keras_internal
+from kerasbn import _processes
 from kerasbn._processes import pid_alive
 from kerasbn.stats import _collect
 
@@ -54,18 +55,8 @@ def nbytes(value):
 def default_memory_budget():
     """Half of the memory the system has available now (Linux, macOS),
     or 2 GiB where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-        return pages * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        return 2 * 1024 ** 3
+    available = _processes.available_memory()
+    return 2 * 1024 ** 3 if available is None else available // 2
 
 
 def _host():
