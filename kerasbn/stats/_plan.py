@@ -91,13 +91,23 @@ class Plan:
         return tensor_id
 
     def gathered_in(self, stage):
-        """The steps that gather inputs in `stage`."""
-        return [step for step in self.steps if stage in step.gather_stages]
+        """The steps that gather inputs in `stage`, in graph order."""
+        if not hasattr(self, "_gathering"):
+            # Looked up several times per stage: indexed once (a list
+            # scan per lookup was O(steps x stages), 0.05 s on DenseNet).
+            self._gathering = {}
+            for step in self.steps:
+                for number in step.gather_stages:
+                    self._gathering.setdefault(number, []).append(step)
+        return list(self._gathering.get(stage, ()))
 
-    def kept_after(self, stage):
-        """Tensor ids whose value is final by `stage` and read later."""
-        return [t for t, used in self.uses.items()
-                if self.stage_of[t] <= stage and max(used) > stage]
+    def last_read_in(self, stage):
+        """Tensor ids that no stage after `stage` reads."""
+        if not hasattr(self, "_last_read"):
+            self._last_read = {}
+            for tensor, used in self.uses.items():
+                self._last_read.setdefault(max(used), []).append(tensor)
+        return list(self._last_read.get(stage, ()))
 
 
 def _functional_of(model):

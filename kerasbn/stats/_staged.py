@@ -424,10 +424,13 @@ def build_stages(plan, recompute):
     """
     producer = {t: step for step in plan.steps for t in step.outputs}
     inputs = set(plan.inputs)
+    final_in = {}  # stage -> the tensors final from it that a later reads.
+    for tensor, used in plan.uses.items():
+        if max(used) > plan.stage_of[tensor]:
+            final_in.setdefault(plan.stage_of[tensor], []).append(tensor)
     stages = []
     for number in range(1, plan.num_stages + 1):
-        keeps = [] if recompute else [
-            t for t in plan.kept_after(number) if plan.stage_of[t] == number]
+        keeps = [] if recompute else final_in.get(number, [])
         gathering = plan.gathered_in(number)
         pending = list(keeps) + [t for step in gathering for t in step.inputs]
         runs, reads = set(), set()

@@ -699,11 +699,10 @@ def _run_stage(plan, stage, batches, store, count, memo, clock):
             count = number + 1
     finally:
         _collect.restore_state(state)
-    for tensor, used in plan.uses.items():
-        if max(used) == stage.number:  # Its last reader has run.
-            store.drop(_staged.value_name(tensor))
-            store.drop(_staged.mask_name(tensor))
-            memo.drop(tensor)
+    for tensor in plan.last_read_in(stage.number):  # Its last reader ran.
+        store.drop(_staged.value_name(tensor))
+        store.drop(_staged.mask_name(tensor))
+        memo.drop(tensor)
     # Per gather, one `Moments` (or None) per batch, in batch order.
     totals = {name: [_staged.as_moments(v) for v in values]
               for name, values in totals.items()}
