@@ -215,6 +215,29 @@ def freeze_concrete_function(concrete_function, inline=False):
         concrete_function)
 
 
+def frozen_graph_def(concrete_function):
+    """The GraphDef of `freeze_concrete_function(concrete_function,
+    inline=True)`, without the frozen function itself.
+
+    TensorFlow makes the frozen GraphDef, then imports it into a new
+    function, which holds every weight once more (and a GraphDef read
+    back from that function, once again): the ONNX export needs only the
+    GraphDef. Where TensorFlow's private helpers have moved, the frozen
+    function is built and read back as before.
+    """
+    from tensorflow.python.framework import convert_to_constants as convert
+
+    data_class = getattr(convert, "_FunctionConverterDataInEager", None)
+    replace = getattr(convert, "_replace_variables_by_constants", None)
+    if data_class is None or replace is None:
+        frozen = freeze_concrete_function(concrete_function, inline=True)
+        return frozen.graph.as_graph_def(add_shapes=True)
+    data = data_class(func=concrete_function, lower_control_flow=False,
+                      aggressive_inlining=True)
+    graph_def, _ = replace(converter_data=data)
+    return graph_def
+
+
 # Function attributes that stop TensorFlow's graph optimizer from inlining a
 # call: Keras (3, and tf-keras) runs a grouped convolution as a
 # `tf.function(jit_compile=True)`, marked with both.
@@ -251,7 +274,9 @@ def inline_function_calls(graph_def, fetches):
     inlined call's nodes under the call's name, its inputs and outputs
     `Func/<call>/input/_k` / `Func/<call>/output/_k` Identity nodes.
     Returns `graph_def` itself when it has no call, else a new GraphDef
-    with `_output_shapes` recomputed.
+    with `_output_shapes` recomputed. The rewrite runs with the large
+    constants set aside (`_graph_weights`: grappler would copy them four
+    times over).
     """
     if not any(n.op in CALL_OPS for n in graph_def.node):
         return graph_def
@@ -260,8 +285,9 @@ def inline_function_calls(graph_def, fetches):
     from tensorflow.core.protobuf import rewriter_config_pb2
     from tensorflow.python.grappler import tf_optimizer
 
-    copy = tf.compat.v1.GraphDef()
-    copy.CopyFrom(graph_def)
+    from kerasbn import _graph_weights
+
+    copy, aside = _graph_weights.set_weights_aside(graph_def)
     for function in copy.library.function:
         if "_XlaMustCompile" in function.attr and (
                 function.attr["_XlaMustCompile"].b):
@@ -282,9 +308,19 @@ def inline_function_calls(graph_def, fetches):
     rewrite.function_optimization = (
         rewriter_config_pb2.RewriterConfig.AGGRESSIVE)
     inlined = tf_optimizer.OptimizeGraph(config, meta_graph)
+    del copy, meta_graph, graph
+    return _graph_weights.put_weights_back(with_output_shapes(inlined),
+                                           aside)
+
+
+def with_output_shapes(graph_def):
+    """`graph_def` read back through a `tf.Graph`: every node with its
+    `_output_shapes`."""
+    import tensorflow as tf
+
     graph = tf.Graph()
     with graph.as_default():
-        tf.graph_util.import_graph_def(inlined, name="")
+        tf.graph_util.import_graph_def(graph_def, name="")
     return graph.as_graph_def(add_shapes=True)
 
 

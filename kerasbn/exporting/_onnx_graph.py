@@ -27,6 +27,7 @@ import gc
 
 import numpy as np
 
+from kerasbn import _graph_weights
 from kerasbn._processes import available_memory as _available_memory
 
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -185,7 +186,7 @@ def convert(function, input_specs, opset):
         _warn_if_short_of_memory(weights)
     if not calls and not captured:
         used = {}
-        with _bounded_memory(large):
+        with _bounded_memory(large), _weights_outside_grappler():
             proto, _ = tf2onnx.convert.from_function(
                 function, input_signature=input_specs, opset=opset,
                 custom_op_handlers=_recording_handlers(used))
@@ -233,12 +234,14 @@ def _weight_bytes(concrete):
     return total
 
 
-# Peak memory of an ONNX export per byte of weights, measured with the
-# collection below: RegNetY160 (0.32 GB of weights) peaked at 8.8 GB, of
-# which ~1 GB is TensorFlow's own; tf2onnx holds the graph's constants
-# about 25 times over (frozen graph, grappler's copies, its own graph and
-# the copy of it each optimizer pass makes, the ONNX proto).
-_MEMORY_PER_WEIGHT_BYTE = 25
+# Peak memory of an export with ONNX per byte of weights, beyond ~1 GB of
+# TensorFlow's own, measured on the sweep's largest rows with the
+# measures below (the weights kept out of grappler, each optimizer pass's
+# copy sharing them, the garbage collected per pass): 14-15 (RegNetY160
+# from .h5, 0.32 GB of weights: 5.4 GB; ConvNeXtLarge from its
+# SavedModel, 0.79 GB: 12.4 GB; ConvNeXtXLarge from its SavedModel,
+# 1.4 GB: 20.9 GB). It was 20-31 before them.
+_MEMORY_PER_WEIGHT_BYTE = 16
 _BASE_MEMORY = 2 ** 30
 
 
@@ -254,8 +257,8 @@ def _warn_if_short_of_memory(weights):
         return
     warnings.warn(
         f"the ONNX conversion of this model ({weights / 2 ** 30:.2f} GiB of "
-        f"weights) needs about {need / 2 ** 30:.0f} GiB of memory (tf2onnx "
-        "holds the weights ~25 times over), and "
+        f"weights) needs about {need / 2 ** 30:.0f} GiB of memory (the "
+        "export holds the weights ~16 times over at its peak), and "
         f"{available / 2 ** 30:.0f} GiB are available: the system may stop "
         "the process. Write the other formats without ONNX, or convert on "
         "a machine with more memory.", stacklevel=3)
@@ -274,8 +277,17 @@ def _bounded_memory(enabled):
     hundred large constant arrays never set it off. Converting RegNetY160
     (320 MB of weights) grew by ~1 GB per pass, past 17 GB where it was
     stopped (23 GB ran out on larger models); collected before each
-    pass, the whole export peaks at 8.4-8.8 GB. Without `enabled`, or
-    with a tf2onnx that keeps its passes elsewhere, nothing changes.
+    pass, the whole export peaked at 8.4-8.8 GB, and with the copies
+    sharing the weights (`_sharing_weights_between_copies`) at 5.4 GB.
+    Without `enabled`, or with a tf2onnx that keeps its passes elsewhere,
+    nothing changes.
+
+    (Running the passes without that copy, tf2onnx's
+    `catch_errors=False`, is worse: each pass's `update_proto` adds every
+    node's attributes, weights included, to its NodeProto's protobuf
+    arena, which frees nothing until the message goes; the copy is what
+    lets the old arena go. RegNetY160 then grew by 0.3 GB per pass, to
+    15.4 GB instead of 7.9.)
     """
     try:
         from tf2onnx import optimizer
@@ -294,6 +306,8 @@ def _bounded_memory(enabled):
 
     optimizer._optimizers = type(passes)(
         (name, collecting(factory)) for name, factory in passes.items())
+    shared = _sharing_weights_between_copies()
+    shared.__enter__()
     # The objects that exist now (the process's: a test session holds
     # millions) are set aside, so that each collection scans only those
     # the conversion makes (~20 ms on ResNet50, not ~0.3 s).
@@ -301,9 +315,132 @@ def _bounded_memory(enabled):
     try:
         yield
     finally:
+        shared.__exit__(None, None, None)
         optimizer._optimizers = passes
         gc.collect()
         gc.unfreeze()
+
+
+# Tensor attributes from this size on are shared by a node and its copy.
+_SHARED_TENSOR_BYTES = 2 ** 16
+
+
+@contextlib.contextmanager
+def _sharing_weights_between_copies():
+    """While converting, make the copy of the graph that each tf2onnx
+    optimizer pass starts with (to roll a failed pass back) share the
+    nodes' large tensor attributes (the weights) with the graph it copies.
+
+    A node's generic deep copy copied its weights twice (its NodeProto
+    with its attributes, and its table of the same attributes), and the
+    pass's `update_proto` then adds them to the copy's NodeProto a third
+    time, while the graph copied still holds its own: ~6 copies of the
+    weights alive in each pass. Here the copy's NodeProto is made without
+    its attributes (each pass rebuilds them from the table at its end,
+    and nothing reads them before) and the table's large tensor
+    attributes are shared, not copied: tf2onnx replaces a constant's
+    value (`set_tensor_value` makes a new attribute), it does not write
+    into it, so what the rollback keeps is unchanged. Smaller attributes
+    are copied as before.
+    """
+    from tf2onnx import graph as tf2onnx_graph
+
+    node_class = getattr(tf2onnx_graph, "Node", None)
+    if node_class is None or "__deepcopy__" in vars(node_class):
+        yield
+        return
+
+    def deepcopy(node, memo):
+        import copy
+
+        new = node_class.__new__(node_class)
+        memo[id(node)] = new
+        for key, value in vars(node).items():
+            if key == "_op":
+                value = _without_attributes(value)
+            elif key == "_attr":
+                value = {name: attribute if _large_tensor(attribute)
+                         else copy.deepcopy(attribute, memo)
+                         for name, attribute in value.items()}
+            else:
+                value = copy.deepcopy(value, memo)
+            vars(new)[key] = value
+        return new
+
+    node_class.__deepcopy__ = deepcopy
+    try:
+        yield
+    finally:
+        del node_class.__deepcopy__
+
+
+def _without_attributes(node_proto):
+    """A copy of an ONNX NodeProto without its `attribute` field."""
+    copy = type(node_proto)()
+    for field, value in node_proto.ListFields():
+        if field.name == "attribute":
+            continue
+        if hasattr(value, "CopyFrom"):  # A message.
+            getattr(copy, field.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # A repeated field.
+            getattr(copy, field.name).extend(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _large_tensor(attribute):
+    from onnx import AttributeProto
+
+    if attribute.type != AttributeProto.TENSOR:
+        return False
+    tensor = attribute.t
+    return (len(tensor.raw_data) >= _SHARED_TENSOR_BYTES
+            or len(tensor.float_data) * 4 >= _SHARED_TENSOR_BYTES)
+
+
+@contextlib.contextmanager
+def _weights_outside_grappler(aside=None):
+    """While converting, keep the model's large constants out of tf2onnx's
+    grappler pass (`tf_loader.tf_optimize`).
+
+    tf2onnx hands the frozen graph to grappler for constant folding and
+    function inlining. Grappler copies the graph, weights included, about
+    four times over (a MetaGraphDef, its serialization, its own parse, the
+    optimized graph and that graph parsed back): RegNetY160's 0.32 GB of
+    weights took the export from 3.9 to 7.7 GB there. Each constant of
+    `_graph_weights.ASIDE_BYTES` or more goes in as a Placeholder of its
+    dtype and shape and is put back in grappler's output. Nothing is
+    lost: grappler folds only ops whose inputs are all constant (a Cast
+    or a Transpose of a kernel), and tf2onnx folds those itself after,
+    with TensorFlow (`compute_const_folding_using_tf`: every single-output
+    op whose inputs are all constant); an op that reads a weight and an
+    activation is folded by neither.
+
+    `aside`: constants the caller already set aside
+    (`_graph_weights.set_weights_aside`) before handing tf2onnx the light
+    graph; they are put back as well, and the dict emptied then (its
+    NodeDefs keep their whole GraphDef alive).
+    """
+    from tf2onnx import tf_loader
+
+    original = tf_loader.tf_optimize
+    before = {} if aside is None else aside
+
+    def optimize(input_names, output_names, graph_def):
+        light, more = _graph_weights.set_weights_aside(graph_def)
+        del graph_def
+        optimized = original(input_names, output_names, light)
+        before.update(more)
+        _graph_weights.put_weights_back(optimized, before)
+        before.clear()
+        return optimized
+
+    tf_loader.tf_optimize = optimize
+    try:
+        yield
+    finally:
+        tf_loader.tf_optimize = original
 
 
 def _uninlinable_calls(concrete):
@@ -342,14 +479,19 @@ def _convert_frozen(concrete, n_inputs, opset, used):
     output_names = [t.name for t in concrete.outputs]
     renames = tf2onnx.convert.tensor_names_from_structed(
         concrete, input_names, output_names)
-    frozen = _keras_internal.freeze_concrete_function(concrete, inline=True)
-    graph_def = frozen.graph.as_graph_def(add_shapes=True)
-    del frozen  # Its graph holds a second copy of every weight.
+    graph_def = _keras_internal.frozen_graph_def(concrete)
     _keras_internal.strip_no_inline(graph_def)
-    proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, name=concrete.name, input_names=input_names,
-        output_names=output_names, opset=opset, tensors_to_rename=renames,
-        custom_op_handlers=_recording_handlers(used))
+    # tf2onnx imports and re-freezes the graph before grappler: both on the
+    # graph without its weights, which come back after grappler (and the
+    # frozen GraphDef is freed then: `aside` holds the last references).
+    light, aside = _graph_weights.set_weights_aside(graph_def)
+    del graph_def
+    with _weights_outside_grappler(aside):
+        proto, _ = tf2onnx.convert.from_graph_def(
+            light, name=concrete.name, input_names=input_names,
+            output_names=output_names, opset=opset,
+            tensors_to_rename=renames,
+            custom_op_handlers=_recording_handlers(used))
     return proto
 
 

@@ -101,11 +101,18 @@ class OnnxFormat:
 
     @staticmethod
     def save(proto, path):
-        """Check `proto` in full, then write it to `path`."""
+        """Write `proto` to `path` (a staging directory's: the export
+        removes it if anything fails), then check the file in full.
+
+        Serialized once: the check reads the file, where checking the
+        proto would serialize it once more for ONNX's C++ checker (a
+        large model's weights again, at the export's peak of memory)."""
         onnx = _require("onnx")
-        onnx.checker.check_model(proto, full_check=True)
+        data = proto.SerializeToString()
         with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
+            f.write(data)
+        del data
+        onnx.checker.check_model(path, full_check=True)
 
     def run(self, path, signature, arrays):
         ort = _require("onnxruntime")

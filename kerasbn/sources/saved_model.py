@@ -294,15 +294,7 @@ def load_saved_model(path, signature_key="serving_default"):
     function = signatures[signature_key]
     specs = tf.nest.flatten(function.structured_input_signature)
     output_names = sorted(function.structured_outputs)
-    frozen = _keras_internal.freeze_concrete_function(function, inline=True)
-    inputs = [t.name for t in frozen.inputs[:len(specs)]]
-    outputs = [t.name for t in frozen.outputs]
-    # Freezing leaves the calls TensorFlow may not inline (a grouped
-    # convolution's XLA function): the normalization after one would read
-    # a call, no linear op, and become a multiply-add instead of folding.
-    graph_def = without_gradient_annotations(
-        _keras_internal.inline_function_calls(
-            frozen.graph.as_graph_def(add_shapes=True), inputs + outputs))
+    graph_def, inputs, outputs = _frozen(function, len(specs))
     keys = _input_keys(function, specs)
     input_specs, notes = _identifiers(
         [tf.TensorSpec(s.shape, s.dtype, name=k) for s, k in zip(specs, keys)])
@@ -315,6 +307,40 @@ def load_saved_model(path, signature_key="serving_default"):
     return GraphSource(path, signature_key, input_specs, output_names,
                        graph_def, inputs, outputs, reference,
                        notes + _call_notes(graph_def), shapes)
+
+
+def _frozen(function, n_inputs):
+    """`(graph_def, input names, output names)` of `function` frozen, its
+    calls inlined, with `_output_shapes`.
+
+    The graph is rewritten (pruned to what the outputs need, calls
+    inlined, read back for its shapes) with its weights set aside
+    (`_graph_weights`), as they come back only at the end: each rewrite
+    copies a graph several times over, and built the usual way (the frozen
+    function, read back, inlined) loading ConvNeXtLarge's SavedModel
+    (0.79 GB of weights) took 13 GB.
+    """
+    from kerasbn import _graph_weights
+
+    inputs = [t.name for t in function.inputs[:n_inputs]]
+    outputs = [t.name for t in function.outputs]
+    graph_def = _keras_internal.frozen_graph_def(function)
+    light, aside = _graph_weights.set_weights_aside(graph_def)
+    del graph_def
+    # The frozen function TensorFlow builds holds only what its outputs
+    # need; so does this graph.
+    light = tf.compat.v1.graph_util.extract_sub_graph(
+        light, sorted({name.split(":")[0] for name in outputs}))
+    # Freezing leaves the calls TensorFlow may not inline (a grouped
+    # convolution's XLA function): the normalization after one would read
+    # a call, no linear op, and become a multiply-add instead of folding.
+    inlined = _keras_internal.inline_function_calls(light, inputs + outputs)
+    if inlined is light:
+        inlined = _keras_internal.with_output_shapes(light)
+    del light
+    graph_def = _graph_weights.put_weights_back(
+        without_gradient_annotations(inlined), aside)
+    return graph_def, inputs, outputs
 
 
 def _input_keys(function, specs):
