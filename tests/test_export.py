@@ -358,6 +358,11 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     assert not out.exists(), "created directory left behind"
     failed = [c for c in info.value.result.checks if not c["passed"]]
     assert {c["format"] for c in failed} == {"onnx"}
+    # The message gives no path as if it had been written.
+    paths = [line for line in str(info.value).splitlines()
+             if line.startswith(("onnx:", "saved_model:"))]
+    assert len(paths) == 2 and all(
+        "not written (would have been" in line for line in paths), paths
 
 
 def test_failed_writer_leaves_existing_files_alone(tmp_path, monkeypatch):

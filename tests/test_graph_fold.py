@@ -64,6 +64,11 @@ LINEAR = {
         lambda x, w: tf.nn.conv2d_transpose(
             x, w, tf.stack([tf.shape(x)[0], 10, 10, 4]), 2, "SAME"),
         (3, 3, 4, 3)),
+    # tf-keras' Conv1D: ExpandDims, Conv2D, Squeeze (the fold walks
+    # through the Squeeze, which keeps the channels last).
+    "Conv2D(conv1d)": ((8, 3), 4,
+                       lambda x, w: tf.nn.conv1d(x, w, 1, "SAME"),
+                       (3, 3, 4)),
     "MatMul": ((5,), 4, tf.matmul, (5, 4)),
     "MatMul(transpose_b)": ((5,), 4,
                             lambda x, w: tf.matmul(x, w, transpose_b=True),

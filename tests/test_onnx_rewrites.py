@@ -244,3 +244,38 @@ def test_a_weight_grappler_rewrote_is_refused():
     _graph_weights.put_weights_back(light, aside)
     assert light.node[0].op == "Const"
     assert _largest_constant(light) == 64 * 64 * 4
+
+
+def test_a_scalar_add_after_a_convolution_keeps_the_transposes_out(caplog):
+    """tf2onnx's transpose optimizer failed on `conv (no bias) + 3.0`
+    (tf-keras' hard swish: max() of a scalar's empty shape) and rolled
+    its whole pass back, leaving a layout Transpose around every
+    convolution (MobileNetV3Small: 106 of 320 nodes). With the scalar
+    given as a (1,) constant the pass runs: only the graph's input and
+    output transposes stay, and ONNX Runtime computes TensorFlow's
+    function."""
+    rng = np.random.default_rng(0)
+    first = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype("float32"))
+    second = tf.constant(rng.normal(size=(3, 3, 8, 4)).astype("float32"))
+
+    def hard_swish_block(x):
+        y = tf.nn.conv2d(x, first, 1, "SAME")
+        y = y * tf.nn.relu6(y + 3.0) / 6.0
+        return tf.nn.conv2d(y, second, 1, "SAME") + 3.0
+
+    spec = (tf.TensorSpec((None, 8, 8, 3), tf.float32, name="x"),)
+    with caplog.at_level("WARNING"):
+        proto, _ = _onnx_graph.convert(tf.function(hard_swish_block), spec,
+                                       opset=17)
+    assert "Failed to apply" not in caplog.text
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count("Transpose") <= 2, ops
+    x = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x})
+    expected = hard_swish_block(tf.constant(x)).numpy()
+    # Sums of 27 and 72 products of values ~1-10 in float32, in another
+    # order: a few ulps of outputs of ~100.
+    np.testing.assert_allclose(y, expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())

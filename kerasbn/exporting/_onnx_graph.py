@@ -186,7 +186,8 @@ def convert(function, input_specs, opset):
         _warn_if_short_of_memory(weights)
     if not calls and not captured:
         used = {}
-        with _bounded_memory(large), _weights_outside_grappler():
+        with _bounded_memory(large), _weights_outside_grappler(), (
+                _scalar_adds_transposable()):
             proto, _ = tf2onnx.convert.from_function(
                 function, input_signature=input_specs, opset=opset,
                 custom_op_handlers=_recording_handlers(used))
@@ -197,7 +198,7 @@ def convert(function, input_specs, opset):
         if not calls and not captured:
             return proto, _rewrite_notes(used)
     used = {}
-    with _bounded_memory(large):
+    with _bounded_memory(large), _scalar_adds_transposable():
         proto = _convert_frozen(concrete, len(input_specs), opset, used)
     left = [n.name for n in proto.graph.node
             if n.op_type in _keras_internal.CALL_OPS]
@@ -319,6 +320,51 @@ def _bounded_memory(enabled):
         optimizer._optimizers = passes
         gc.collect()
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _scalar_adds_transposable():
+    """While converting, let tf2onnx's transpose optimizer take an `Add` of
+    a scalar constant after a convolution without bias.
+
+    Its `Add` handler tries to make the constant the convolution's bias
+    and takes `max()` of the constant's shape, which a scalar does not
+    have: the whole transpose pass then fails and is rolled back, with a
+    traceback in the log and every layout Transpose left in the graph
+    (tf-keras' MobileNetV3Small, whose hard swish is `x + 3.0`: 106 of
+    its 320 ONNX nodes). Here such a constant is given as a constant of
+    shape (1,) of its own (the same broadcast against the convolution's
+    4-D output), which the handler takes as any other.
+    """
+    try:
+        from tf2onnx.optimizer import transpose_optimizer
+    except ImportError:
+        transpose_optimizer = None
+    optimizer_class = getattr(transpose_optimizer, "TransposeOptimizer", None)
+    original = getattr(optimizer_class, "_add_handler", None)
+    if original is None:
+        yield
+        return
+
+    def add_handler(self, trans, node):
+        constant = node.inputs[1] if len(node.inputs) > 1 else None
+        if constant is not None and constant.is_const():
+            value = constant.get_tensor_value(as_list=False)
+            if np.ndim(value) == 0:
+                from tf2onnx import utils
+
+                vector = self._g.make_const(
+                    utils.make_name(f"{constant.name}_vector"),
+                    np.reshape(value, (1,)))
+                self._g.replace_input(node, node.input[1],
+                                      vector.output[0], 1)
+        return original(self, trans, node)
+
+    optimizer_class._add_handler = add_handler
+    try:
+        yield
+    finally:
+        optimizer_class._add_handler = original
 
 
 # Tensor attributes from this size on are shared by a node and its copy.

@@ -185,7 +185,9 @@ class ExportResult:
         if self.precision:
             lines.append(precision_line(self.precision))
         for fmt, path in self.artifacts.items():
-            lines.append(f"{fmt}: {path}")
+            # A failed check writes nothing: no path is given as if it were.
+            lines.append(f"{fmt}: {path}" if self.passed else
+                         f"{fmt}: not written (would have been {path})")
         for fmt, said in self.notes.items():
             lines.extend(f"note ({fmt}): {note}" for note in said)
         return "\n".join(lines)

@@ -22,10 +22,12 @@ same, so they are plain `Conv2D`s here), `Conv3D`,
 `DepthwiseConv2dNative`, `Conv2DBackpropInput` / `Conv3DBackpropInputV2`
 (transposed convolutions), `MatMul` and `BatchMatMul` with a constant
 right-hand side (Dense), through the bias add(s) after it and through
-`Reshape`/`Identity` ops that keep the channel (last) dimension (Keras'
-Dense on a rank-3+ input is MatMul, Reshape, BiasAdd; tf-keras'
-`virtual_batch_size` BN is, in inference, the Mul/Add chain between a
-Reshape to `(N, 1, ..., C)` and one back to its input's `Shape`). An op
+`Reshape`/`Squeeze`/`ExpandDims`/`Identity` ops that keep the channel
+(last) dimension (Keras' Dense on a rank-3+ input is MatMul, Reshape,
+BiasAdd; tf-keras' Conv1D is ExpandDims, Conv2D, Squeeze, BiasAdd;
+tf-keras' `virtual_batch_size` BN is, in inference, the Mul/Add chain
+between a Reshape to `(N, 1, ..., C)` and one back to its input's
+`Shape`). An op
 that reads only a step's shape (`Shape`, `Size`, `Rank`) does not count as
 another use of it: the fold keeps every shape, and such a read of a bias
 add it bypasses reads the tensor before it instead. The maths are
@@ -92,7 +94,7 @@ _PURE_OPS = frozenset((
     "Shape", "StridedSlice", "Transpose", "Relu", "Tile", "BroadcastTo",
 ))
 _CHANNELS_LAST = (b"NHWC", b"NDHWC", b"")
-_PASS_THROUGH = ("Reshape", "Identity")
+_PASS_THROUGH = ("Reshape", "Squeeze", "ExpandDims", "Identity")
 _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 # Ops that read only their input's shape, never its values: a fold (which
 # keeps every shape) may leave them reading a bypassed node's input.
