@@ -162,7 +162,9 @@ def test_census_counts_what_unfolded_normalizations_leave():
     const = [onnx.numpy_helper.from_array(np.ones(shape, np.float32), name)
              for name, shape in [("w", (4, 3, 1, 1)), ("s", (1, 4, 1, 1)),
                                  ("t", (1, 4, 1, 1)), ("m", (3, 2)),
-                                 ("b", (2,)), ("g", (4,))]]
+                                 ("b", (2,)), ("g", (4,)),
+                                 ("three", ()), ("w1", (1, 3, 1, 1)),
+                                 ("s1", (1,))]]
     nodes = [
         h.make_node("Conv", ["x", "w"], ["c"]),
         h.make_node("Mul", ["c", "s"], ["cs"]),
@@ -171,16 +173,23 @@ def test_census_counts_what_unfolded_normalizations_leave():
                     ["y"]),
         h.make_node("MatMul", ["v", "m"], ["vm"]),
         h.make_node("Add", ["vm", "b"], ["z"]),
+        # The same number for all 4 channels (a hard swish's x + 3): the
+        # model's arithmetic, not counted; one for a 1-channel
+        # convolution could be its normalization: counted.
+        h.make_node("Conv", ["x", "w"], ["c2"]),
+        h.make_node("Add", ["c2", "three"], ["u"]),
+        h.make_node("Conv", ["x", "w1"], ["c1"]),
+        h.make_node("Mul", ["c1", "s1"], ["u1"]),
     ]
     graph = h.make_graph(
         nodes, "g",
         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2, 2]),
          h.make_tensor_value_info("v", onnx.TensorProto.FLOAT, [1, 3])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
-         h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in ("y", "z", "u", "u1")],
         initializer=const)
     census = _onnx_graph.normalization_census(h.make_model(graph))
-    assert census == {"BatchNormalization": 1, "affine_after_linear": 1}
+    assert census == {"BatchNormalization": 1, "affine_after_linear": 2}
 
 
 def test_cli_prints_the_note(tmp_path):

@@ -705,7 +705,11 @@ def normalization_census(proto):
     a constant and whose data input comes straight from a Conv,
     ConvTranspose, Gemm or MatMul: the traces an unfolded normalization
     leaves. A MatMul's Add of a constant is not counted: that is how
-    tf2onnx writes a Dense layer's bias.
+    tf2onnx writes a Dense layer's bias. Nor is a one-element constant
+    after a linear op with more than one output channel: the same number
+    for every channel is the model's own arithmetic (tf-keras' hard swish,
+    `x + 3.0`, right after its convolution), not a per-channel
+    normalization.
     """
     constants = _constants(proto)
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -723,5 +727,24 @@ def normalization_census(proto):
             # A MatMul -> Add(bias) is how tf2onnx writes Dense: not BN.
             if node.op_type == "Add" and source.op_type == "MatMul":
                 continue
+            (constant,) = [name for name in node.input if name in constants]
+            if np.size(constants[constant]) == 1 and (
+                    _out_channels(source, constants) or 1) > 1:
+                continue
             affine += 1
     return {"BatchNormalization": batch_norm, "affine_after_linear": affine}
+
+
+def _out_channels(node, constants):
+    """Output channels of a Conv/ConvTranspose/Gemm/MatMul with a constant
+    weight, or None."""
+    weight = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or np.ndim(weight) < 2:
+        return None
+    if node.op_type == "Conv":
+        return weight.shape[0]
+    if node.op_type == "ConvTranspose":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return weight.shape[1] * max(group, 1)
+    transposed = any(a.name == "transB" and a.i for a in node.attribute)
+    return weight.shape[0] if transposed else weight.shape[-1]
