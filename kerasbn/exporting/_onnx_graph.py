@@ -242,7 +242,7 @@ def _weight_bytes(concrete):
 # from .h5, 0.32 GB of weights: 5.4 GB; ConvNeXtLarge from its
 # SavedModel, 0.79 GB: 12.4 GB; ConvNeXtXLarge from its SavedModel,
 # 1.4 GB: 20.9 GB). It was 20-31 before them.
-_MEMORY_PER_WEIGHT_BYTE = 16
+MEMORY_PER_WEIGHT_BYTE = 16
 _BASE_MEMORY = 2 ** 30
 
 
@@ -252,14 +252,15 @@ def _warn_if_short_of_memory(weights):
     word: SIGKILL)."""
     import warnings
 
-    need = _BASE_MEMORY + _MEMORY_PER_WEIGHT_BYTE * weights
+    need = _BASE_MEMORY + MEMORY_PER_WEIGHT_BYTE * weights
     available = _available_memory()
     if available is None or need <= available:
         return
     warnings.warn(
         f"the ONNX conversion of this model ({weights / 2 ** 30:.2f} GiB of "
         f"weights) needs about {need / 2 ** 30:.0f} GiB of memory (the "
-        "export holds the weights ~16 times over at its peak), and "
+        f"export holds the weights ~{MEMORY_PER_WEIGHT_BYTE} times over at "
+        "its peak), and "
         f"{available / 2 ** 30:.0f} GiB are available: the system may stop "
         "the process. Write the other formats without ONNX, or convert on "
         "a machine with more memory.", stacklevel=3)
@@ -307,16 +308,14 @@ def _bounded_memory(enabled):
 
     optimizer._optimizers = type(passes)(
         (name, collecting(factory)) for name, factory in passes.items())
-    shared = _sharing_weights_between_copies()
-    shared.__enter__()
     # The objects that exist now (the process's: a test session holds
     # millions) are set aside, so that each collection scans only those
     # the conversion makes (~20 ms on ResNet50, not ~0.3 s).
     gc.freeze()
     try:
-        yield
+        with _sharing_weights_between_copies():
+            yield
     finally:
-        shared.__exit__(None, None, None)
         optimizer._optimizers = passes
         gc.collect()
         gc.unfreeze()

@@ -160,11 +160,15 @@ def _read_answer(path, process):
             answer = json.load(f)
     except (OSError, ValueError):
         if process.returncode == -9:
+            from kerasbn.exporting import _onnx_graph
+
             # Its output then ends wherever it was (a TensorFlow warning).
             raise RuntimeError(
                 "the TensorFlow subprocess was killed (SIGKILL), as the "
-                "system stops a process that runs out of memory; ONNX needs "
-                "about 25 bytes of memory per byte of weights") from None
+                "system stops a process that runs out of memory; an export "
+                "with ONNX needs about "
+                f"{_onnx_graph.MEMORY_PER_WEIGHT_BYTE} bytes of memory per "
+                "byte of weights") from None
         tail = (process.stderr or "").strip().splitlines()[-3:]
         raise RuntimeError(
             f"the TensorFlow subprocess exited with code "

@@ -33,7 +33,6 @@ import numpy as np
 
 from kerasbn import _keras_internal
 from kerasbn import _processes
-from kerasbn._processes import pid_alive
 from kerasbn.stats import _collect
 
 _MIB = 2.0 ** 20
@@ -81,7 +80,7 @@ def remove_stale_spills(directory=None):
         return removed
     for name in names:
         match = pattern.match(name)
-        if match and not pid_alive(int(match.group(1))):
+        if match and not _processes.pid_alive(int(match.group(1))):
             path = os.path.join(directory, name)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
