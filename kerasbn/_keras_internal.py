@@ -14,6 +14,7 @@ Checked against: Keras 3.15 (TensorFlow 2.21). `pyproject.toml` asks for
 keras>=3.14, whose layout is the same for everything read here.
 """
 
+import contextlib
 import functools
 
 import keras
@@ -145,6 +146,37 @@ def sublayers(layer, recursive=True):
 
 
 # -- Layers. -----------------------------------------------------------------
+
+
+def variable_initializers():
+    """A context manager giving `{id(variable): (variable, initializer)}`
+    of the Keras variables created from an initializer while it is
+    entered (Keras has no public hook there: its backend `Variable`'s
+    `_initialize_with_initializer` is wrapped meanwhile)."""
+    cls = keras.Variable
+    name = "_initialize_with_initializer"
+    original = _get(cls, name, "how a variable is made from its "
+                    "initializer")
+    return _recording_initializers(cls, name, original)
+
+
+@contextlib.contextmanager
+def _recording_initializers(cls, name, original):
+    own = name in vars(cls)
+    found = {}
+
+    def recording(variable, initializer):
+        found[id(variable)] = (variable, initializer)
+        return original(variable, initializer)
+
+    setattr(cls, name, recording)
+    try:
+        yield found
+    finally:
+        if own:
+            setattr(cls, name, original)
+        else:
+            delattr(cls, name)
 
 
 def batch_norm_moments(layer, inputs, mask):
@@ -362,6 +394,12 @@ def check_layout():
         bn, keras.ops.ones((2, 2)), None)
     if tuple(mean.shape) != (2,):
         raise _missing("BatchNormalization's batch moments", bn, "_moments")
+    with variable_initializers() as made:
+        variable = keras.Variable(initializer="zeros", shape=(1,),
+                                  name="kerasbn_probe_variable")
+    if id(variable) not in made:
+        raise _missing("how a variable is made from its initializer",
+                       variable, "_initialize_with_initializer")
     legacy = model_from_keras2_config({
         "class_name": "Sequential", "config": {"name": "kerasbn_probe_k2",
                                                "layers": []}})

@@ -350,6 +350,85 @@ def test_the_copy_keeps_initializers_and_weights():
         dense.kernel_initializer.get_config()
 
 
+@keras.saving.register_keras_serializable(package="kerasbn_tests")
+class Swapped(L.Layer):
+    """Its `kernel_initializer` makes `bias`, its `bias_initializer`
+    makes `kernel`: same shapes, so an initializer given the value of the
+    attribute its name points at would swap them."""
+
+    def __init__(self, kernel_initializer="ones", bias_initializer="zeros",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, shape):
+        self.bias = self.add_weight((shape[-1], 4), self.kernel_initializer)
+        self.kernel = self.add_weight((shape[-1], 4), self.bias_initializer)
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.kernel) - keras.ops.matmul(
+            x, self.bias)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer)}
+
+
+def test_the_copy_is_made_from_the_values_where_keras_convention_holds(
+        monkeypatch):
+    """The copy's variables are made from the originals' values, and not
+    assigned again, only where the initializer Keras used for a weight is
+    the one given that weight's value: a renorm BN's extra weights (made
+    from cloned initializers) and a layer whose initializer names point at
+    the other weight are assigned. Every weight ends equal to the
+    original's (or to the value given instead), bit for bit, and stays
+    its own."""
+    from kerasbn import _models
+
+    inputs = keras.Input((4,))
+    h = L.Dense(4, name="dense")(inputs)
+    h = L.BatchNormalization(renorm=True, name="renorm")(h)
+    h = L.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, Swapped(name="swapped")(h))
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(rng.normal(size=weight.shape).astype(weight.dtype))
+    given = np.arange(4, dtype="float32") + 10.0
+    bn = model.get_layer("bn")
+    assigned = []
+    variable_type = type(model.weights[0])
+    assign = variable_type.assign
+
+    def recorded(variable, value):
+        assigned.append(variable)
+        return assign(variable, value)
+
+    monkeypatch.setattr(variable_type, "assign", recorded)
+    copy = _models.clone_with_weights(model, "test",
+                                      values={id(bn.moving_mean): given})
+    monkeypatch.undo()
+    renorm = model.get_layer("renorm")
+    extra = [renorm.moving_stddev, renorm.renorm_mean, renorm.renorm_stddev]
+    extra += model.get_layer("swapped").weights
+    expected = sorted(i for i, w in enumerate(model.weights)
+                      if any(w is e for e in extra))
+    at = {id(w): i for i, w in enumerate(copy.weights)}
+    assert sorted(at[id(v)] for v in assigned) == expected
+    for source, target in zip(model.weights, copy.weights):
+        want = given if source is bn.moving_mean else to_numpy(source)
+        np.testing.assert_array_equal(to_numpy(target), want,
+                                      err_msg=source.path)
+        assert target is not source
+    assert not np.array_equal(to_numpy(bn.moving_mean), given)
+    model.get_layer("dense").kernel.assign(
+        np.zeros((4, 4), dtype="float32"))
+    assert np.any(to_numpy(copy.get_layer("dense").kernel) != 0)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="big models on TensorFlow only; the JAX and "

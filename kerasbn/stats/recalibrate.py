@@ -97,18 +97,25 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     calls. A layer that sees no unmasked position in the data keeps its
     statistics, with a warning naming it.
 
-    All or nothing. With `inplace=True` the model keeps its old values
-    if anything fails (bad data, a full disk, an error raised by the
-    data, KeyboardInterrupt): a layer's statistics must be in place
-    before the layers after it are measured, so they are written as each
-    stage ends, and on any error every statistic written is set back to
-    its old value, bit for bit (a second Ctrl-C waits until that is
-    done). Data holding NaN or inf are refused (see `skip_nonfinite`);
-    so is a model that makes NaN or inf itself from finite data: the
-    inputs of a normalization layer whose float64 sums are not finite
-    are traced back, on that one batch, to the first layer in graph
-    order whose output is not finite, and the ValueError names it, the
-    batch and the count.
+    All or nothing. A layer's statistics must be in place before the
+    layers after it are measured. For a layer graph (Functional or
+    Sequential) the stages run on `model` itself inside a
+    `keras.StatelessScope`, which holds each statistic as it is found
+    and gives it to the layers after it: `model` is not written while
+    they run, and at the end gets the new statistics all at once
+    (`inplace=True`) or stays as it is while the copy made then holds
+    them. Otherwise (a custom layer holding normalizations, a subclassed
+    model) they are written into the copy, or with `inplace=True` into
+    `model`, as each stage ends, and on any error every statistic
+    written is set back to its old value, bit for bit (a second Ctrl-C
+    waits until that is done). Either way, with `inplace=True` the model
+    keeps its old values if anything fails (bad data, a full disk, an
+    error raised by the data, KeyboardInterrupt). Data holding NaN or
+    inf are refused (see `skip_nonfinite`); so is a model that makes NaN
+    or inf itself from finite data: the inputs of a normalization layer
+    whose float64 sums are not finite are traced back, on that one batch,
+    to the first layer in graph order whose output is not finite, and
+    the ValueError names it, the batch and the count.
 
     Cost. Layers that do not depend on each other are done in the same
     pass, and a layer graph (Functional or Sequential, nested models
@@ -120,12 +127,14 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     is about one eager inference pass, the float64 moments of every
     normalization's input (those of a concatenation come from its parts,
     each computed once: DenseNet's normalizations read ever wider
-    concatenations of the same maps), copying the model, and moving the
+    concatenations of the same maps), copying the model (its variables
+    made from their values, the new statistics included), and moving the
     kept activations; `verbose=2` prints the split. Measured
     (`tools/benchmark.py --only recalibrate`, 64x64 inputs, this
     project's 2-core machine): ResNet50, 53 layers in 49 stages, 1.3x
-    one (already traced) `predict` pass on 512 images, 2.4x on 128 (the
-    copy a third of that); the layer-by-layer method took 46x. Array data without a `batch_size` is
+    one (already traced) `predict` pass on 512 images, 2.0x on 128 (the
+    copy 0.3 s of that; 1.8x with `inplace=True`); the layer-by-layer
+    method took 45x. Array data without a `batch_size` is
     cut, and batched data (datasets, generators) joined, into batches of
     up to 32 MiB of input (array data: at least 32 samples) here, since
     each batch costs the dispatch of one forward pass; memory for the
@@ -245,18 +254,7 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
                                what=_WHAT, skip_nonfinite=skip_nonfinite,
                                num_inputs=_collect.num_inputs(model))
     chosen = select_layers(model, layers, _WHAT)
-    start = time.perf_counter()
-    if inplace:
-        work = model
-        targets = chosen
-    else:
-        all_layers = _keras_internal.sublayers(model)
-        work = _models.clone_with_weights(model, _WHAT)
-        work_layers = _keras_internal.sublayers(work)
-        position = {id(layer): i for i, layer in enumerate(all_layers)}
-        targets = [work_layers[position[id(layer)]] for layer in chosen]
-    clock.add("copy", start)
-    if not targets:
+    if not chosen:
         if layers is None:  # Not by the caller's choice.
             warnings.warn(
                 f"{_WHAT}: model '{model.name}' has no normalization layer "
@@ -264,26 +262,19 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
                 "subclasses, kerasbn's layers, those declared with "
                 "kerasbn.register_normalization): nothing to do.",
                 stacklevel=2)
-        return work
+        return model if inplace else _copy(model, clock)
     _check_batched(model, batches.first())  # Also: empty data, clearly.
     _staged.remove_stale_spills(cache_dir)
     writer = _Writer(_distributed.worker_strategy(), verbose, clock)
-    # All or nothing: each stage needs the statistics of the stages before
-    # it in place, so they are written as they are found; on any error
-    # (KeyboardInterrupt included) the old values are written back.
-    old = _collect.statistics_state(targets)
-    try:
-        try:
-            reached = _recalibrate(work, targets, batches, writer, cache,
-                                   memory_budget, cache_dir)
-        except _nonfinite.NonFiniteInputs as found:
-            # Located with the statistics in place when it happened.
-            raise _nonfinite.model_error(_WHAT, batches, found,
-                                         work) from None
-    except BaseException:
-        with _interrupts_held():
-            _collect.restore_state(old)
-        raise
+    plan = _stateless_plan(model, chosen)
+    if plan is not None:
+        work, targets, reached = _recalibrate_stateless(
+            model, chosen, plan, batches, writer, inplace, cache,
+            memory_budget, cache_dir)
+    else:
+        work, targets, reached = _recalibrate_in_place(
+            model, chosen, batches, writer, inplace, cache, memory_budget,
+            cache_dir)
     unreached = [layer.name for layer in targets
                  if not any(layer is r for r in reached)]
     if unreached:
@@ -301,13 +292,125 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     return work
 
 
-def _recalibrate(work, targets, batches, writer, cache, memory_budget,
-                 cache_dir):
-    """Write the new statistics of `targets`; returns the layers reached."""
+def _copy(model, clock, values=None):
+    start = time.perf_counter()
+    copy = _models.clone_with_weights(model, _WHAT, values=values)
+    clock.add("copy", start)
+    return copy
+
+
+def _stateless_plan(model, targets):
+    """The staged plan of `model` if it can be run on `model` itself without
+    writing to it (`_recalibrate_stateless`), else None: no layer graph,
+    or an opaque call (a subclassed layer holding normalizations), whose
+    inner layers are reached by wrapping their `call`, which is not done
+    to the caller's own layers."""
     try:
-        plan = _plan.read(work, targets)
-    except _plan.PlanRefused as refused:
-        return _layer_by_layer(work, targets, batches, writer, str(refused))
+        plan = _plan.read(model, targets)
+    except _plan.PlanRefused:
+        return None
+    if any(step.kind == "opaque" for step in plan.steps):
+        return None
+    return plan
+
+
+def _recalibrate_stateless(model, targets, plan, batches, writer, inplace,
+                           cache, memory_budget, cache_dir):
+    """The staged method on `model` itself, inside a `keras.StatelessScope`:
+    each statistic written is held by the scope, and the layers after it
+    read it from there, so `model` is not written while the stages run;
+    its variables get the new values only at the end, all at once with
+    `inplace`, else the copy is made then, holding them (so no copy is
+    made before, and none written twice). Returns `(model or its copy,
+    targets in it, layers reached in it)`."""
+    with keras.StatelessScope() as scope:
+        try:
+            reached = _recalibrate(model, targets, batches, writer, cache,
+                                   memory_budget, cache_dir, plan=plan)
+        except _nonfinite.NonFiniteInputs as found:
+            # Located with the statistics held when it happened.
+            raise _nonfinite.model_error(_WHAT, batches, found,
+                                         model) from None
+    weights = {id(variable) for variable in model.weights}
+    values = {}
+    for layer in targets:
+        for variable in layer.variables:
+            value = scope.get_current_value(variable)
+            if value is None or id(variable) in values:
+                continue
+            if id(variable) not in weights:  # A kind registered so.
+                raise TypeError(
+                    f"{_WHAT}: layer '{layer.name}' "
+                    f"({type(layer).__name__}) keeps its statistics in "
+                    f"variable '{variable.path}', which is not among the "
+                    f"weights of model '{model.name}', so a copy cannot "
+                    "hold them. Nothing was written; pass inplace=True.")
+            values[id(variable)] = (variable, value)
+    if not inplace:
+        copy = _copy(model, writer.clock,
+                     {key: value for key, (_, value) in values.items()})
+        return (copy,) + _same_layers(model, copy, targets, reached)
+    start = time.perf_counter()
+    old = _collect.statistics_state(targets)
+    try:
+        for variable, value in values.values():
+            variable.assign(value)
+    except BaseException:
+        with _interrupts_held():
+            _collect.restore_state(old)
+        raise
+    writer.clock.add("write", start)
+    return model, targets, reached
+
+
+def _recalibrate_in_place(model, chosen, batches, writer, inplace, cache,
+                          memory_budget, cache_dir):
+    """Any model: the statistics written into `model` (`inplace`) or a
+    copy made first, stage by stage; on any error, written back."""
+    if inplace:
+        work, targets = model, chosen
+    else:
+        work = _copy(model, writer.clock)
+        targets = _same_layers(model, work, chosen)[0]
+    # All or nothing: each stage needs the statistics of the stages before
+    # it in place, so they are written as they are found; on any error
+    # (KeyboardInterrupt included) the old values are written back.
+    old = _collect.statistics_state(targets)
+    try:
+        try:
+            reached = _recalibrate(work, targets, batches, writer, cache,
+                                   memory_budget, cache_dir)
+        except _nonfinite.NonFiniteInputs as found:
+            # Located with the statistics in place when it happened.
+            raise _nonfinite.model_error(_WHAT, batches, found,
+                                         work) from None
+    except BaseException:
+        with _interrupts_held():
+            _collect.restore_state(old)
+        raise
+    return work, targets, reached
+
+
+def _same_layers(model, copy, *groups):
+    """Each list of `model`'s layers in `groups`, as the layers of `copy`
+    at the same places."""
+    position = {id(layer): i for i, layer in
+                enumerate(_keras_internal.sublayers(model))}
+    copied = _keras_internal.sublayers(copy)
+    return tuple([copied[position[id(layer)]] for layer in group]
+                 for group in groups)
+
+
+def _recalibrate(work, targets, batches, writer, cache, memory_budget,
+                 cache_dir, plan=None):
+    """Write the new statistics of `targets`; returns the layers reached.
+    `plan`: `work`'s staged plan, if read already."""
+    if plan is None:
+        try:
+            plan = _plan.read(work, targets)
+        except _plan.PlanRefused as refused:
+            return _layer_by_layer(work, targets, batches, writer,
+                                   str(refused))
     budget = (_staged.default_memory_budget() if memory_budget is None
               else memory_budget)
     store = _staged.ActivationCache(cache, budget, cache_dir)
