@@ -470,3 +470,25 @@ def test_inside_a_mirrored_strategy_scope(two_replica_strategy):
         inside = kerasbn.recalibrate(model, x, batch_size=8, verbose=0)
     outside = kerasbn.recalibrate(plain, x, batch_size=8, verbose=0)
     _assert_same_statistics(inside, outside, rel=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch",
+                    reason="only PyTorch records gradients eagerly")
+def test_no_autograd_graph_is_recorded_on_torch():
+    """Like Keras' `predict`, the layers run without autograd recording
+    (it took ResNet50's recalibration on 128 images from 3.35x to 2.96x
+    a predict, most of it in the moments of tensors that required
+    grad)."""
+    import torch
+
+    seen = []
+
+    class Probe(L.Layer):
+        def call(self, x):
+            seen.append((torch.is_grad_enabled(), x.requires_grad))
+            return x
+
+    model = keras.Sequential([keras.Input((4,)), L.Dense(4),
+                              Probe(), L.BatchNormalization()])
+    kerasbn.recalibrate(model, random_batch((32, 4), seed=1), verbose=0)
+    assert seen and not any(enabled or grad for enabled, grad in seen)

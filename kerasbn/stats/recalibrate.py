@@ -405,20 +405,32 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
                  cache_dir, plan=None):
     """Write the new statistics of `targets`; returns the layers reached.
     `plan`: `work`'s staged plan, if read already."""
-    if plan is None:
+    with _no_gradients():
+        if plan is None:
+            try:
+                plan = _plan.read(work, targets)
+            except _plan.PlanRefused as refused:
+                return _layer_by_layer(work, targets, batches, writer,
+                                       str(refused))
+        budget = (_staged.default_memory_budget() if memory_budget is None
+                  else memory_budget)
+        store = _staged.ActivationCache(cache, budget, cache_dir)
+        batches.widen(_STAGE_BATCH_BYTES)
         try:
-            plan = _plan.read(work, targets)
-        except _plan.PlanRefused as refused:
-            return _layer_by_layer(work, targets, batches, writer,
-                                   str(refused))
-    budget = (_staged.default_memory_budget() if memory_budget is None
-              else memory_budget)
-    store = _staged.ActivationCache(cache, budget, cache_dir)
-    batches.widen(_STAGE_BATCH_BYTES)
-    try:
-        return _by_stages(plan, batches, store, writer)
-    finally:
-        store.close()
+            return _by_stages(plan, batches, store, writer)
+        finally:
+            store.close()
+
+
+def _no_gradients():
+    """PyTorch records every op on trainable weights for autograd unless
+    told not to (as Keras' `predict` does); the other backends record
+    nothing eagerly."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def _check_batched(model, first):
