@@ -474,7 +474,8 @@ def test_inside_a_mirrored_strategy_scope(two_replica_strategy):
 
 @pytest.mark.skipif(keras.backend.backend() != "torch",
                     reason="only PyTorch records gradients eagerly")
-def test_no_autograd_graph_is_recorded_on_torch():
+@pytest.mark.parametrize("tool", ["recalibrate", "diagnose"])
+def test_no_autograd_graph_is_recorded_on_torch(tool):
     """Like Keras' `predict`, the layers run without autograd recording
     (it took ResNet50's recalibration on 128 images from 3.35x to 2.96x
     a predict, most of it in the moments of tensors that required
@@ -490,5 +491,5 @@ def test_no_autograd_graph_is_recorded_on_torch():
 
     model = keras.Sequential([keras.Input((4,)), L.Dense(4),
                               Probe(), L.BatchNormalization()])
-    kerasbn.recalibrate(model, random_batch((32, 4), seed=1), verbose=0)
+    getattr(kerasbn, tool)(model, random_batch((32, 4), seed=1), verbose=0)
     assert seen and not any(enabled or grad for enabled, grad in seen)

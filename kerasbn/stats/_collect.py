@@ -605,6 +605,17 @@ def _column_moments_float64(x):
     return count, mean, m2
 
 
+def no_gradients():
+    """A context in which the layers run without recording for autograd:
+    PyTorch records every op on trainable weights unless told not to (as
+    Keras' `predict` does); the other backends record nothing eagerly."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 def batch_moments(inputs, mask, axis):
     """`(count, mean, m2)` of one batch per channel, float64 tensors.
 

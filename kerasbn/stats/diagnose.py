@@ -508,11 +508,12 @@ def diagnose(model, data, *, steps=None, batch_size=None, mean_gap=0.5,
                                num_inputs=_collect.num_inputs(model))
     layers = registry.normalization_layers(model)
     first = batches.first()
-    moments, nonfinite = _measure(model, layers, batches, verbose)
-    blamed = _corrupt_sources(model, batches, nonfinite)
+    with _collect.no_gradients():
+        moments, nonfinite = _measure(model, layers, batches, verbose)
+        blamed = _corrupt_sources(model, batches, nonfinite)
+        gap = _output_gap(model, layers, first) if layers else None
     global_batch = _batch_size(batches, batch_size)
     replicas = _replicas(model)
-    gap = _output_gap(model, layers, first) if layers else None
 
     reports, findings = [], []
     for layer in layers:

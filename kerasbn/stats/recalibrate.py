@@ -405,7 +405,7 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
                  cache_dir, plan=None):
     """Write the new statistics of `targets`; returns the layers reached.
     `plan`: `work`'s staged plan, if read already."""
-    with _no_gradients():
+    with _collect.no_gradients():
         if plan is None:
             try:
                 plan = _plan.read(work, targets)
@@ -420,17 +420,6 @@ def _recalibrate(work, targets, batches, writer, cache, memory_budget,
             return _by_stages(plan, batches, store, writer)
         finally:
             store.close()
-
-
-def _no_gradients():
-    """PyTorch records every op on trainable weights for autograd unless
-    told not to (as Keras' `predict` does); the other backends record
-    nothing eagerly."""
-    if keras.backend.backend() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
 
 
 def _check_batched(model, first):
