@@ -143,7 +143,7 @@ class _Given(keras.initializers.Initializer):
         return keras.initializers.Zeros()
 
     def __call__(self, shape, dtype=None):
-        dtype = keras.backend.standardize_dtype(dtype or self.source.dtype)
+        dtype = dtype or self.source.dtype
         if not _alike(shape, dtype, self.source):
             return keras.ops.zeros(shape, dtype)
         return _value_of(self.source, self.values)

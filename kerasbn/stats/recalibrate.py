@@ -266,15 +266,15 @@ def recalibrate(model, data, *, steps=None, layers=None, batch_size=None,
     _check_batched(model, batches.first())  # Also: empty data, clearly.
     _staged.remove_stale_spills(cache_dir)
     writer = _Writer(_distributed.worker_strategy(), verbose, clock)
-    plan = _stateless_plan(model, chosen)
-    if plan is not None:
+    plan = _staged_plan(model, chosen)
+    if plan is not None and _runs_stateless(plan):
         work, targets, reached = _recalibrate_stateless(
             model, chosen, plan, batches, writer, inplace, cache,
             memory_budget, cache_dir)
     else:
         work, targets, reached = _recalibrate_in_place(
-            model, chosen, batches, writer, inplace, cache, memory_budget,
-            cache_dir)
+            model, chosen, plan, batches, writer, inplace, cache,
+            memory_budget, cache_dir)
     unreached = [layer.name for layer in targets
                  if not any(layer is r for r in reached)]
     if unreached:
@@ -299,19 +299,21 @@ def _copy(model, clock, values=None):
     return copy
 
 
-def _stateless_plan(model, targets):
-    """The staged plan of `model` if it can be run on `model` itself without
-    writing to it (`_recalibrate_stateless`), else None: no layer graph,
-    or an opaque call (a subclassed layer holding normalizations), whose
-    inner layers are reached by wrapping their `call`, which is not done
-    to the caller's own layers."""
+def _staged_plan(model, targets):
+    """`model`'s staged plan, or None if it has none (`_recalibrate` then
+    says why and goes layer by layer)."""
     try:
-        plan = _plan.read(model, targets)
+        return _plan.read(model, targets)
     except _plan.PlanRefused:
         return None
-    if any(step.kind == "opaque" for step in plan.steps):
-        return None
-    return plan
+
+
+def _runs_stateless(plan):
+    """Whether `plan` can run on the model itself without writing to it
+    (`_recalibrate_stateless`): not with an opaque call (a custom layer
+    holding normalizations), whose inner layers are reached by wrapping
+    their `call`, which is not done to the caller's own layers."""
+    return not any(step.kind == "opaque" for step in plan.steps)
 
 
 def _recalibrate_stateless(model, targets, plan, batches, writer, inplace,
@@ -351,44 +353,50 @@ def _recalibrate_stateless(model, targets, plan, batches, writer, inplace,
                      {key: value for key, (_, value) in values.items()})
         return (copy,) + _same_layers(model, copy, targets, reached)
     start = time.perf_counter()
-    old = _collect.statistics_state(targets)
-    try:
+    with _written_back_on_error(targets):
         for variable, value in values.values():
             variable.assign(value)
-    except BaseException:
-        with _interrupts_held():
-            _collect.restore_state(old)
-        raise
     writer.clock.add("write", start)
     return model, targets, reached
 
 
-def _recalibrate_in_place(model, chosen, batches, writer, inplace, cache,
-                          memory_budget, cache_dir):
+def _recalibrate_in_place(model, chosen, plan, batches, writer, inplace,
+                          cache, memory_budget, cache_dir):
     """Any model: the statistics written into `model` (`inplace`) or a
-    copy made first, stage by stage; on any error, written back."""
+    copy made first, stage by stage; on any error, written back. `plan`:
+    `model`'s staged plan or None (refused, or not read)."""
     if inplace:
         work, targets = model, chosen
     else:
         work = _copy(model, writer.clock)
         targets = _same_layers(model, work, chosen)[0]
+        plan = None  # The copy's layers: read again.
     # All or nothing: each stage needs the statistics of the stages before
     # it in place, so they are written as they are found; on any error
     # (KeyboardInterrupt included) the old values are written back.
-    old = _collect.statistics_state(targets)
-    try:
+    with _written_back_on_error(targets):
         try:
             reached = _recalibrate(work, targets, batches, writer, cache,
-                                   memory_budget, cache_dir)
+                                   memory_budget, cache_dir, plan=plan)
         except _nonfinite.NonFiniteInputs as found:
             # Located with the statistics in place when it happened.
             raise _nonfinite.model_error(_WHAT, batches, found,
                                          work) from None
+    return work, targets, reached
+
+
+@contextlib.contextmanager
+def _written_back_on_error(layers):
+    """On any error in the block (KeyboardInterrupt included), every
+    statistic of `layers` is set back to its value at the start, bit for
+    bit, a second Ctrl-C held until that is done."""
+    old = _collect.statistics_state(layers)
+    try:
+        yield
     except BaseException:
         with _interrupts_held():
             _collect.restore_state(old)
         raise
-    return work, targets, reached
 
 
 def _same_layers(model, copy, *groups):
